@@ -1,0 +1,9 @@
+"""cifs_jax: CIFS (Yan et al., ICML 2021) in JAX/Flax.
+
+Subpackages are imported on demand (no side effects on import)::
+
+    from cifs_jax import models, attacks
+    from cifs_jax.training import losses
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""Builds a backbone from the ``model`` section of a config.
+
+The ``model`` section (``default_config()``):
+
+  name: "resnet18" | "resnet10" | "wrn28_10"
+  num_classes: K (10 for every dataset of the paper)
+  width: ResNet: channels of the first stage (64); WRN: widen factor (10).
+    None takes the architecture's standard value; smaller values give the
+    small models of smoke tests.
+  defense: "cifs" | "cas" | "none"
+  cifs: layers, probes, mlp_hidden (None: the authors' placement for the
+    backbone, see DEFAULT_PLACEMENT), topk, imgf, temperature, alpha,
+    mask_scale, label_substitution, relevance_grad (see ``CIFS``)
+  cas: layers (None: the same points as CIFS)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from cifs_jax.models.cifs import check_choice
+from cifs_jax.models.defense import Defense
+from cifs_jax.models.resnet import ResNet
+from cifs_jax.models.wide_resnet import WideResNet
+
+ARCHITECTURES = ("resnet18", "resnet10", "wrn28_10")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """The authors' defence layers for one backbone (DESIGN §2)."""
+  layers: tuple[str, ...]
+  probes: tuple[str, ...]
+  mlp_hidden: int
+
+
+DEFAULT_PLACEMENT = {
+    "resnet18": Placement(("layer4.0", "layer4.1"), ("mlp", "linear"), 128),
+    "resnet10": Placement(("layer3.0", "layer4.0"), ("mlp", "linear"), 128),
+    "wrn28_10": Placement(("block3.3", "final"), ("mlp", "linear"), 240),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The ``model`` config section: CIFS ResNet-18 as in the paper."""
+  return ml_collections.ConfigDict({
+      "name": "resnet18",
+      "num_classes": 10,
+      "width": None,
+      "defense": "cifs",
+      "cifs": {
+          "layers": None,
+          "probes": None,
+          "mlp_hidden": None,
+          "topk": 2,
+          "imgf": "softmax",
+          "temperature": 1.0,
+          "alpha": None,
+          "mask_scale": 1.0,
+          "label_substitution": "reference",
+          "relevance_grad": "stop",
+      },
+      "cas": {
+          "layers": None,
+      },
+  })
+
+
+def _check_keys(config: ml_collections.ConfigDict,
+                reference: ml_collections.ConfigDict, prefix: str) -> None:
+  """Raises KeyError for keys of ``config`` that ``reference`` lacks."""
+  for key, value in config.items():
+    if key not in reference:
+      raise KeyError(f"Unknown config key '{prefix}{key}'; allowed keys: "
+                     f"{sorted(reference.keys())}.")
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_keys(value, reference[key], f"{prefix}{key}.")
+
+
+def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
+  """The ``Defense`` a ``model`` config section asks for."""
+  check_choice("model.defense", config.defense, ("none", "cifs", "cas"))
+  placement = DEFAULT_PLACEMENT[config.name]
+  if config.defense == "none":
+    return Defense()
+  if config.defense == "cas":
+    layers = config.cas.layers or placement.layers
+    return Defense(kind="cas", layers=tuple(layers),
+                   cas_zero_bias=config.name.startswith("wrn"))
+  cifs = config.cifs
+  return Defense(
+      kind="cifs",
+      layers=tuple(cifs.layers or placement.layers),
+      probes=tuple(cifs.probes or placement.probes),
+      mlp_hidden=cifs.mlp_hidden or placement.mlp_hidden,
+      topk=cifs.topk,
+      imgf=cifs.imgf,
+      temperature=cifs.temperature,
+      alpha=cifs.alpha,
+      mask_scale=cifs.mask_scale,
+      label_substitution=cifs.label_substitution,
+      relevance_grad=cifs.relevance_grad)
+
+
+def build_model(config: ml_collections.ConfigDict,
+                dtype: Any = jnp.float32,
+                bn_axis_name: str | None = None) -> nn.Module:
+  """Builds the backbone of a ``model`` config section.
+
+  Args:
+    config: the ``model`` section (see ``default_config``).
+    dtype: computation dtype (jnp.bfloat16 for mixed precision).
+    bn_axis_name: device axis name for synchronised batch norm, or None.
+
+  Returns:
+    A Flax module; ``module.apply(variables, x, train=..., labels=...)``
+    returns (logits (N, K), [probe logits (N, K), ...]).
+  """
+  _check_keys(config, default_config(), "model.")
+  check_choice("model.name", config.name, ARCHITECTURES)
+  defense = defense_from_config(config)
+  if config.name == "wrn28_10":
+    return WideResNet(depth=28, widen_factor=config.width or 10,
+                      num_classes=config.num_classes, defense=defense,
+                      dtype=dtype, bn_axis_name=bn_axis_name)
+  stage_sizes = (2, 2, 2, 2) if config.name == "resnet18" else (1, 1, 1, 1)
+  return ResNet(stage_sizes=stage_sizes, num_classes=config.num_classes,
+                width=config.width or 64, defense=defense, dtype=dtype,
+                bn_axis_name=bn_axis_name)
+
+
+def with_relevance_grad(model: nn.Module, relevance_grad: str) -> nn.Module:
+  """A copy of ``model`` whose CIFS layers use ``relevance_grad``.
+
+  "stop" is the authors' gradient (mask constant w.r.t. the input), "full"
+  differentiates through the mask. Variables are shared unchanged. Models
+  without CIFS are returned as they are.
+  """
+  if model.defense.kind != "cifs":
+    return model
+  return model.clone(defense=dataclasses.replace(
+      model.defense, relevance_grad=relevance_grad))
