@@ -108,13 +108,14 @@ def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
 
 
 def build_model(config: ml_collections.ConfigDict,
-                dtype: Any = jnp.float32,
+                dtype: Any = None,
                 bn_axis_name: str | None = None) -> nn.Module:
   """Builds the backbone of a ``model`` config section.
 
   Args:
     config: the ``model`` section (see ``default_config``).
-    dtype: computation dtype (jnp.bfloat16 for mixed precision).
+    dtype: computation dtype (None: float32; jnp.bfloat16 for mixed
+      precision).
     bn_axis_name: device axis name for synchronised batch norm, or None.
 
   Returns:

@@ -27,7 +27,7 @@ class BasicBlock(nn.Module):
   """Post-activation residual block: conv-BN-ReLU-conv-BN, add, ReLU."""
   features: int
   strides: int
-  dtype: Any = jnp.float32
+  dtype: Any = None
   bn_axis_name: str | None = None
 
   @nn.compact
@@ -53,8 +53,10 @@ class ResNet(nn.Module):
     num_classes: K.
     width: channels of the first stage (64).
     defense: which CIFS/CAS layers to insert (default: none).
-    dtype: computation dtype of convolutions and batch norm (bfloat16 for
-      mixed precision); parameters and batch statistics stay float32.
+    dtype: computation dtype of convolutions and batch norm: None infers it
+      from inputs and parameters (float32, or float64 under x64); bfloat16
+      for mixed precision. Parameters and batch statistics stay float32,
+      and the head and CIFS/CAS layers compute in at least float32.
     bn_axis_name: axis name for synchronised batch norm under pmap or
       shard_map (e.g. "batch"); None on one device.
   """
@@ -62,7 +64,7 @@ class ResNet(nn.Module):
   num_classes: int = 10
   width: int = 64
   defense: Defense = Defense()
-  dtype: Any = jnp.float32
+  dtype: Any = None
   bn_axis_name: str | None = None
 
   def insertion_points(self) -> tuple[str, ...]:
@@ -83,7 +85,7 @@ class ResNet(nn.Module):
       labels: (N,) integer labels; needed in training mode by CIFS and CAS.
 
     Returns:
-      (logits (N, K) float32, list of (N, K) probe logits in forward order).
+      (logits (N, K) in at least float32, list of (N, K) probe logits in forward order).
     """
     self.defense.check_layers(self.insertion_points())
     y = layers.conv3x3(self.width, 1, self.dtype, "conv1")(x)
@@ -98,7 +100,8 @@ class ResNet(nn.Module):
                        name=f"layer{stage + 1}_{block}")(y, train)
         y = apply_defense(self.defense, f"layer{stage + 1}.{block}",
                           self.num_classes, y, labels, train, probe_logits)
-    y = layers.global_average_pool(y.astype(jnp.float32))
+    y = layers.global_average_pool(
+        y.astype(jnp.promote_types(y.dtype, jnp.float32)))
     logits = layers.torch_linear(self.num_classes, y.shape[-1],
                                  name="linear")(y)
     return logits, probe_logits

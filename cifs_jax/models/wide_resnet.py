@@ -39,7 +39,7 @@ class WideBasicUnit(nn.Module):
   point: str
   num_classes: int
   defense: Defense
-  dtype: Any = jnp.float32
+  dtype: Any = None
   bn_axis_name: str | None = None
 
   @nn.compact
@@ -74,7 +74,7 @@ class WideResNet(nn.Module):
   widen_factor: int = 10
   num_classes: int = 10
   defense: Defense = Defense()
-  dtype: Any = jnp.float32
+  dtype: Any = None
   bn_axis_name: str | None = None
 
   @property
@@ -108,7 +108,8 @@ class WideResNet(nn.Module):
                                   "bn_final")(y))
     y = apply_defense(self.defense, "final", self.num_classes, y, labels,
                       train, probe_logits)
-    y = layers.global_average_pool(y.astype(jnp.float32))
+    y = layers.global_average_pool(
+        y.astype(jnp.promote_types(y.dtype, jnp.float32)))
     logits = layers.torch_linear(self.num_classes, y.shape[-1], name="fc",
                                  zero_bias=True)(y)
     return logits, probe_logits

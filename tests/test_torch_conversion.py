@@ -1,0 +1,88 @@
+"""convert_torch_state_dict: the authors' PyTorch model and ours agree."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifs_jax import models
+
+torch = pytest.importorskip(
+    "torch", reason="requirements-test.txt installs torch (CPU) for this test")
+from tests import torch_reference  # pylint: disable=g-import-not-at-top
+
+
+def randomised_torch_model(seed=0):
+  """ResNet18 with CIFS, random weights and random batch-norm statistics."""
+  torch.manual_seed(seed)
+  model = torch_reference.ResNet18CIFS().double()
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.uniform_(-0.2, 0.2)
+        module.running_var.uniform_(0.5, 1.5)
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.2, 0.2)
+  return model
+
+
+@pytest.fixture(scope="module")
+def converted():
+  torch_model = randomised_torch_model()
+  state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  assert "layer4.0.Probe.Probe.0.fc.weight" in state_dict
+  flax_model = models.build_model(models.default_config())
+  with jax.enable_x64(True):
+    template = jax.eval_shape(
+        lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  variables = models.convert_torch_state_dict(state_dict, template=template)
+  return torch_model, flax_model, variables
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_same_outputs_as_the_pytorch_model(x64, converted, train):
+  torch_model, flax_model, variables = converted
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 1, (4, 32, 32, 3))
+  labels = np.array([3, 1, 4, 1])
+  torch_model.train(train)
+  torch_logits, torch_probes = torch_model(
+      torch.from_numpy(images.transpose(0, 3, 1, 2)),
+      torch.from_numpy(labels))
+  (logits, probes), _ = flax_model.apply(
+      variables, jnp.asarray(images), train=train, labels=jnp.asarray(labels),
+      mutable=["batch_stats"])
+  assert logits.dtype == jnp.float64
+  np.testing.assert_allclose(logits, torch_logits.detach().numpy(), rtol=1e-9,
+                             atol=1e-9)
+  assert len(probes) == len(torch_probes) == 2
+  for ours, theirs in zip(probes, torch_probes):
+    np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_layout_of_converted_arrays(converted):
+  torch_model, _, variables = converted
+  conv = torch_model.layer2[0].conv1.weight.detach().numpy()
+  kernel = variables["params"]["layer2_0"]["conv1"]["kernel"]
+  np.testing.assert_array_equal(kernel[1, 2, 5, 7], conv[7, 5, 1, 2])
+  head = torch_model.layer4[1].Probe.Probe[1].weight.detach().numpy()
+  np.testing.assert_array_equal(
+      variables["params"]["cifs_layer4_1"]["probe"]["head"]["kernel"], head.T)
+  np.testing.assert_array_equal(
+      variables["batch_stats"]["bn1"]["var"],
+      torch_model.bn1.running_var.numpy())
+
+
+def test_mismatched_state_dict_is_refused(converted):
+  torch_model, flax_model, _ = converted
+  state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  template = jax.eval_shape(
+      lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  del state_dict["linear.bias"]
+  with pytest.raises(ValueError, match="missing params/linear/bias"):
+    models.convert_torch_state_dict(state_dict, template=template)
+  state_dict["fc.weight"] = np.zeros((10, 512))
+  with pytest.raises(KeyError, match="fc"):
+    models.convert_torch_state_dict(state_dict)
