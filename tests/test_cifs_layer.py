@@ -1,7 +1,9 @@
 """The CIFS layer against the authors' numbers and independent computations."""
 
-import flax
+import pathlib
+
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,9 +12,8 @@ import pytest
 from cifs_jax import models
 from cifs_jax.models import cifs as cifs_lib
 
-REFERENCE = np.load(
-    __import__("pathlib").Path(__file__).parent / "data" /
-    "cifs_module_reference.npz")
+REFERENCE = np.load(pathlib.Path(__file__).parent / "data" /
+                    "cifs_module_reference.npz")
 PROBE_NAMES = {"Probe.0.fc": "hidden", "Probe.1": "head"}
 
 
@@ -266,12 +267,12 @@ def test_loss_reaches_probe_params_through_the_mask_not_the_features(x64):
                                                                    features)
   # The second-order path exists and is right: finite differences in the
   # probe's parameters agree with it.
-  flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+  flat_params, unravel = ravel_pytree(params)
   direction = jax.random.normal(jax.random.key(8), flat_params.shape,
                                 jnp.float64)
   fd = directional_finite_difference(
       lambda p: masked_objective(unravel(p), features), flat_params, direction)
-  analytic = jnp.vdot(jax.flatten_util.ravel_pytree(grad_params)[0], direction)
+  analytic = jnp.vdot(ravel_pytree(grad_params)[0], direction)
   assert abs(analytic) > 1e-6
   np.testing.assert_allclose(analytic, fd, rtol=1e-6)
   # No gradient reaches the features through g: d/dz sum(z * m * w) = m * w.

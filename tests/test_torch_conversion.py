@@ -1,6 +1,5 @@
 """convert_torch_state_dict: the authors' PyTorch model and ours agree."""
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 import ml_collections
 
 from cifs_jax.models.cifs import check_choice
