@@ -16,14 +16,13 @@ training mode the true label replaces the top-1 prediction.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from cifs_jax.models import layers
+from cifs_jax.validation import check_choice
 
 Array = jax.Array
 
@@ -33,13 +32,6 @@ LABEL_SUBSTITUTIONS = ("reference", "deduplicated")
 RELEVANCE_GRADS = ("stop", "full")
 # The paper's slopes: sigmoid alpha = 10 (a near switch), softplus alpha = 5.
 DEFAULT_ALPHA = {"sigmoid": 10.0, "softplus": 5.0}
-
-
-def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-  """Raises ValueError naming ``name`` and the allowed values."""
-  if value not in allowed:
-    raise ValueError(f"{name}={value!r} is not supported; "
-                     f"choose one of {allowed}.")
 
 
 class Probe(nn.Module):

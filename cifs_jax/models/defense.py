@@ -13,7 +13,8 @@ import dataclasses
 import flax.linen as nn
 
 from cifs_jax.models.cas import CAS
-from cifs_jax.models.cifs import CIFS, PROBES, check_choice
+from cifs_jax.models.cifs import CIFS, PROBES
+from cifs_jax.validation import check_choice
 
 KINDS = ("none", "cifs", "cas")
 

@@ -22,10 +22,10 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from cifs_jax.models.cifs import check_choice
 from cifs_jax.models.defense import Defense
 from cifs_jax.models.resnet import ResNet
 from cifs_jax.models.wide_resnet import WideResNet
+from cifs_jax.validation import check_choice, check_known_keys
 
 ARCHITECTURES = ("resnet18", "resnet10", "wrn28_10")
 
@@ -70,17 +70,6 @@ def default_config() -> ml_collections.ConfigDict:
   })
 
 
-def _check_keys(config: ml_collections.ConfigDict,
-                reference: ml_collections.ConfigDict, prefix: str) -> None:
-  """Raises KeyError for keys of ``config`` that ``reference`` lacks."""
-  for key, value in config.items():
-    if key not in reference:
-      raise KeyError(f"Unknown config key '{prefix}{key}'; allowed keys: "
-                     f"{sorted(reference.keys())}.")
-    if isinstance(value, ml_collections.ConfigDict):
-      _check_keys(value, reference[key], f"{prefix}{key}.")
-
-
 def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
   """The ``Defense`` a ``model`` config section asks for."""
   check_choice("model.defense", config.defense, ("none", "cifs", "cas"))
@@ -121,7 +110,7 @@ def build_model(config: ml_collections.ConfigDict,
     A Flax module; ``module.apply(variables, x, train=..., labels=...)``
     returns (logits (N, K), [probe logits (N, K), ...]).
   """
-  _check_keys(config, default_config(), "model.")
+  check_known_keys(config, default_config(), "model.")
   check_choice("model.name", config.name, ARCHITECTURES)
   defense = defense_from_config(config)
   if config.name == "wrn28_10":

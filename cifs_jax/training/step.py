@@ -1,0 +1,217 @@
+"""The per-device training and evaluation steps: pure functions.
+
+``make_train_step`` returns ``step(state, split, indices) -> (state,
+metrics)``: it gathers and augments the batch on the device, crafts the
+training inputs with the configured method (the model in inference mode, as
+the reference), takes one SGD step in training mode and averages gradients,
+batch-norm statistics and metrics over the device axis ``BATCH_AXIS``.
+Compile it with ``parallel.compile_step`` (pmap or shard_map); the attack's
+step loop is a ``lax.scan`` inside it, so one training step is one program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import ml_collections
+
+from cifs_jax import attacks, data
+from cifs_jax.training import losses
+from cifs_jax.training.train_state import TrainState
+
+Array = jax.Array
+BATCH_AXIS = data.BATCH_AXIS
+
+
+def defense_loss(defense_kind: str, beta: float,
+                 scale: float = losses.REFERENCE_SCALE) -> attacks.LossFn:
+  """The per-example loss of a model with this defence, (N,).
+
+  CIFS: Eq. 3's joint loss (times ``scale``); CAS: CE + beta * mean of the
+  auxiliary CEs; vanilla: cross-entropy. The same function, with the
+  attack's beta, is what PGD maximises during training.
+  """
+  if defense_kind == "cas":
+    return functools.partial(_cas_loss, beta=beta)
+  return functools.partial(_joint_loss, beta=beta, scale=scale)
+
+
+def _cas_loss(final_logits, probe_logits, labels, *, beta):
+  return losses.cas_loss_per_example(final_logits, probe_logits, labels, beta)
+
+
+def _joint_loss(final_logits, probe_logits, labels, *, beta, scale):
+  return losses.joint_loss_per_example(final_logits, probe_logits, labels,
+                                       beta, scale)
+
+
+def _trades_inner_loss(final_logits, probe_logits, natural_logits):
+  """TRADES' inner objective: KL(natural || adversarial) on the final head.
+
+  ``natural_logits`` (N, K) take the place of the labels in ``attacks.pgd``.
+  """
+  del probe_logits
+  return losses.trades_kl_per_example(final_logits, natural_logits)
+
+
+def attack_config(config: ml_collections.ConfigDict) -> attacks.PGDConfig:
+  """The L-inf PGD that crafts training examples (``config.attack``)."""
+  return attacks.PGDConfig(eps=config.eps, step_size=config.step_size,
+                           num_steps=config.num_steps,
+                           random_start=config.random_start,
+                           unroll=config.unroll)
+
+
+def friendly_pgd(logits_fn: attacks.LogitsFn, x: Array, y: Array,
+                 keys: Array, loss_fn: attacks.LossFn,
+                 config: attacks.PGDConfig, tau: int) -> Array:
+  """FAT's early-stopped PGD (Zhang et al., 2020), L-inf.
+
+  Before each step every example is checked: once it is misclassified for
+  the (tau + 1)-th time it is frozen where it is; the others take a signed
+  gradient step and are projected onto the eps-ball and [0, 1]. ``keys``:
+  (N,) per-example keys for the uniform random start. Returns (N, ...).
+  """
+  lower = jnp.maximum(x - config.eps, 0.0)
+  upper = jnp.minimum(x + config.eps, 1.0)
+  if config.random_start:
+    noise = jax.vmap(lambda k, e: jax.random.uniform(
+        k, e.shape, e.dtype, -config.eps, config.eps))(keys, x)
+    x_start = jnp.clip(x + noise, lower, upper)
+  else:
+    x_start = x
+
+  def total_loss(x_adv):
+    final_logits, probe_logits = logits_fn(x_adv)
+    return jnp.sum(loss_fn(final_logits, probe_logits, y)), final_logits
+
+  def step(carry, _):
+    x_adv, budget, active = carry
+    grad, final_logits = jax.grad(total_loss, has_aux=True)(x_adv)
+    wrong = jnp.argmax(final_logits, axis=-1) != y
+    stop = active & wrong & (budget == 0)
+    budget = jnp.where(active & wrong & ~stop, budget - 1, budget)
+    active = active & ~stop
+    moved = jnp.clip(x_adv + config.step_size * jnp.sign(grad), lower, upper)
+    keep = active.reshape(active.shape + (1,) * (x.ndim - 1))
+    return (jnp.where(keep, moved, x_adv), budget, active), None
+
+  budget = jnp.full(y.shape, tau, jnp.int32)
+  (x_adv, _, _), _ = lax.scan(step, (x_start, budget, jnp.ones(y.shape, bool)),
+                              length=config.num_steps, unroll=config.unroll)
+  return x_adv
+
+
+def _example_keys(state: TrainState, indices: Array) -> tuple[Array, Array]:
+  """Per-example (augmentation keys, attack keys), each (B,).
+
+  Derived from the run key, the global step and each example's index in the
+  dataset, so they do not depend on how the batch is split over devices.
+  """
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                state.step)
+  keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i)))(
+      indices)
+  return keys[:, 0], keys[:, 1]
+
+
+def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
+                    augment_options: dict[str, Any]
+                    ) -> Callable[[TrainState, data.Split, Array],
+                                  tuple[TrainState, dict[str, Array]]]:
+  """The per-device training step of ``config.train.method``.
+
+  The returned ``step(state, split, indices)`` takes the replicated state,
+  the whole training split on the device (uint8 images (N, H, W, C), int32
+  labels (N,)) and this device's (B,) example indices; it returns the new
+  state and the batch metrics {"loss", "accuracy"} averaged over devices.
+  The model must use ``bn_axis_name=BATCH_AXIS``.
+  """
+  method = config.train.method
+  kind = model.defense.kind
+  train_loss = defense_loss(kind, config.train.loss_beta,
+                            config.train.loss_scale)
+  attack_loss = defense_loss(kind, config.attack.beta)
+  pgd_config = attack_config(config.attack)
+
+  def craft(state, x, y, attack_keys):
+    """The inputs to train on (gradient stopped)."""
+    logits_fn = lambda v: model.apply(state.variables, v, train=False)
+    if method == "pgd_at":
+      x = attacks.pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config)
+    elif method == "fat":
+      x = friendly_pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config,
+                       config.fat.tau)
+    elif method == "trades":
+      natural_logits = lax.stop_gradient(logits_fn(x)[0])
+      x = attacks.pgd(logits_fn, x, natural_logits, attack_keys,
+                      _trades_inner_loss, pgd_config)
+    return lax.stop_gradient(x)
+
+  def step(state: TrainState, split: data.Split, indices: Array):
+    augment_keys, attack_keys = _example_keys(state, indices)
+    x = data.augment(augment_keys, split.images[indices], **augment_options)
+    y = split.labels[indices]
+    x_train = craft(state, x, y, attack_keys)
+
+    def objective(params):
+      def forward(inputs, batch_stats):
+        return model.apply({"params": params, "batch_stats": batch_stats},
+                           inputs, train=True, labels=y,
+                           mutable=["batch_stats"])
+
+      if method != "trades":
+        (logits, probes), updates = forward(x_train, state.batch_stats)
+        return jnp.mean(train_loss(logits, probes, y)), (logits, updates)
+      # TRADES: the natural loss plus beta * KL(natural || adversarial).
+      (natural_logits, probes), updates = forward(x, state.batch_stats)
+      (adversarial_logits, _), updates = forward(x_train,
+                                                 updates["batch_stats"])
+      loss = jnp.mean(train_loss(natural_logits, probes, y) +
+                      config.trades.beta * losses.trades_kl_per_example(
+                          adversarial_logits, natural_logits))
+      return loss, (natural_logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params)
+    grads = lax.pmean(grads, BATCH_AXIS)
+    state = state.apply_gradients(grads=grads,
+                                  batch_stats=updates["batch_stats"])
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+    return state, lax.pmean(metrics, BATCH_AXIS)
+
+  return step
+
+
+def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict
+                   ) -> Callable[[TrainState, data.Batch], dict[str, Array]]:
+  """The per-device evaluation during training: natural and PGD accuracy.
+
+  PGD is the reference's per-epoch check: ``eval.pgd_steps`` steps of size
+  eps / 10 from the clean input on the training attack's loss. Returns
+  counts summed over devices: {"count", "natural_correct", "pgd_correct"}
+  over the valid (mask) rows of the batch.
+  """
+  eps = config.attack.eps
+  pgd_config = attacks.PGDConfig(eps=eps, step_size=eps / 10,
+                                 num_steps=config.eval.pgd_steps,
+                                 random_start=False, unroll=config.attack.unroll)
+  attack_loss = defense_loss(model.defense.kind, config.attack.beta)
+
+  def step(state: TrainState, batch: data.Batch) -> dict[str, Array]:
+    x, y = data.to_float(batch.images), batch.labels
+    logits_fn = lambda v: model.apply(state.variables, v, train=False)
+    x_adv = attacks.pgd(logits_fn, x, y, None, attack_loss, pgd_config)
+    correct = lambda inputs: jnp.sum(
+        (jnp.argmax(logits_fn(inputs)[0], -1) == y) & batch.mask)
+    counts = {"count": jnp.sum(batch.mask), "natural_correct": correct(x),
+              "pgd_correct": correct(x_adv)}
+    return lax.psum(counts, BATCH_AXIS)
+
+  return step
