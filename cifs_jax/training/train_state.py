@@ -34,11 +34,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   """Piecewise-constant rate: ``learning_rate`` times ``lr_decay`` after each
   milestone epoch, as PyTorch's MultiStepLR stepped once per epoch.
 
-  Update number t (0-based) belongs to epoch t // steps_per_epoch; optax
-  scales once the count exceeds a boundary, hence ``m * steps - 1``.
+  Update number t (0-based) uses the rate at count t and belongs to epoch
+  t // steps_per_epoch; optax scales from the boundary count on.
   """
   boundaries = {
-      milestone * steps_per_epoch - 1: config.lr_decay
+      milestone * steps_per_epoch: config.lr_decay
       for milestone in config.lr_milestones
   }
   return optax.piecewise_constant_schedule(config.learning_rate, boundaries)

@@ -1,0 +1,290 @@
+"""The training loop: data on the devices, the compiled step, evaluation,
+checkpoints, resume, logs.
+
+``train_and_evaluate(config, workdir)`` is what ``python -m cifs_jax.main``
+runs. The workdir holds ``config.json``, ``checkpoints/`` (Orbax),
+``metrics.jsonl`` and TensorBoard event files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from cifs_jax import data, experiment_config, models
+from cifs_jax.training import checkpoints, metric_logging
+from cifs_jax.training import parallel as parallel_lib
+from cifs_jax.training import step as step_lib
+from cifs_jax.training.train_state import TrainState, create_train_state
+
+BEST_METRIC = "pgd_accuracy"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+@dataclasses.dataclass
+class Position:
+  """Where training stands: the next step to run is ``step`` of ``epoch``."""
+  epoch: int = 0
+  step: int = 0
+
+
+def _limit(split: data.Split, num_examples: int) -> data.Split:
+  """The first ``num_examples`` examples (all if -1)."""
+  if num_examples < 0 or num_examples >= len(split):
+    return split
+  return data.Split(split.images[:num_examples], split.labels[:num_examples],
+                    split.num_classes)
+
+
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a flag checked between steps."""
+
+  def __init__(self):
+    self._event = threading.Event()
+
+  def __bool__(self) -> bool:
+    return self._event.is_set()
+
+  @contextlib.contextmanager
+  def installed(self):
+    """Handles the signals inside the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    handler = lambda signum, frame: self._event.set()
+    previous = {s: signal.signal(s, handler)
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, h in previous.items():
+        signal.signal(s, h)
+
+
+def _check_finite(metrics: dict[str, float], where: str) -> None:
+  if not all(math.isfinite(v) for v in metrics.values()):
+    raise NonFiniteLossError(
+        f"Non-finite training metrics {metrics} at {where}. Training stopped; "
+        "the last good checkpoint is kept. Lower train.learning_rate, check "
+        "the data, or try without half_precision.")
+
+
+class Trainer:
+  """Owns the compiled steps, the device data and the run's files."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    experiment_config.validate(config)
+    self.config = config
+    self.workdir = workdir
+    self.parallel = config.parallel
+    self.mesh = parallel_lib.make_mesh(self.parallel)
+    num_devices = self.mesh.size
+    for name in ("train.batch_size", "eval.batch_size"):
+      size = config.train.batch_size if name.startswith("train") else (
+          config.eval.batch_size)
+      if size % num_devices:
+        raise ValueError(f"config.{name}={size} must be a multiple of the "
+                         f"number of devices ({num_devices}).")
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints.check_config_compatible(workdir, config)
+    checkpoints.save_config(workdir, config)
+
+    self.train_split = _limit(data.load_split(config.data, "train"),
+                              config.train.max_examples)
+    self.test_split = data.load_split(config.data, "test")
+    self.steps_per_epoch = data.steps_per_epoch(len(self.train_split),
+                                                config.train.batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"The training split has {len(self.train_split)} "
+                       "examples, fewer than one batch of "
+                       f"{config.train.batch_size}.")
+    dtype = jnp.bfloat16 if config.half_precision else None
+    self.model = models.build_model(config.model, dtype=dtype,
+                                    bn_axis_name=parallel_lib.BATCH_AXIS)
+    self.initial_state = create_train_state(
+        self.model, self.train_split.images.shape[1:], config,
+        self.steps_per_epoch)
+    self.device_train = parallel_lib.replicate(self.train_split, self.mesh,
+                                               self.parallel)
+    self.train_step = parallel_lib.compile_step(
+        step_lib.make_train_step(self.model, config,
+                                 data.augment_options(config.data)),
+        self.parallel, self.mesh, sharded_args=(False, False, True),
+        donate_first=True)
+    self.eval_step = parallel_lib.compile_step(
+        step_lib.make_eval_step(self.model, config), self.parallel,
+        self.mesh, sharded_args=(False, True))
+    self.checkpointer = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.checkpoint.keep, best_metric=BEST_METRIC)
+    self.logger = metric_logging.MetricLogger(workdir)
+    self.stop_request = StopRequest()
+
+  # -- State ---------------------------------------------------------------
+
+  def restore_or_initialise(self) -> tuple[TrainState, Position]:
+    """The last checkpoint of this workdir, else a fresh (or ``init_from``)
+    state. A checkpoint that fails to restore raises; it is never replaced
+    by a fresh start."""
+    if self.checkpointer.latest_step() is not None:
+      state, metadata = self.checkpointer.restore("last", self.initial_state)
+      position = Position(metadata["epoch"], metadata["step_in_epoch"])
+      logging.info("Resuming from %s at epoch %d, step %d.", self.workdir,
+                   position.epoch, position.step)
+      return state, position
+    state = self.initial_state
+    if self.config.train.init_from:
+      source = checkpoints.Checkpointer(
+          os.path.join(self.config.train.init_from, "checkpoints"),
+          best_metric=BEST_METRIC)
+      which = "best" if source.has_best() else "last"
+      restored, _ = source.restore(which, self.initial_state)
+      source.close()
+      state = state.replace(params=restored.params,
+                            batch_stats=restored.batch_stats)
+      logging.info("Initialised the model from the %s checkpoint of %s.",
+                   which, self.config.train.init_from)
+    return state, Position()
+
+  def save(self, state: TrainState, position: Position,
+           metrics: dict[str, float] | None = None) -> None:
+    host_state = parallel_lib.unreplicate(state, self.parallel)
+    self.checkpointer.save(
+        int(host_state.step), host_state,
+        metadata={"epoch": position.epoch, "step_in_epoch": position.step},
+        metrics=metrics)
+
+  # -- Evaluation ----------------------------------------------------------
+
+  def evaluate(self, state: TrainState, num_examples: int) -> dict[str, float]:
+    """Natural and PGD accuracy (%) on the first ``num_examples`` test
+    examples (-1: all), each counted once."""
+    split = _limit(self.test_split, num_examples)
+    totals = None
+    for batch in data.eval_batches(split, self.config.eval.batch_size):
+      counts = self.eval_step(state, data.shard_batch(batch, self.mesh,
+                                                      self.parallel))
+      totals = counts if totals is None else jax.tree.map(jnp.add, totals,
+                                                          counts)
+    totals = jax.tree.map(lambda x: float(np.asarray(x).reshape(-1)[0]),
+                          totals)
+    return {"natural_accuracy": 100 * totals["natural_correct"] /
+                                totals["count"],
+            BEST_METRIC: 100 * totals["pgd_correct"] / totals["count"],
+            "eval_examples": totals["count"]}
+
+  # -- Training ------------------------------------------------------------
+
+  def train(self) -> TrainState:
+    """Runs (or resumes) training to ``train.epochs``; returns the state."""
+    config = self.config
+    state, position = self.restore_or_initialise()
+    state = parallel_lib.replicate(state, self.mesh, self.parallel)
+    data_key = jax.random.key(config.seed)
+    images_per_step = config.train.batch_size
+    with self.stop_request.installed():
+      while position.epoch < config.train.epochs:
+        state, position = self._train_epoch(state, position, data_key,
+                                            images_per_step)
+        if self.stop_request:
+          logging.warning("Stop requested: saved at epoch %d, step %d.",
+                          position.epoch, position.step)
+          break
+    self.checkpointer.wait_until_finished()
+    return state
+
+  def _train_epoch(self, state, position, data_key, images_per_step):
+    config = self.config
+    epoch = position.epoch
+    batches = data.train_index_batches(
+        data_key, epoch, len(self.train_split), config.train.batch_size,
+        start_step=position.step)
+    epoch_sums = None
+    bar = tqdm.tqdm(total=self.steps_per_epoch, initial=position.step,
+                    desc=f"epoch {epoch + 1}/{config.train.epochs}",
+                    disable=jax.process_index() != 0, leave=False)
+    started, steps_run = time.perf_counter(), 0
+    for indices in batches:
+      state, metrics = self.train_step(
+          state, self.device_train,
+          data.shard_batch(indices, self.mesh, self.parallel))
+      epoch_sums = metrics if epoch_sums is None else jax.tree.map(
+          jnp.add, epoch_sums, metrics)
+      position.step += 1
+      steps_run += 1
+      if position.step % config.train.log_every_steps == 0:
+        host = self._host_metrics(metrics)
+        _check_finite(host, f"epoch {epoch + 1}, step {position.step}")
+        images_per_second = (steps_run * images_per_step /
+                             (time.perf_counter() - started))
+        self.logger.write_scalars(
+            epoch * self.steps_per_epoch + position.step,
+            {**{f"train_{k}": v for k, v in host.items()},
+             "images_per_second": images_per_second})
+        bar.set_postfix(loss=f"{host['loss']:.3f}",
+                        acc=f"{host['accuracy']:.3f}",
+                        img_s=f"{images_per_second:.0f}")
+      bar.update(1)
+      if self.stop_request:
+        break
+    bar.close()
+    if epoch_sums is not None:
+      means = {k: v / steps_run
+               for k, v in self._host_metrics(epoch_sums).items()}
+      _check_finite(means, f"the end of epoch {epoch + 1}")
+    if self.stop_request and position.step < self.steps_per_epoch:
+      self.save(state, position)
+      return state, position
+    position = Position(epoch + 1, 0)
+    metrics = None
+    if (epoch + 1) % config.eval.every_epochs == 0:
+      metrics = self.evaluate(state, config.eval.num_examples)
+      self.logger.write_scalars((epoch + 1) * self.steps_per_epoch,
+                                {"epoch": epoch + 1, **metrics})
+      logging.info("epoch %d: %s", epoch + 1, metrics)
+    self.save(state, position, metrics)
+    return state, position
+
+  def _host_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in
+            metrics.items()}
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.logger.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains (resuming if ``workdir`` has checkpoints) and evaluates.
+
+  Returns the evaluation of the final state on ``eval.final_num_examples``
+  test examples (natural and PGD accuracy, %); an empty dict if a stop was
+  requested before training finished.
+  """
+  trainer = Trainer(config, workdir)
+  try:
+    state = trainer.train()
+    if trainer.stop_request:
+      return {}
+    results = trainer.evaluate(state, config.eval.final_num_examples)
+    logging.info("Final evaluation: %s", results)
+    return results
+  finally:
+    trainer.close()
