@@ -51,15 +51,17 @@ def test_parameter_counts(name, image_shape, vanilla, cifs_extra, cas_extra):
 
 def tiny(name, defense, **overrides):
   """Narrow versions of the backbones for compiled tests on CPU."""
-  width = {"resnet18": 8, "resnet10": 8, "wrn28_10": 1}[name]
+  width = {"resnet18": 4, "resnet10": 4, "wrn28_10": 1}[name]
   return models.build_model(model_config(name, defense, width=width,
                                          **overrides))
 
 
-@pytest.mark.parametrize("name,image_shape", [("resnet18", CIFAR),
-                                              ("resnet10", FMNIST)])
-@pytest.mark.parametrize("defense,num_probes", [("none", 0), ("cifs", 2),
-                                                ("cas", 2)])
+@pytest.mark.parametrize("name,image_shape,defense,num_probes", [
+    ("resnet18", CIFAR, "none", 0),
+    ("resnet18", CIFAR, "cifs", 2),
+    ("resnet18", CIFAR, "cas", 2),
+    ("resnet10", FMNIST, "cifs", 2),
+])
 def test_shapes_and_modes_compile(name, image_shape, defense, num_probes):
   model = tiny(name, defense)
   images = jax.random.uniform(jax.random.key(0), (4, *image_shape))
@@ -120,8 +122,8 @@ def test_cas_reweights_by_class_weights():
 
 
 def test_full_relevance_grad_of_model_matches_finite_differences(x64):
-  model = models.build_model(model_config("resnet18", "cifs", width=4))
-  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3),
+  model = models.build_model(model_config("resnet10", "cifs", width=4))
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1),
                               jnp.float64)
   variables = model.init(jax.random.key(1), images)
   weights = jax.random.normal(jax.random.key(2), (2, 10), jnp.float64)

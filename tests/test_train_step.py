@@ -11,8 +11,12 @@ from cifs_jax.training import parallel, step as step_lib, train_state
 
 
 def smoke_config(*variants):
-  return experiment_config.apply_variants(experiment_config.base_config(),
-                                          ",".join(("smoke",) + variants))
+  """The smoke variant on a ResNet-10 of width 4: quick to compile."""
+  config = experiment_config.apply_variants(experiment_config.base_config(),
+                                            ",".join(("smoke",) + variants))
+  config.model.name = "resnet10"
+  config.model.width = 4
+  return config
 
 
 def random_split(num_examples=48, seed=0):
