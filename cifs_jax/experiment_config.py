@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       "pgd_steps": 20,              # the reference's per-epoch PGD-20
       "final": True,                # the full evaluation after training
       "final_protocol": "paper",
+      "final_attacks": (),          # subset of fgsm, pgd20, cw, pgd100
       "final_num_examples": -1,     # -1: the whole test set
   })
   config.checkpoint = ml_collections.ConfigDict({"keep": 3})
@@ -95,6 +96,7 @@ def _smoke(config):
   config.eval.num_examples = 64
   config.eval.batch_size = 64
   config.eval.pgd_steps = 2
+  config.eval.final_attacks = ("pgd20",)
   config.eval.final_num_examples = 64
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import tqdm
 
 from cifs_jax import data, experiment_config, models
+from cifs_jax.evaluation import runner
 from cifs_jax.training import checkpoints, metric_logging
 from cifs_jax.training import parallel as parallel_lib
 from cifs_jax.training import step as step_lib
@@ -276,7 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Returns the evaluation of the final state on ``eval.final_num_examples``
   test examples (natural and PGD accuracy, %); an empty dict if a stop was
-  requested before training finished.
+  requested before training finished. With ``eval.final``, also runs the
+  robustness evaluation of ``eval.final_protocol`` (``cifs_jax.evaluation``)
+  and writes ``eval_<protocol>.json`` / ``.md`` to the workdir (single-host
+  runs; on several hosts run ``python -m cifs_jax.evaluate`` afterwards).
   """
   trainer = Trainer(config, workdir)
   try:
@@ -285,6 +289,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       return {}
     results = trainer.evaluate(state, config.eval.final_num_examples)
     logging.info("Final evaluation: %s", results)
+    if config.eval.final and jax.process_count() > 1:
+      logging.warning("The final robustness evaluation runs on one host "
+                      "only: run python -m cifs_jax.evaluate afterwards.")
+    elif config.eval.final:
+      runner.evaluate_and_publish(
+          config, trainer.model,
+          parallel_lib.unreplicate(state, trainer.parallel).variables,
+          trainer.test_split, workdir,
+          protocol_name=config.eval.final_protocol,
+          num_examples=config.eval.final_num_examples,
+          attack_names=config.eval.final_attacks)
     return results
   finally:
     trainer.close()

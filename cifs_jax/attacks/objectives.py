@@ -1,0 +1,98 @@
+"""What an attacker maximises: a per-example loss on the heads Eq. 3 selects.
+
+A model is seen only through ``logits_fn(x) -> (final_logits, probe_logits)``
+with ``final_logits`` of shape (N, K) and ``probe_logits`` a sequence of (N, K)
+arrays, one per CIFS (or CAS) layer; a plain classifier returns ``[]``.
+
+``AttackLoss`` names the loss: the per-head loss ``kind`` ("ce": softmax
+cross-entropy, "cw": the C&W margin with a ``confidence``) mixed over the heads
+with Eq. 3's weights at the attacker's ``beta``::
+
+    beta = 0          the final head alone
+    0 < beta < inf    (l(p) + beta * mean_l l(p_l)) / (1 + beta)
+    beta = inf        the probes alone: all of them (``probe=None``) or the one
+                      at index ``probe`` of the probe list
+
+The cross-entropy form is ``losses.joint_loss_per_example`` with ``scale=1``;
+the C&W form applies the same weights to the margins (the authors' evaluation
+does the same, up to the overall factor 1 + beta, which no sign- or
+normalised-gradient attack sees).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jax
+
+from cifs_jax.training import losses
+
+Array = jax.Array
+# x (N, ...) in [0, 1] -> (final_logits (N, K), [probe_logits (N, K), ...]).
+LogitsFn = Callable[[Array], tuple[Array, Sequence[Array]]]
+# (final_logits, probe_logits, labels) -> per-example loss (N,) to maximise.
+LossFn = Callable[[Array, Sequence[Array], Array], Array]
+
+LOSS_KINDS = ("ce", "cw")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackLoss:
+  """A per-example loss to maximise; hashable, so usable as a static argument.
+
+  Attributes:
+    kind: "ce" (cross-entropy) or "cw" (C&W margin, ``confidence`` in logits).
+    beta: Eq. 3's beta_atk, >= 0 or ``math.inf``; 0 attacks the final head.
+    probe: with ``beta = inf``, the index of the one probe to attack; None
+      attacks all probes together.
+    confidence: the C&W kappa (logit units); ignored for "ce".
+  """
+  kind: str = "ce"
+  beta: float = 0.0
+  probe: int | None = None
+  confidence: float = losses.DEFAULT_CW_CONFIDENCE
+
+  def __post_init__(self):
+    if self.kind not in LOSS_KINDS:
+      raise ValueError(f"kind must be one of {LOSS_KINDS}, got {self.kind!r}.")
+    if not self.beta >= 0:
+      raise ValueError(f"beta must be >= 0 or math.inf, got {self.beta}.")
+    if self.probe is not None and not math.isinf(self.beta):
+      raise ValueError("A single probe is attacked only with beta = inf, got "
+                       f"beta = {self.beta} and probe = {self.probe}.")
+
+  @property
+  def name(self) -> str:
+    """A short label, e.g. "ce/beta=2" or "cw/beta=inf/probe=1"."""
+    label = f"{self.kind}/beta={self.beta:g}"
+    return label if self.probe is None else f"{label}/probe={self.probe}"
+
+  def __call__(self, final_logits: Array, probe_logits: Sequence[Array],
+               labels: Array) -> Array:
+    """The loss of each example, (N,), from (N, K) logits and (N,) labels."""
+    probes = list(probe_logits)
+    if self.probe is not None:
+      probes = [probes[self.probe]]
+    if self.kind == "ce":
+      return losses.joint_loss_per_example(
+          final_logits, probes, labels, beta=self.beta, scale=1.0)
+    return _eq3_mixture(
+        lambda logits: losses.cw_margin_per_example(logits, labels,
+                                                    self.confidence),
+        final_logits, probes, self.beta)
+
+
+def _eq3_mixture(head_loss: Callable[[Array], Array], final_logits: Array,
+                 probe_logits: Sequence[Array], beta: float) -> Array:
+  """Eq. 3's weighting of ``head_loss`` (logits (N, K) -> (N,)) over heads."""
+  if not probe_logits:
+    if math.isinf(beta):
+      raise ValueError("beta = inf attacks only the probes, but the model has "
+                       "none (probe_logits is empty).")
+    return head_loss(final_logits)
+  probe_term = sum(head_loss(p) for p in probe_logits) / len(probe_logits)
+  if math.isinf(beta):
+    return probe_term
+  return (head_loss(final_logits) + beta * probe_term) / (1.0 + beta)

@@ -1,0 +1,219 @@
+"""Projected gradient ascent on the input: PGD (L-inf, L-2), FGSM, C&W-inf.
+
+Every attack here is ``pgd`` with some ``PGDConfig``: FGSM is one step of size
+eps from the clean input (``fgsm_config``); C&W-inf is L-inf PGD on the C&W
+margin (``AttackLoss(kind="cw")``). All are pure functions of
+``(logits_fn, x, y, key)`` and static settings (the loss and the config, both
+hashable), so they run under ``jax.jit``, inside a pmap'd or shard_map'd
+training step, and on a batch sharded over devices: examples never interact.
+
+The step loop is one ``lax.scan`` (``unroll`` steps per iteration; unrolling
+pays on CPU, DESIGN §10), restarts another; there is no host round-trip.
+After every step the iterate is projected back onto the intersection of the
+eps-ball around ``x`` and the [0, 1] box.
+
+Shapes: ``x`` is (N, ...) float in [0, 1] (images are (N, H, W, C)), ``y`` is
+(N,) integer labels, ``key`` one PRNG key or (N,) per-example keys; eps and
+step sizes are in input units (pixel values / 255 for 8-bit images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cifs_jax.attacks.objectives import LogitsFn, LossFn
+
+Array = jax.Array
+
+NORMS = ("linf", "l2")
+# Guards the L-2 normalisations against a zero gradient or perturbation.
+_TINY = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDConfig:
+  """Settings of a PGD attack (hashable: a static argument of ``jax.jit``).
+
+  Attributes:
+    eps: radius of the perturbation ball (input units).
+    step_size: length of each step, in the attack's norm (input units).
+    num_steps: number of gradient steps.
+    norm: "linf" (sign of the gradient) or "l2" (normalised gradient).
+    random_start: start from a uniform draw in the ball (else from ``x``).
+    num_restarts: independent runs (each from its own random start); per
+      example the first run that fools the final head is kept, else the one
+      with the highest loss. More than one needs ``random_start``.
+    unroll: steps per iteration of the compiled loop (``lax.scan``'s unroll).
+  """
+  eps: float = 8 / 255
+  step_size: float = 2 / 255
+  num_steps: int = 10
+  norm: str = "linf"
+  random_start: bool = True
+  num_restarts: int = 1
+  unroll: int = 1
+
+  def __post_init__(self):
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+    if self.eps < 0 or self.step_size < 0:
+      raise ValueError("eps and step_size must be >= 0.")
+    if self.num_steps < 1 or self.num_restarts < 1 or self.unroll < 1:
+      raise ValueError("num_steps, num_restarts and unroll must be >= 1.")
+    if self.num_restarts > 1 and not self.random_start:
+      raise ValueError("Restarts without a random start repeat the same run.")
+
+
+def fgsm_config(eps: float = 8 / 255) -> PGDConfig:
+  """FGSM (L-inf): one step of size eps from the clean input."""
+  return PGDConfig(eps=eps, step_size=eps, num_steps=1, random_start=False)
+
+
+def pgd(logits_fn: LogitsFn,
+        x: Array,
+        y: Array,
+        key: Array | None,
+        loss_fn: LossFn,
+        config: PGDConfig,
+        *,
+        return_trajectory: bool = False):
+  """Maximises ``loss_fn`` over the eps-ball around ``x`` within [0, 1].
+
+  Args:
+    logits_fn: x (N, ...) -> (final_logits (N, K), [probe_logits (N, K)]).
+    x: clean inputs, (N, ...) in [0, 1].
+    y: integer labels, (N,); any per-example target that ``loss_fn`` takes
+      (e.g. TRADES' natural logits) when ``config.num_restarts`` is 1 (with
+      restarts, "fooled" means the final head's top-1 differs from y).
+    key: a PRNG key, or (N,) keys (one per example: then an example's random
+      starts do not depend on the rest of the batch); unused, and may be None,
+      without ``config.random_start``.
+    loss_fn: (final_logits, probe_logits, y) -> (N,) loss to maximise, e.g. an
+      ``AttackLoss``.
+    config: the attack's settings.
+    return_trajectory: also return every iterate, for tests and debugging.
+
+  Returns:
+    The adversarial inputs, shaped like ``x``; with ``return_trajectory``, the
+    pair (adversarial inputs, iterates of shape (num_restarts, num_steps,
+    *x.shape)), the iterates being those after each step's projection.
+  """
+  keys = _example_keys(key, x.shape[0]) if config.random_start else None
+  ascend = functools.partial(_ascend, logits_fn, x, y, loss_fn=loss_fn,
+                             config=config,
+                             return_trajectory=return_trajectory)
+
+  def run(restart):
+    if keys is None:
+      return ascend(x)
+    restart_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, restart)
+    return ascend(_random_start(restart_keys, x, config))
+
+  if config.num_restarts == 1:
+    x_adv, trajectory = run(0)
+    trajectories = None if trajectory is None else trajectory[None]
+  else:
+    def restart_step(best, restart):
+      x_adv, trajectory = run(restart)
+      candidate = (x_adv, *_score(logits_fn, x_adv, y, loss_fn))
+      return _keep_stronger(best, candidate), trajectory
+
+    no_attack = (x, jnp.zeros(y.shape, bool), jnp.full(y.shape, -jnp.inf))
+    (x_adv, _, _), trajectories = lax.scan(
+        restart_step, no_attack, jnp.arange(config.num_restarts))
+  return (x_adv, trajectories) if return_trajectory else x_adv
+
+
+def _ascend(logits_fn, x, y, x_start, *, loss_fn, config, return_trajectory):
+  """One run of ``num_steps`` projected steps: (x_adv, iterates or None)."""
+  def total_loss(x_adv):
+    final_logits, probe_logits = logits_fn(x_adv)
+    return jnp.sum(loss_fn(final_logits, probe_logits, y))
+
+  def step(x_adv, _):
+    direction = _ascent_direction(jax.grad(total_loss)(x_adv), config.norm)
+    x_adv = _project(x_adv + config.step_size * direction, x, config)
+    return x_adv, (x_adv if return_trajectory else None)
+
+  x_start = _project(x_start, x, config)
+  return lax.scan(step, x_start, length=config.num_steps,
+                  unroll=config.unroll)
+
+
+def _example_keys(key: Array, num_examples: int) -> Array:
+  """(N,) typed keys: ``key`` itself if already per example, else a split."""
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  if key.ndim == 0:
+    return jax.random.split(key, num_examples)
+  if key.shape != (num_examples,):
+    raise ValueError(f"Expected one key or {num_examples} keys, got key of "
+                     f"shape {key.shape}.")
+  return key
+
+
+def _per_example_norm(v: Array) -> Array:
+  """L-2 norm over all but the batch axis, shaped to broadcast with v."""
+  axes = tuple(range(1, v.ndim))
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
+def _ascent_direction(grad: Array, norm: str) -> Array:
+  """The steepest-ascent unit step of ``norm`` along ``grad``."""
+  if norm == "linf":
+    return jnp.sign(grad)
+  return grad / jnp.maximum(_per_example_norm(grad), _TINY)
+
+
+def _random_start(keys: Array, x: Array, config: PGDConfig) -> Array:
+  """x plus a uniform draw from the ball of radius eps, per example."""
+  def draw(key, example):
+    if config.norm == "linf":
+      return jax.random.uniform(key, example.shape, example.dtype,
+                                -config.eps, config.eps)
+    direction_key, radius_key = jax.random.split(key)
+    direction = jax.random.normal(direction_key, example.shape, example.dtype)
+    direction /= jnp.maximum(jnp.linalg.norm(direction), _TINY)
+    # The radius of a uniform point in a d-ball has CDF (r / eps) ** d.
+    radius = config.eps * jax.random.uniform(
+        radius_key, (), example.dtype) ** (1.0 / example.size)
+    return radius * direction
+  return x + jax.vmap(draw)(keys, x)
+
+
+def _project(x_adv: Array, x: Array, config: PGDConfig) -> Array:
+  """Back onto the eps-ball around ``x`` and into the [0, 1] box.
+
+  For L-inf this is the exact projection onto the intersection. For L-2 the
+  ball projection comes first; the box clip then only shrinks |x_adv - x|
+  coordinate-wise (x is in the box), so the result stays in the ball.
+  """
+  if config.norm == "linf":
+    return jnp.clip(x_adv, jnp.maximum(x - config.eps, 0.0),
+                    jnp.minimum(x + config.eps, 1.0))
+  delta = x_adv - x
+  delta *= jnp.minimum(1.0, config.eps /
+                       jnp.maximum(_per_example_norm(delta), _TINY))
+  return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def _score(logits_fn, x_adv, y, loss_fn):
+  """(fooled (N,) bool: the final head's top-1 is wrong, loss (N,))."""
+  final_logits, probe_logits = logits_fn(x_adv)
+  fooled = jnp.argmax(final_logits, axis=-1) != y
+  return fooled, loss_fn(final_logits, probe_logits, y).astype(jnp.float32)
+
+
+def _keep_stronger(best, candidate):
+  """Per example: keep the first fooling run, else the higher loss."""
+  best_x, best_fooled, best_loss = best
+  x_adv, fooled, loss = candidate
+  take = ~best_fooled & (fooled | (loss > best_loss))
+  take_x = take.reshape(take.shape + (1,) * (x_adv.ndim - 1))
+  return (jnp.where(take_x, x_adv, best_x), best_fooled | fooled,
+          jnp.where(take, loss, best_loss))

@@ -1,0 +1,85 @@
+"""Evaluates a checkpoint: ``python -m cifs_jax.evaluate --workdir=DIR``.
+
+  python -m cifs_jax.evaluate --workdir=DIR [--config=configs/...py:variant]
+      [--checkpoint=best|last|STEP] [--protocol=paper|strong]
+      [--attacks=fgsm,pgd20,cw,pgd100] [--num_examples=N]
+
+Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
+``eval_<protocol>_<checkpoint>.json`` and ``.md`` to the workdir and prints
+the main tables.
+"""
+
+import json
+import os
+
+from absl import app, flags
+import ml_collections
+from ml_collections import config_flags
+
+from cifs_jax import data, experiment_config, models
+from cifs_jax.evaluation import runner
+from cifs_jax.training import checkpoints
+from cifs_jax.training.train_state import create_train_state
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (default: the workdir's config.json).",
+    lock_config=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "best", "'best' (by PGD accuracy during training), 'last' "
+    "or a step number.")
+_PROTOCOL = flags.DEFINE_enum("protocol", "paper", ["paper", "strong"],
+                              "Evaluation protocol (README, DESIGN §6).")
+_ATTACKS = flags.DEFINE_list(
+    "attacks", [], "Subset of the protocol's attacks: fgsm, pgd20, cw, "
+    "pgd100 (default: all).")
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    "num_examples", -1, "Evaluate the first N test examples (-1: all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
+                                   "Global eval batch (default: eval.batch_size).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved in its workdir."""
+  path = os.path.join(workdir, checkpoints.CONFIG_FILENAME)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: pass --config, or point "
+                            "--workdir at a training run's directory.")
+  with open(path) as f:
+    saved = ml_collections.ConfigDict(json.load(f))
+  config = experiment_config.base_config()
+  config.update(saved)
+  return config
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str,
+                      which: str | int):
+  """(model, variables) of checkpoint ``which`` of a run."""
+  model = models.build_model(config.model)
+  image_shape = data.get_info(config.data.name).image_shape
+  target = create_train_state(model, image_shape, config, steps_per_epoch=1)
+  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    state, _ = ckpt.restore(which, target)
+  return model, state.variables
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir = _WORKDIR.value
+  config = flags.FLAGS.config or load_run_config(workdir)
+  experiment_config.validate(config)
+  which = _CHECKPOINT.value
+  which = int(which) if which.isdigit() else which
+  model, variables = restore_variables(config, workdir, which)
+  test_split = data.load_split(config.data, "test")
+  runner.evaluate_and_publish(
+      config, model, variables, test_split, workdir,
+      protocol_name=_PROTOCOL.value, num_examples=_NUM_EXAMPLES.value,
+      attack_names=_ATTACKS.value, batch_size=_BATCH_SIZE.value,
+      name=f"eval_{_PROTOCOL.value}_{_CHECKPOINT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

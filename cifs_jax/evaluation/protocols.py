@@ -1,0 +1,159 @@
+"""The evaluation protocols of DESIGN §6: which attacks, losses and gradients.
+
+A ``Protocol`` lists attacks (the columns of Table 1), the attacker's Eq. 3
+trade-offs beta_atk (the adaptive evaluation), and the CIFS gradient modes to
+attack with ("stop": the authors' gradient, mask constant w.r.t. the input;
+"full": through the mask). Every attack runs once per (beta_atk, gradient
+mode); an example is robust against an attack only if it survives all runs.
+
+- ``paper_protocol``: the authors' settings. FGSM eps 8/255; PGD-20 and
+  PGD-100 with step 0.1 * eps and no random start; C&W-inf = PGD-30 on the
+  C&W margin with confidence 50 (step 0.1 * eps); the authors' gradient.
+- ``strong_protocol``: PGD and C&W-inf with step 2/255, random start and
+  restarts; both gradient modes.
+
+Extension point: the evaluator needs of an attack only what ``Attack`` below
+states, so AutoAttack's components (a later issue) join a protocol's
+``attacks`` as further ``Attack`` implementations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Protocol as TypingProtocol
+
+import jax
+
+from cifs_jax import attacks
+from cifs_jax.training import losses
+
+Array = jax.Array
+
+GRADIENT_MODES = ("stop", "full")
+# The attacker's Eq. 3 trade-offs of the paper's adaptive evaluation.
+PAPER_BETAS = (0.0, 0.1, 1.0, 2.0, 10.0, 100.0, math.inf)
+PAPER_EPS = 8 / 255
+
+
+class Attack(TypingProtocol):
+  """What the evaluator needs of an attack (hashable: a static jit argument).
+
+  Attributes:
+    name: key in the results ("fgsm", "pgd20", ...).
+    label: column header ("FGSM", "PGD-20", ...).
+  """
+  name: str
+  label: str
+
+  def __call__(self, logits_fn: attacks.LogitsFn, x: Array, y: Array,
+               keys: Array, *, beta: float, probe: int | None) -> Array:
+    """Adversarial inputs shaped like x (N, ...) for labels y (N,).
+
+    ``keys`` are (N,) per-example PRNG keys; ``beta`` and ``probe`` select the
+    attacked heads as in ``attacks.AttackLoss``.
+    """
+
+  def settings(self) -> dict[str, Any]:
+    """The attack's settings, as JSON-serialisable values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientAttack:
+  """An ``Attack`` that is ``attacks.pgd`` on a loss of kind ``loss_kind``."""
+  name: str
+  label: str
+  config: attacks.PGDConfig
+  loss_kind: str = "ce"
+  confidence: float = losses.DEFAULT_CW_CONFIDENCE
+
+  def __call__(self, logits_fn, x, y, keys, *, beta, probe):
+    loss = attacks.AttackLoss(kind=self.loss_kind, beta=beta, probe=probe,
+                              confidence=self.confidence)
+    return attacks.pgd(logits_fn, x, y, keys, loss, self.config)
+
+  def settings(self) -> dict[str, Any]:
+    settings = {"loss": self.loss_kind, **dataclasses.asdict(self.config)}
+    if self.loss_kind == "cw":
+      settings["confidence"] = self.confidence
+    return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """A named set of attacks, attacker betas and gradient modes."""
+  name: str
+  attacks: tuple[Attack, ...]
+  gradient_modes: tuple[str, ...]
+  betas: tuple[float, ...] = PAPER_BETAS
+
+  def __post_init__(self):
+    unknown = set(self.gradient_modes) - set(GRADIENT_MODES)
+    if unknown or not self.gradient_modes:
+      raise ValueError(f"gradient_modes must be a non-empty subset of "
+                       f"{GRADIENT_MODES}, got {self.gradient_modes}.")
+    names = [attack.name for attack in self.attacks]
+    if len(set(names)) != len(names):
+      raise ValueError(f"Attack names must be unique, got {names}.")
+
+  def settings(self) -> dict[str, Any]:
+    return {"name": self.name,
+            "gradient_modes": list(self.gradient_modes),
+            "betas": [beta_label(b) for b in self.betas],
+            "attacks": {a.name: a.settings() for a in self.attacks}}
+
+
+def _table1_attacks(eps: float, pgd_config) -> tuple[Attack, ...]:
+  """FGSM, PGD-20, C&W-inf (PGD-30 on the C&W margin) and PGD-100.
+
+  ``pgd_config(num_steps=...)`` gives the PGD settings of the protocol.
+  """
+  return (GradientAttack("fgsm", "FGSM", attacks.fgsm_config(eps)),
+          GradientAttack("pgd20", "PGD-20", pgd_config(num_steps=20)),
+          GradientAttack("cw", "C&W-inf", pgd_config(num_steps=30),
+                         loss_kind="cw"),
+          GradientAttack("pgd100", "PGD-100", pgd_config(num_steps=100)))
+
+
+def paper_protocol(eps: float = PAPER_EPS, unroll: int = 1) -> Protocol:
+  """The authors' evaluation (DESIGN §6, the paper's Table 1 columns)."""
+  pgd_config = functools.partial(
+      attacks.PGDConfig, eps=eps, step_size=0.1 * eps, random_start=False,
+      unroll=unroll)
+  return Protocol(name="paper", attacks=_table1_attacks(eps, pgd_config),
+                  gradient_modes=("stop",))
+
+
+def strong_protocol(eps: float = PAPER_EPS, step_size: float = 2 / 255,
+                    num_restarts: int = 5, unroll: int = 1) -> Protocol:
+  """Random starts, restarts and both gradient modes (DESIGN §6)."""
+  pgd_config = functools.partial(
+      attacks.PGDConfig, eps=eps, step_size=step_size, random_start=True,
+      num_restarts=num_restarts, unroll=unroll)
+  return Protocol(name="strong", attacks=_table1_attacks(eps, pgd_config),
+                  gradient_modes=GRADIENT_MODES)
+
+
+PROTOCOLS = {"paper": paper_protocol, "strong": strong_protocol}
+
+
+def adaptive_targets(betas: tuple[float, ...],
+                     num_probes: int) -> list[tuple[float, int | None]]:
+  """The (beta_atk, probe) pairs to attack, each a run of every attack.
+
+  Every beta in ``betas``, and with beta = inf also each probe alone (when
+  there are several). A model without probes has one target, its final head.
+  """
+  if num_probes == 0:
+    return [(0.0, None)]
+  targets = [(beta, None) for beta in betas]
+  if math.inf in betas and num_probes > 1:
+    targets += [(math.inf, probe) for probe in range(num_probes)]
+  return targets
+
+
+def beta_label(beta: float, probe: int | None = None) -> str:
+  """"0", "0.1", "inf", "inf/probe1": the key of a target in the results."""
+  label = f"{beta:g}"
+  return label if probe is None else f"{label}/probe{probe}"
