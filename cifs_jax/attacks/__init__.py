@@ -8,6 +8,8 @@
 """
 
 from cifs_jax.attacks.objectives import AttackLoss
+from cifs_jax.attacks.objectives import head_weights
+from cifs_jax.attacks.objectives import weighted_head_loss
 from cifs_jax.attacks.objectives import LogitsFn
 from cifs_jax.attacks.objectives import LossFn
 from cifs_jax.attacks.pgd import fgsm_config
@@ -15,4 +17,4 @@ from cifs_jax.attacks.pgd import pgd
 from cifs_jax.attacks.pgd import PGDConfig
 
 __all__ = ["AttackLoss", "LogitsFn", "LossFn", "PGDConfig", "fgsm_config",
-           "pgd"]
+           "head_weights", "pgd", "weighted_head_loss"]

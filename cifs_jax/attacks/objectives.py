@@ -22,10 +22,13 @@ normalised-gradient attack sees).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from cifs_jax.training import losses
 
@@ -72,27 +75,51 @@ class AttackLoss:
   def __call__(self, final_logits: Array, probe_logits: Sequence[Array],
                labels: Array) -> Array:
     """The loss of each example, (N,), from (N, K) logits and (N,) labels."""
-    probes = list(probe_logits)
-    if self.probe is not None:
-      probes = [probes[self.probe]]
-    if self.kind == "ce":
-      return losses.joint_loss_per_example(
-          final_logits, probes, labels, beta=self.beta, scale=1.0)
-    return _eq3_mixture(
-        lambda logits: losses.cw_margin_per_example(logits, labels,
-                                                    self.confidence),
-        final_logits, probes, self.beta)
+    weights = head_weights(self.beta, self.probe, len(probe_logits))
+    return weighted_head_loss(final_logits, probe_logits, labels, weights,
+                              kind=self.kind, confidence=self.confidence)
 
 
-def _eq3_mixture(head_loss: Callable[[Array], Array], final_logits: Array,
-                 probe_logits: Sequence[Array], beta: float) -> Array:
-  """Eq. 3's weighting of ``head_loss`` (logits (N, K) -> (N,)) over heads."""
-  if not probe_logits:
+def head_weights(beta: float, probe: int | None,
+                 num_probes: int) -> np.ndarray:
+  """Eq. 3's weights of [final head, probe 0, ..., probe P-1]: (1 + P,).
+
+  beta finite: 1 / (1 + beta) on the final head and beta / ((1 + beta) P)
+  on each probe; beta = inf: 1 / P on each probe, or 1 on ``probe`` alone.
+  A model without probes (P = 0) has the single weight 1.
+  """
+  if probe is not None and not 0 <= probe < num_probes:
+    raise ValueError(f"probe={probe} is out of range: the model has "
+                     f"{num_probes} probes.")
+  if num_probes == 0:
     if math.isinf(beta):
       raise ValueError("beta = inf attacks only the probes, but the model has "
                        "none (probe_logits is empty).")
-    return head_loss(final_logits)
-  probe_term = sum(head_loss(p) for p in probe_logits) / len(probe_logits)
+    return np.ones(1, np.float32)
+  if probe is not None:
+    return np.eye(1 + num_probes, dtype=np.float32)[1 + probe]
   if math.isinf(beta):
-    return probe_term
-  return (head_loss(final_logits) + beta * probe_term) / (1.0 + beta)
+    return np.array([0.0] + [1.0 / num_probes] * num_probes, np.float32)
+  return np.array([1.0 / (1.0 + beta)] +
+                  [beta / ((1.0 + beta) * num_probes)] * num_probes,
+                  np.float32)
+
+
+def weighted_head_loss(final_logits: Array, probe_logits: Sequence[Array],
+                       labels: Array, weights: Array, *, kind: str = "ce",
+                       confidence: float = losses.DEFAULT_CW_CONFIDENCE
+                       ) -> Array:
+  """sum_h weights[h] * loss(head h), per example: (N,).
+
+  Heads are [final, probe 0, ...]; ``weights`` (1 + P,) may be traced, so
+  one compiled attack serves every beta_atk (see ``head_weights``). The
+  per-head loss is cross-entropy ("ce") or the C&W margin ("cw").
+  """
+  if kind == "ce":
+    head_loss = losses.cross_entropy_per_example
+  else:
+    head_loss = functools.partial(losses.cw_margin_per_example,
+                                  confidence=confidence)
+  per_head = jnp.stack([head_loss(logits, labels) for logits in
+                        (final_logits, *probe_logits)])
+  return jnp.asarray(weights, per_head.dtype) @ per_head

@@ -34,6 +34,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifs_jax import data
+from cifs_jax import attacks
 from cifs_jax.attacks import LogitsFn
 from cifs_jax.evaluation import metrics
 from cifs_jax.evaluation import summary
@@ -71,13 +72,16 @@ def _clean_ranks(logits_fn, images, y):
   return metrics.true_class_ranks(*logits_fn(data.to_float(images)), y)
 
 
-@functools.partial(jax.jit, static_argnames=("attack", "beta", "probe"))
-def _adversarial_ranks(logits_fn, images, y, example_ids, run_key, *, attack,
-                       beta, probe):
-  """(N, 1 + num_probes) true-class ranks on ``attack``'s inputs."""
+@functools.partial(jax.jit, static_argnames=("attack",))
+def _adversarial_ranks(logits_fn, images, y, example_ids, run_key,
+                       head_weights, *, attack):
+  """(N, 1 + num_probes) true-class ranks on ``attack``'s inputs.
+
+  Compiled once per (attack, logits_fn): the attacked heads' weights
+  ``head_weights`` (1 + num_probes,) are an argument.
+  """
   keys = jax.vmap(jax.random.fold_in, (None, 0))(run_key, example_ids)
-  x_adv = attack(logits_fn, data.to_float(images), y, keys, beta=beta,
-                 probe=probe)
+  x_adv = attack(logits_fn, data.to_float(images), y, keys, head_weights)
   return metrics.true_class_ranks(*logits_fn(x_adv), y)
 
 
@@ -147,13 +151,15 @@ def evaluate(logits_fns: Mapping[str, LogitsFn],
         (batch.images, batch.labels, example_ids), mesh, "shard_map")
     batch_clean = _clean_ranks(clean_fn, images, y)
     if runs is None:
-      runs = protocol_runs(protocol, num_probes=batch_clean.shape[1] - 1)
+      num_probes = batch_clean.shape[1] - 1
+      runs = protocol_runs(protocol, num_probes)
       num_classes = jax.eval_shape(
           clean_fn, jax.ShapeDtypeStruct(images.shape, jnp.float32)
       )[0].shape[-1]
     batch_runs = {run.name: _adversarial_ranks(
         fns[run.gradient], images, y, example_ids, _run_key(key, run),
-        attack=run.attack, beta=run.beta, probe=run.probe) for run in runs}
+        attacks.head_weights(run.beta, run.probe, num_probes),
+        attack=run.attack) for run in runs}
     labels.append(batch.labels[mask])
     clean_ranks.append(np.asarray(batch_clean)[mask])
     for name, ranks in batch_runs.items():

@@ -48,11 +48,13 @@ class Attack(TypingProtocol):
   label: str
 
   def __call__(self, logits_fn: attacks.LogitsFn, x: Array, y: Array,
-               keys: Array, *, beta: float, probe: int | None) -> Array:
+               keys: Array, head_weights: Array) -> Array:
     """Adversarial inputs shaped like x (N, ...) for labels y (N,).
 
-    ``keys`` are (N,) per-example PRNG keys; ``beta`` and ``probe`` select the
-    attacked heads as in ``attacks.AttackLoss``.
+    ``keys`` are (N,) per-example PRNG keys; ``head_weights`` (1 + P,), from
+    ``attacks.head_weights(beta, probe, P)``, weight the loss of the final
+    head and of each probe (a traced array: one compiled attack serves
+    every beta_atk).
     """
 
   def settings(self) -> dict[str, Any]:
@@ -68,9 +70,10 @@ class GradientAttack:
   loss_kind: str = "ce"
   confidence: float = losses.DEFAULT_CW_CONFIDENCE
 
-  def __call__(self, logits_fn, x, y, keys, *, beta, probe):
-    loss = attacks.AttackLoss(kind=self.loss_kind, beta=beta, probe=probe,
-                              confidence=self.confidence)
+  def __call__(self, logits_fn, x, y, keys, head_weights):
+    loss = functools.partial(attacks.weighted_head_loss,
+                             weights=head_weights, kind=self.loss_kind,
+                             confidence=self.confidence)
     return attacks.pgd(logits_fn, x, y, keys, loss, self.config)
 
   def settings(self) -> dict[str, Any]:
