@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import runner
-from cifs_jax.training import checkpoints
+from cifs_jax.training import checkpoints, trainer
 from cifs_jax.training.train_state import create_train_state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -26,8 +26,8 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file (default: the workdir's config.json).",
     lock_config=True)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "best", "'best' (by PGD accuracy during training), 'last' "
-    "or a step number.")
+    "checkpoint", "best", "'best' (by PGD accuracy during training; natural "
+    "accuracy for natural training), 'last' or a step number.")
 _PROTOCOL = flags.DEFINE_enum("protocol", "paper", ["paper", "strong"],
                               "Evaluation protocol (README, DESIGN §6).")
 _ATTACKS = flags.DEFINE_list(
@@ -59,7 +59,9 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
   model = models.build_model(config.model)
   image_shape = data.get_info(config.data.name).image_shape
   target = create_train_state(model, image_shape, config, steps_per_epoch=1)
-  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+  with checkpoints.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      best_metric=trainer.best_metric(config)) as ckpt:
     state, _ = ckpt.restore(which, target)
   return model, state.variables
 

@@ -12,6 +12,7 @@ import pytest
 
 from cifs_jax import attacks
 from cifs_jax import data
+from cifs_jax.evaluation import metrics
 from cifs_jax import evaluation
 
 IMAGE_SHAPE = (4, 4, 3)
@@ -261,3 +262,12 @@ def test_evaluates_a_cifs_resnet_in_both_gradient_modes():
   pgd = results["attacks"]["pgd"]
   assert {run["gradient"] for run in pgd["runs"]} == {"stop", "full"}
   assert pgd["worst_case"]["top1"] <= min(pgd["per_gradient"].values())
+
+
+def test_non_finite_logits_never_count_as_correct():
+  """A NaN or infinite head is wrong at every k (not rank 0 = correct)."""
+  final = jnp.array([[2.0, 1.0, 0.0], [jnp.nan, 0.0, 0.0],
+                     [jnp.inf, 0.0, 0.0]])
+  probe = jnp.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+  ranks = metrics.true_class_ranks(final, [probe], jnp.array([0, 0, 0]))
+  np.testing.assert_array_equal(ranks, [[0, 2], [3, 2], [3, 2]])

@@ -27,7 +27,9 @@ def true_class_ranks(final_logits: Array, probe_logits: Sequence[Array],
                      labels: Array) -> Array:
   """Rank of the label under each head: int32 (N, 1 + num_probes).
 
-  Column 0 is the final head, column 1 + l the probe l.
+  Column 0 is the final head, column 1 + l the probe l. A head whose
+  logits are not all finite gets rank K (wrong at every k): a NaN must never
+  count as a correct, robust prediction.
   """
   heads = jnp.stack([final_logits, *probe_logits], axis=1)  # (N, H, K)
   num_classes = heads.shape[-1]
@@ -35,7 +37,8 @@ def true_class_ranks(final_logits: Array, probe_logits: Sequence[Array],
       heads, labels[:, None, None].astype(jnp.int32), axis=-1)  # (N, H, 1)
   lower_index = jnp.arange(num_classes) < labels[:, None, None]  # (N, 1, K)
   beats_label = (heads > true_logit) | ((heads == true_logit) & lower_index)
-  return jnp.sum(beats_label, axis=-1, dtype=jnp.int32)
+  ranks = jnp.sum(beats_label, axis=-1, dtype=jnp.int32)
+  return jnp.where(jnp.all(jnp.isfinite(heads), axis=-1), ranks, num_classes)
 
 
 def worst_case(ranks: Sequence[np.ndarray]) -> np.ndarray:

@@ -43,10 +43,13 @@ class Probe(nn.Module):
       beta = 5, Dense(K): the paper's and the authors' "nonlinear" probe).
     hidden: width of the MLP's hidden layer (128; the authors use 240 on
       WRN-28-10).
+    zero_bias: start the biases at zero (the authors' WRN) instead of
+      PyTorch's default uniform init (their ResNets).
   """
   num_classes: int
   kind: str = "linear"
   hidden: int = 128
+  zero_bias: bool = False
 
   @nn.compact
   def __call__(self, features: Array) -> Array:
@@ -55,10 +58,11 @@ class Probe(nn.Module):
     pooled = layers.global_average_pool(features)
     if self.kind == "mlp":
       pooled = layers.torch_linear(self.hidden, pooled.shape[-1],
-                                   name="hidden")(pooled)
+                                   name="hidden",
+                                   zero_bias=self.zero_bias)(pooled)
       pooled = layers.torch_softplus(pooled, beta=5.0)
     return layers.torch_linear(self.num_classes, pooled.shape[-1],
-                               name="head")(pooled)
+                               name="head", zero_bias=self.zero_bias)(pooled)
 
 
 def relevance_class_weights(logits: Array, labels: Array | None, topk: int,
@@ -128,6 +132,7 @@ class CIFS(nn.Module):
     num_classes: K, the probe's number of logits.
     probe: "linear" or "mlp".
     mlp_hidden: hidden width of the MLP probe.
+    zero_bias: the probe's biases start at zero (see ``Probe``).
     topk: k, the number of classes whose logits define the relevance.
     imgf: "softmax", "sigmoid" or "softplus".
     temperature: softmax temperature T.
@@ -146,6 +151,7 @@ class CIFS(nn.Module):
   num_classes: int
   probe: str = "linear"
   mlp_hidden: int = 128
+  zero_bias: bool = False
   topk: int = 2
   imgf: str = "softmax"
   temperature: float = 1.0
@@ -172,7 +178,8 @@ class CIFS(nn.Module):
       m, both (N, C), are sown into the "intermediates" collection.
     """
     check_choice("relevance_grad", self.relevance_grad, RELEVANCE_GRADS)
-    probe = Probe(self.num_classes, self.probe, self.mlp_hidden, name="probe")
+    probe = Probe(self.num_classes, self.probe, self.mlp_hidden,
+                  self.zero_bias, name="probe")
     # The probe runs in at least float32 (float64 stays float64).
     compute_dtype = jnp.promote_types(features.dtype, jnp.float32)
     z = features.astype(compute_dtype)

@@ -31,7 +31,8 @@ class Defense:
     mlp_hidden: hidden width of MLP probes (128; 240 on WRN-28-10).
     topk, imgf, temperature, alpha, mask_scale, label_substitution,
     relevance_grad: the CIFS options (see ``CIFS``).
-    cas_zero_bias: CAS only: auxiliary classifier bias starts at zero.
+    zero_bias: probe / auxiliary classifier biases start at zero (the
+      authors' WRN code) instead of PyTorch's default init.
   """
   kind: str = "none"
   layers: tuple[str, ...] = ()
@@ -44,7 +45,7 @@ class Defense:
   mask_scale: float = 1.0
   label_substitution: str = "reference"
   relevance_grad: str = "stop"
-  cas_zero_bias: bool = False
+  zero_bias: bool = False
 
   def __post_init__(self):
     check_choice("defense kind", self.kind, KINDS)
@@ -73,10 +74,11 @@ class Defense:
       return None
     name = f"{self.kind}_{point.replace('.', '_')}"
     if self.kind == "cas":
-      return CAS(num_classes, zero_bias=self.cas_zero_bias, name=name)
+      return CAS(num_classes, zero_bias=self.zero_bias, name=name)
     return CIFS(num_classes,
                 probe=self.probes[self.layers.index(point)],
                 mlp_hidden=self.mlp_hidden,
+                zero_bias=self.zero_bias,
                 topk=self.topk,
                 imgf=self.imgf,
                 temperature=self.temperature,

@@ -74,18 +74,19 @@ def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
   """The ``Defense`` a ``model`` config section asks for."""
   check_choice("model.defense", config.defense, ("none", "cifs", "cas"))
   placement = DEFAULT_PLACEMENT[config.name]
+  zero_bias = config.name.startswith("wrn")  # the authors' WRN init
   if config.defense == "none":
     return Defense()
   if config.defense == "cas":
     layers = config.cas.layers or placement.layers
-    return Defense(kind="cas", layers=tuple(layers),
-                   cas_zero_bias=config.name.startswith("wrn"))
+    return Defense(kind="cas", layers=tuple(layers), zero_bias=zero_bias)
   cifs = config.cifs
   return Defense(
       kind="cifs",
       layers=tuple(cifs.layers or placement.layers),
       probes=tuple(cifs.probes or placement.probes),
       mlp_hidden=cifs.mlp_hidden or placement.mlp_hidden,
+      zero_bias=zero_bias,
       topk=cifs.topk,
       imgf=cifs.imgf,
       temperature=cifs.temperature,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import ml_collections
+import optax
 
 from cifs_jax import attacks, data
 from cifs_jax.training import losses
@@ -129,7 +130,8 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
   The returned ``step(state, split, indices)`` takes the replicated state,
   the whole training split on the device (uint8 images (N, H, W, C), int32
   labels (N,)) and this device's (B,) example indices; it returns the new
-  state and the batch metrics {"loss", "accuracy"} averaged over devices.
+  state and the batch metrics {"loss", "accuracy", "grad_norm"} averaged
+  over devices.
   The model must use ``bn_axis_name=BATCH_AXIS``.
   """
   method = config.train.method
@@ -182,8 +184,11 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
     grads = lax.pmean(grads, BATCH_AXIS)
     state = state.apply_gradients(grads=grads,
                                   batch_stats=updates["batch_stats"])
+    # The gradient norm is logged and, like the loss, checked to be finite
+    # before any checkpoint of the updated parameters is written.
     metrics = {"loss": loss,
-               "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+               "grad_norm": optax.global_norm(grads)}
     return state, lax.pmean(metrics, BATCH_AXIS)
 
   return step

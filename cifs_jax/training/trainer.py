@@ -31,7 +31,19 @@ from cifs_jax.training import parallel as parallel_lib
 from cifs_jax.training import step as step_lib
 from cifs_jax.training.train_state import TrainState, create_train_state
 
-BEST_METRIC = "pgd_accuracy"
+# Checkpoints are ranked by PGD accuracy, or by natural accuracy for
+# natural training (whose PGD accuracy is near zero and uninformative).
+BEST_METRIC = {"natural": "natural_accuracy"}
+DEFAULT_BEST_METRIC = "pgd_accuracy"
+# Keys that must not change when a run is resumed: the model, the data and
+# what fixes the data order and the step count of an epoch.
+RESUME_KEYS = checkpoints.DEFAULT_MODEL_KEYS + (
+    "seed", "train.batch_size", "train.max_examples")
+
+
+def best_metric(config: ml_collections.ConfigDict) -> str:
+  """The evaluation metric that ranks this run's checkpoints."""
+  return BEST_METRIC.get(config.train.method, DEFAULT_BEST_METRIC)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,7 +115,7 @@ class Trainer:
         raise ValueError(f"config.{name}={size} must be a multiple of the "
                          f"number of devices ({num_devices}).")
     os.makedirs(workdir, exist_ok=True)
-    checkpoints.check_config_compatible(workdir, config)
+    checkpoints.check_config_compatible(workdir, config, RESUME_KEYS)
     checkpoints.save_config(workdir, config)
 
     self.train_split = _limit(data.load_split(config.data, "train"),
@@ -133,7 +145,7 @@ class Trainer:
         self.mesh, sharded_args=(False, True))
     self.checkpointer = checkpoints.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.checkpoint.keep, best_metric=BEST_METRIC)
+        max_to_keep=config.checkpoint.keep, best_metric=best_metric(config))
     self.logger = metric_logging.MetricLogger(workdir)
     self.stop_request = StopRequest()
 
@@ -151,16 +163,15 @@ class Trainer:
       return state, position
     state = self.initial_state
     if self.config.train.init_from:
-      source = checkpoints.Checkpointer(
-          os.path.join(self.config.train.init_from, "checkpoints"),
-          best_metric=BEST_METRIC)
-      which = "best" if source.has_best() else "last"
-      restored, _ = source.restore(which, self.initial_state)
-      source.close()
+      # The finished model of the source run (its last checkpoint), as the
+      # reference initialises AT from a fully trained natural model.
+      with checkpoints.Checkpointer(
+          os.path.join(self.config.train.init_from, "checkpoints")) as source:
+        restored, _ = source.restore("last", self.initial_state)
       state = state.replace(params=restored.params,
                             batch_stats=restored.batch_stats)
-      logging.info("Initialised the model from the %s checkpoint of %s.",
-                   which, self.config.train.init_from)
+      logging.info("Initialised the model from the last checkpoint of %s.",
+                   self.config.train.init_from)
     return state, Position()
 
   def save(self, state: TrainState, position: Position,
@@ -187,7 +198,7 @@ class Trainer:
                           totals)
     return {"natural_accuracy": 100 * totals["natural_correct"] /
                                 totals["count"],
-            BEST_METRIC: 100 * totals["pgd_correct"] / totals["count"],
+            "pgd_accuracy": 100 * totals["pgd_correct"] / totals["count"],
             "eval_examples": totals["count"]}
 
   # -- Training ------------------------------------------------------------
@@ -294,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       "only: run python -m cifs_jax.evaluate afterwards.")
     elif config.eval.final:
       runner.evaluate_and_publish(
-          config, trainer.model,
+          config, models.build_model(config.model),  # float32 attacks
           parallel_lib.unreplicate(state, trainer.parallel).variables,
           trainer.test_split, workdir,
           protocol_name=config.eval.final_protocol,
