@@ -17,6 +17,10 @@ from cifs_jax.models.cifs import CIFS, PROBES
 from cifs_jax.validation import check_choice
 
 KINDS = ("none", "cifs", "cas")
+# The CIFS options that are the same for every CIFS layer of a model; the
+# ``model.cifs`` config section has a key for each.
+CIFS_OPTIONS = ("topk", "imgf", "temperature", "alpha", "mask_scale",
+                "label_substitution", "relevance_grad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +83,7 @@ class Defense:
                 probe=self.probes[self.layers.index(point)],
                 mlp_hidden=self.mlp_hidden,
                 zero_bias=self.zero_bias,
-                topk=self.topk,
-                imgf=self.imgf,
-                temperature=self.temperature,
-                alpha=self.alpha,
-                mask_scale=self.mask_scale,
-                label_substitution=self.label_substitution,
-                relevance_grad=self.relevance_grad,
+                **{option: getattr(self, option) for option in CIFS_OPTIONS},
                 name=name)
 
 

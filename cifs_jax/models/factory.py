@@ -22,7 +22,7 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from cifs_jax.models.defense import Defense
+from cifs_jax.models.defense import CIFS_OPTIONS, Defense
 from cifs_jax.models.resnet import ResNet
 from cifs_jax.models.wide_resnet import WideResNet
 from cifs_jax.validation import check_choice, check_known_keys
@@ -87,13 +87,7 @@ def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
       probes=tuple(cifs.probes or placement.probes),
       mlp_hidden=cifs.mlp_hidden or placement.mlp_hidden,
       zero_bias=zero_bias,
-      topk=cifs.topk,
-      imgf=cifs.imgf,
-      temperature=cifs.temperature,
-      alpha=cifs.alpha,
-      mask_scale=cifs.mask_scale,
-      label_substitution=cifs.label_substitution,
-      relevance_grad=cifs.relevance_grad)
+      **{option: cifs[option] for option in CIFS_OPTIONS})
 
 
 def build_model(config: ml_collections.ConfigDict,
