@@ -231,7 +231,9 @@ class Trainer:
     bar = tqdm.tqdm(total=self.steps_per_epoch, initial=position.step,
                     desc=f"epoch {epoch + 1}/{config.train.epochs}",
                     disable=jax.process_index() != 0, leave=False)
-    started, steps_run = time.perf_counter(), 0
+    # Throughput over the steps since the last log point (which synced with
+    # the device), so only the first window after a start counts compiling.
+    window_start, window_steps, steps_run = time.perf_counter(), 0, 0
     for indices in batches:
       state, metrics = self.train_step(
           state, self.device_train,
@@ -240,11 +242,13 @@ class Trainer:
           jnp.add, epoch_sums, metrics)
       position.step += 1
       steps_run += 1
+      window_steps += 1
       if position.step % config.train.log_every_steps == 0:
         host = self._host_metrics(metrics)
         _check_finite(host, f"epoch {epoch + 1}, step {position.step}")
-        images_per_second = (steps_run * images_per_step /
-                             (time.perf_counter() - started))
+        now = time.perf_counter()
+        images_per_second = window_steps * images_per_step / (now - window_start)
+        window_start, window_steps = now, 0
         self.logger.write_scalars(
             epoch * self.steps_per_epoch + position.step,
             {**{f"train_{k}": v for k, v in host.items()},

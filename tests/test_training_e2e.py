@@ -1,0 +1,621 @@
+"""End-to-end tests of the training loop (issue 6): every config's ``smoke``
+variant, exact resume, SIGTERM, corrupt checkpoints, non-finite losses, bad
+configs and a short PGD-AT run on real Fashion-MNIST.
+
+Configs are loaded as ``python -m cifs_jax.main`` loads them (absl +
+``ml_collections.config_flags``, locked). Training runs in-process on the two
+CPU devices of ``conftest.py``, or as ``python -m cifs_jax.main``
+subprocesses with ``JAX_NUM_CPU_DEVICES=2``, so both compute the same
+programs. A persistent JAX compilation cache, private to this module, lets
+runs of an already compiled configuration skip XLA compilation (most of a
+smoke run's time); it changes no result.
+
+  python -m pytest tests/test_training_e2e.py            # default, ~3-4 min
+  python -m pytest tests/test_training_e2e.py -m slow    # ~6-7 min
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+from absl import flags
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+from ml_collections import config_flags
+import numpy as np
+import pytest
+import scipy.io
+import tensorflow_datasets as tfds
+from tensorboardX.proto import event_pb2
+from tensorflow_datasets.testing import mocking
+
+from cifs_jax.training import checkpoints
+from cifs_jax.training import trainer as trainer_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="needs Debian's dataset-fashion-mnist")
+
+# At least these (the step may add more, e.g. train_grad_norm).
+TRAIN_KEYS = {"step", "train_loss", "train_accuracy", "images_per_second"}
+EVAL_KEYS = {"step", "epoch", "natural_accuracy", "pgd_accuracy",
+             "eval_examples"}
+SMOKE_FMNIST_STEPS = 256 // 32  # smoke: train.max_examples / batch_size.
+# The final robustness evaluation (several PGD-20 attacks on 64 examples)
+# takes longer than the smoke training itself; tests that are about training
+# turn it off.
+NO_FINAL_EVAL = "--config.eval.final=False"
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for this module's runs (and its
+  subprocesses, through the environment)."""
+  directory = str(tmp_path_factory.mktemp("jax_cache"))
+  previous = jax.config.values["jax_compilation_cache_dir"]
+  jax.config.update("jax_compilation_cache_dir", directory)
+  compilation_cache.reset_cache()
+  yield directory
+  jax.config.update("jax_compilation_cache_dir", previous)
+  compilation_cache.reset_cache()
+
+
+def load_config(name: str, variants: str = "smoke", *overrides: str):
+  """``--config=configs/<name>.py:<variants> --config.k=v ...`` as main.py
+  parses it: a locked ConfigDict."""
+  argv = ["test", f"--config={REPO}/configs/{name}.py:{variants}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def read_jsonl(workdir) -> list[dict]:
+  return [json.loads(line) for line in
+          (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_scalar_events(logdir: pathlib.Path) -> list[tuple[int, str, float]]:
+  """(step, tag, value) of every scalar in the event files of ``logdir``
+  (TFRecords: uint64 length, uint32 CRC, Event proto, uint32 CRC)."""
+  scalars = []
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    blob, offset = path.read_bytes(), 0
+    while offset < len(blob):
+      (length,) = struct.unpack_from("<Q", blob, offset)
+      event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      scalars += [(event.step, v.tag, v.simple_value)
+                  for v in event.summary.value]
+  return scalars
+
+
+def read_checkpoint(workdir, which="last"):
+  """(state as saved, metadata, all steps) of a workdir's checkpoint."""
+  with checkpoints.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
+    state, metadata = ckpt.restore(which, None)
+    return state, metadata, ckpt.all_steps()
+
+
+def best_step(workdir):
+  with checkpoints.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
+    return ckpt.best_step()
+
+
+def assert_states_equal(actual, expected):
+  """Same leaves (paths, dtypes, shapes) and the same bits."""
+  actual, expected = (jax.tree_util.tree_flatten_with_path(t)[0]
+                      for t in (actual, expected))
+  assert [p for p, _ in actual] == [p for p, _ in expected]
+  for (path, a), (_, e) in zip(actual, expected):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.dtype == e.dtype and a.shape == e.shape, path
+    np.testing.assert_array_equal(a, e, err_msg=jax.tree_util.keystr(path))
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, bytes]:
+  """Every file under ``directory`` with its contents."""
+  return {str(p.relative_to(directory)): p.read_bytes()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def interrupt_after(monkeypatch, steps: int, signum=signal.SIGINT):
+  """Makes the next Trainer signal its own process (as a scheduler would)
+  right after its ``steps``-th training step."""
+  original_init = trainer_lib.Trainer.__init__
+
+  def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    train_step, calls = self.train_step, [0]
+
+    def counted(*step_args):
+      result = train_step(*step_args)
+      calls[0] += 1
+      if calls[0] == steps:
+        # Without the trainer's handler the default SIGINT handler would
+        # raise KeyboardInterrupt and end the whole pytest session.
+        assert signal.getsignal(signum) not in (
+            signal.default_int_handler, signal.SIG_DFL), (
+                f"no handler for {signum!r} during training")
+        signal.raise_signal(signum)
+      return result
+
+    self.train_step = counted
+
+  monkeypatch.setattr(trainer_lib.Trainer, "__init__", init)
+
+
+def subprocess_env(cache_dir: str) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(JAX_NUM_CPU_DEVICES="2", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def main_command(workdir, *args: str) -> list[str]:
+  return [sys.executable, "-m", "cifs_jax.main",
+          "--config=configs/fmnist_resnet10.py:smoke", f"--workdir={workdir}",
+          NO_FINAL_EVAL, *args]
+
+
+# --------------------------------------------------------------- tiny data
+
+
+def _random_split(n, shape, seed):
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+          rng.integers(0, 10, n).astype(np.uint8))
+
+
+def write_tiny_cifar10(directory: pathlib.Path, num_train=64, num_test=80):
+  """The extracted binary version: five training batches and a test batch
+  of records (label byte, then the R, G, B planes)."""
+  folder = directory / "cifar-10-batches-bin"
+  folder.mkdir(parents=True)
+  train, test = (_random_split(n, (32, 32, 3), seed)
+                 for seed, n in ((0, num_train), (1, num_test)))
+
+  def records(images, labels):
+    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return np.concatenate([labels[:, None], planes], axis=1).tobytes()
+
+  bounds = np.linspace(0, num_train, 6).astype(int)
+  for i in range(5):
+    part = slice(bounds[i], bounds[i + 1])
+    (folder / f"data_batch_{i + 1}.bin").write_bytes(
+        records(train[0][part], train[1][part]))
+  (folder / "test_batch.bin").write_bytes(records(*test))
+
+
+def write_tiny_svhn(directory: pathlib.Path, num_train=64, num_test=80):
+  """``{train,test}_32x32.mat``: X (32, 32, 3, N), y (N, 1) with 10 for 0."""
+  directory.mkdir(parents=True)
+  for split, n, seed in (("train", num_train, 2), ("test", num_test, 3)):
+    images, labels = _random_split(n, (32, 32, 3), seed)
+    scipy.io.savemat(directory / f"{split}_32x32.mat",
+                     {"X": images.transpose(1, 2, 3, 0),
+                      "y": np.where(labels == 0, 10, labels)[:, None]})
+
+
+# ------------------------------------------------------------ smoke runs
+
+
+def check_workdir(workdir: pathlib.Path, config, results, *,
+                  steps_per_epoch: int, num_test: int):
+  """What a finished run leaves in its workdir."""
+  epochs = config.train.epochs
+  total_steps = epochs * steps_per_epoch
+  eval_examples = min(config.eval.num_examples, num_test)
+
+  # The config, as run.
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved == json.loads(config.to_json_best_effort())
+  assert saved["data"]["name"] == config.data.name
+  assert saved["train"]["epochs"] == epochs
+
+  # metrics.jsonl: training lines every log_every_steps, one eval per epoch.
+  lines = read_jsonl(workdir)
+  train_lines = [l for l in lines if "train_loss" in l]
+  eval_lines = [l for l in lines if "pgd_accuracy" in l]
+  assert len(train_lines) + len(eval_lines) == len(lines)
+  every = config.train.log_every_steps
+  assert [l["step"] for l in train_lines] == [
+      e * steps_per_epoch + s for e in range(epochs)
+      for s in range(every, steps_per_epoch + 1, every)]
+  for line in train_lines:
+    assert set(line) >= TRAIN_KEYS
+    assert all(math.isfinite(v) for v in line.values())
+    assert line["train_loss"] > 0
+    assert 0 <= line["train_accuracy"] <= 1
+    assert line["images_per_second"] > 0
+  assert [l["step"] for l in eval_lines] == [
+      (e + 1) * steps_per_epoch for e in range(epochs)]
+  for epoch, line in enumerate(eval_lines, 1):
+    assert set(line) == EVAL_KEYS
+    assert line["epoch"] == epoch and line["eval_examples"] == eval_examples
+    for key in ("natural_accuracy", "pgd_accuracy"):
+      # A count of correct examples, in percent.
+      count = line[key] * eval_examples / 100
+      assert 0 <= count <= eval_examples and count == pytest.approx(
+          round(count), abs=1e-6)
+
+  # TensorBoard has the same scalars.
+  events = sorted(read_scalar_events(workdir / "tensorboard"))
+  expected = sorted((l["step"], k, v) for l in lines for k, v in l.items()
+                    if k != "step")
+  assert [e[:2] for e in events] == [e[:2] for e in expected]
+  # Stored as float32.
+  assert [e[2] for e in events] == pytest.approx([e[2] for e in expected],
+                                                 rel=1e-6)
+
+  # A checkpoint at the end of each epoch (the last ``keep``); the best is
+  # one with the highest PGD accuracy.
+  state, metadata, steps = read_checkpoint(workdir)
+  assert steps == [l["step"] for l in eval_lines][-config.checkpoint.keep:]
+  assert int(state["step"]) == total_steps
+  assert metadata == {"epoch": epochs, "step_in_epoch": 0,
+                      "metrics": {k: v for k, v in eval_lines[-1].items()
+                                  if k not in ("step", "epoch")}}
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  pgd = {l["step"]: l["pgd_accuracy"] for l in eval_lines}
+  assert pgd[best_step(workdir)] == max(pgd[s] for s in steps)
+
+  # The final evaluation.
+  final_examples = min(config.eval.final_num_examples, num_test)
+  assert set(results) == {"natural_accuracy", "pgd_accuracy",
+                          "eval_examples"}
+  assert results["eval_examples"] == final_examples
+  assert 0 <= results["pgd_accuracy"] <= 100
+  assert 0 <= results["natural_accuracy"] <= 100
+  # The final robustness evaluation's report.
+  reports = sorted(p.name for p in workdir.glob("eval_*.json"))
+  if config.eval.final:
+    assert reports == [f"eval_{config.eval.final_protocol}.json"]
+    json.loads((workdir / reports[0]).read_text())
+  else:
+    assert not reports
+
+
+@pytest.fixture(scope="module")
+def fmnist_smoke(tmp_path_factory):
+  """``fmnist_resnet10.py:smoke`` on real Fashion-MNIST, run once; several
+  tests start from (copies of) its workdir."""
+  if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+    pytest.skip("needs Debian's dataset-fashion-mnist")
+  workdir = tmp_path_factory.mktemp("fmnist_smoke")
+  config = load_config("fmnist_resnet10")
+  start = time.perf_counter()
+  results = trainer_lib.train_and_evaluate(config, str(workdir))
+  return workdir, config, results, time.perf_counter() - start
+
+
+def test_smoke_fmnist_resnet10(fmnist_smoke):
+  workdir, config, results, seconds = fmnist_smoke
+  print(f"fmnist_resnet10:smoke took {seconds:.1f} s")
+  check_workdir(workdir, config, results, steps_per_epoch=SMOKE_FMNIST_STEPS,
+                num_test=10_000)
+
+
+@pytest.mark.parametrize("final_eval", [
+    False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["no_final_eval", "final_eval"])
+@pytest.mark.parametrize("name,data", [
+    ("cifar_resnet18", "tfds_mock"),
+    ("cifar_wrn28_10", "files"),
+    ("svhn_resnet18", "files"),
+])
+def test_smoke_config_trains_evaluates_and_checkpoints(tmp_path, monkeypatch,
+                                                       name, data, final_eval):
+  config = load_config(name, "smoke", *([] if final_eval else [NO_FINAL_EVAL]))
+  num_train, num_test = 64, 80
+  source = contextlib.nullcontext()
+  if data == "files":
+    config.data.source = "files"
+    config.data.data_dir = str(tmp_path / "data")
+    if config.data.name == "cifar10":
+      write_tiny_cifar10(tmp_path / "data", num_train, num_test)
+    else:
+      write_tiny_svhn(tmp_path / "data", num_train, num_test)
+  else:
+    # TFDS 4.9.10's mock leaves ``self`` unbound in batched reads.
+    monkeypatch.setattr(
+        mocking, "_getitems",
+        lambda keys, generator, serialized=False: [generator[k] for k in keys])
+    num_test = num_train
+    source = tfds.testing.mock_data(num_examples=num_train)
+  start = time.perf_counter()
+  with source:
+    results = trainer_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  print(f"{name}:smoke took {time.perf_counter() - start:.1f} s")
+  check_workdir(tmp_path / "run", config, results,
+                steps_per_epoch=num_train // config.train.batch_size,
+                num_test=num_test)
+
+
+# ----------------------------------------------------------- exact resume
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, fmnist_smoke):
+  """The fmnist smoke config for 2 epochs (16 steps), uninterrupted."""
+  del fmnist_smoke  # Compiles the same programs first.
+  workdir = tmp_path_factory.mktemp("two_epochs")
+  config = load_config("fmnist_resnet10", "smoke", "--config.train.epochs=2",
+                       NO_FINAL_EVAL)
+  results = trainer_lib.train_and_evaluate(config, str(workdir))
+  return workdir, config, results
+
+
+def test_two_epoch_run(two_epochs):
+  workdir, config, results = two_epochs
+  check_workdir(workdir, config, results, steps_per_epoch=SMOKE_FMNIST_STEPS,
+                num_test=10_000)
+
+
+def test_resume_after_mid_epoch_stop_is_exact(tmp_path, monkeypatch,
+                                              two_epochs):
+  """Stopped 3 steps into the second epoch, then resumed: the same final
+  state, bit for bit, as the uninterrupted run (data order, augmentation
+  and attack randomness, optimiser state and schedule all resume)."""
+  reference, config, reference_results = two_epochs
+  workdir = tmp_path / "run"
+  stop_at = SMOKE_FMNIST_STEPS + 3
+  with monkeypatch.context() as patch:
+    interrupt_after(patch, stop_at)
+    assert trainer_lib.train_and_evaluate(config, str(workdir)) == {}
+  # Saved where it stopped, mid-epoch, without metrics (so never "best").
+  state, metadata, steps = read_checkpoint(workdir)
+  assert steps == [SMOKE_FMNIST_STEPS, stop_at]
+  assert metadata == {"epoch": 1, "step_in_epoch": 3, "metrics": {}}
+  assert int(state["step"]) == stop_at
+  assert best_step(workdir) == SMOKE_FMNIST_STEPS
+  assert max(l["step"] for l in read_jsonl(workdir)) < stop_at
+
+  results = trainer_lib.train_and_evaluate(config, str(workdir))
+  assert results == reference_results
+  state, metadata, steps = read_checkpoint(workdir)
+  expected_state, expected_metadata, _ = read_checkpoint(reference)
+  assert steps == [SMOKE_FMNIST_STEPS, stop_at, 2 * SMOKE_FMNIST_STEPS]
+  assert metadata == expected_metadata
+  assert_states_equal(state, expected_state)
+  # The resumed steps logged the same losses as the uninterrupted run.
+  last = lambda lines: {l["step"]: {k: v for k, v in l.items()
+                                    if k != "images_per_second"}
+                        for l in lines}
+  assert last(read_jsonl(workdir)) == last(read_jsonl(reference))
+
+
+def test_sigterm_mid_epoch_saves_and_rerun_resumes(tmp_path, compile_cache,
+                                                   fmnist_smoke):
+  """``python -m cifs_jax.main`` gets SIGTERM while training: it saves the
+  mid-epoch position and exits 0; run again, it resumes and finishes with
+  the state of the uninterrupted in-process run."""
+  reference = fmnist_smoke[0]
+  workdir = tmp_path / "run"
+  env = subprocess_env(compile_cache)
+  log_path = tmp_path / "first.log"
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(main_command(workdir), cwd=REPO, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + 300
+      metrics = workdir / "metrics.jsonl"
+      while not (metrics.exists() and metrics.read_text()):
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no training metrics after 300 s"
+        time.sleep(0.02)
+      process.send_signal(signal.SIGTERM)
+      returncode = process.wait(timeout=120)
+    finally:
+      if process.poll() is None:
+        process.kill()
+  first_log = log_path.read_text()
+  assert returncode == 0, first_log[-3000:]
+  state, metadata, steps = read_checkpoint(workdir)
+  stopped_at = steps[-1]
+  assert steps == [stopped_at] and 0 < stopped_at < SMOKE_FMNIST_STEPS
+  assert metadata == {"epoch": 0, "step_in_epoch": stopped_at, "metrics": {}}
+  assert int(state["step"]) == stopped_at
+  assert f"Stop requested: saved at epoch 0, step {stopped_at}." in first_log
+  assert "Final evaluation" not in first_log
+
+  second = subprocess.run(main_command(workdir), check=False, cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert (f"Resuming from {workdir} at epoch 0, step {stopped_at}."
+          in second.stderr)
+  assert "Final evaluation" in second.stderr
+  state, metadata, steps = read_checkpoint(workdir)
+  expected_state, expected_metadata, _ = read_checkpoint(reference)
+  assert steps == [stopped_at, SMOKE_FMNIST_STEPS]
+  assert metadata == expected_metadata
+  assert_states_equal(state, expected_state)
+
+
+# ------------------------------------------------------ failures and guards
+
+
+def _largest_file(directory: pathlib.Path) -> pathlib.Path:
+  return max((p for p in directory.rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: pathlib.Path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda step: _truncate(_largest_file(step / "state")),
+     r"Cannot restore checkpoint {step}:(?s:.*)Not starting from scratch"),
+    (lambda step: (step / "metadata" / "metadata").write_text("{garbage"),
+     r"Cannot restore checkpoint {step}:(?s:.*)Not starting from scratch"),
+    (lambda step: _truncate(step / "metrics" / "metrics"),
+     r"Cannot open checkpoint directory (?s:.*)Not starting from scratch"),
+], ids=["truncated_array_data", "garbage_metadata", "truncated_metrics"])
+def test_corrupt_latest_checkpoint_refuses_to_start(tmp_path, two_epochs,
+                                                    damage, message):
+  source, config, _ = two_epochs
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  latest = workdir / "checkpoints" / str(2 * SMOKE_FMNIST_STEPS)
+  damage(latest)
+  before = snapshot(workdir / "checkpoints")
+  metrics_before = (workdir / "metrics.jsonl").read_text()
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=message.format(step=latest)):
+    trainer_lib.train_and_evaluate(config, str(workdir))
+  # Nothing trained, nothing saved or deleted.
+  assert snapshot(workdir / "checkpoints") == before
+  assert (workdir / "metrics.jsonl").read_text() == metrics_before
+
+
+def _flip_bytes(path: pathlib.Path, count: int = 64):
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + count] = bytes(b ^ 0xFF for b in
+                                      data[middle:middle + count])
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+    "Orbax/TensorStore store no checksum of the array data: flipped bytes "
+    "of the same length restore silently (here as NaN parameters)."))
+def test_bit_flips_in_the_latest_checkpoint_are_detected(tmp_path,
+                                                         two_epochs):
+  source, config, _ = two_epochs
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  latest = workdir / "checkpoints" / str(2 * SMOKE_FMNIST_STEPS)
+  _flip_bytes(_largest_file(latest / "state"))
+  # Today nothing is raised ("DID NOT RAISE", the expected failure): the run
+  # resumes with the damaged state.
+  with pytest.raises(checkpoints.CheckpointError):
+    trainer_lib.train_and_evaluate(config, str(workdir))
+
+
+def test_moving_the_corrupt_checkpoint_out_resumes_from_the_previous(
+    tmp_path, two_epochs):
+  """The recovery the error message suggests, and an exact resume from an
+  end-of-epoch checkpoint."""
+  source, config, expected_results = two_epochs
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  latest = workdir / "checkpoints" / str(2 * SMOKE_FMNIST_STEPS)
+  _truncate(_largest_file(latest / "state"))
+  with pytest.raises(checkpoints.CheckpointError, match="move"):
+    trainer_lib.train_and_evaluate(config, str(workdir))
+  latest.rename(tmp_path / "damaged")
+  assert trainer_lib.train_and_evaluate(config, str(workdir)) == (
+      expected_results)
+  state, _, steps = read_checkpoint(workdir)
+  assert steps == [SMOKE_FMNIST_STEPS, 2 * SMOKE_FMNIST_STEPS]
+  assert_states_equal(state, read_checkpoint(source)[0])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
+                                                              fmnist_smoke):
+  """One good epoch, then a second with a learning rate of 1e6."""
+  source = fmnist_smoke[0]
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  config = load_config("fmnist_resnet10", "smoke", "--config.train.epochs=2",
+                       "--config.train.learning_rate=1e6", NO_FINAL_EVAL)
+  with pytest.raises(trainer_lib.NonFiniteLossError,
+                     match=r"Non-finite training metrics .*(nan|inf).* at "
+                           r"epoch 2, step \d+.*learning_rate"):
+    trainer_lib.train_and_evaluate(config, str(workdir))
+  # The good checkpoint is the only one, and it restores to the good state.
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+      str(SMOKE_FMNIST_STEPS)]
+  state, metadata, steps = read_checkpoint(workdir)
+  assert steps == [SMOKE_FMNIST_STEPS] and metadata["epoch"] == 1
+  assert_states_equal(state, read_checkpoint(source)[0])
+  # Training did run into the second epoch before stopping.
+  assert max(l["step"] for l in read_jsonl(workdir)) > SMOKE_FMNIST_STEPS
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  config = load_config("fmnist_resnet10")
+  config.unlock()
+  config.train.epoch = 3
+  with pytest.raises(KeyError, match=r"Unknown config key 'config\.train"
+                                     r"\.epoch'.*'epochs'"):
+    trainer_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key_on_the_command_line_is_named(tmp_path,
+                                                         compile_cache):
+  result = subprocess.run(
+      main_command(tmp_path / "run", "--config.train.epoch=3"), check=False,
+      cwd=REPO,
+      env=subprocess_env(compile_cache), capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode != 0
+  assert "config.train.epoch" in result.stderr, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.model.defense=cas", "model.defense"),
+    ("--config.model.width=16", "model.width"),
+    # Not the model, but it changes the data order and the epoch's length.
+    ("--config.train.batch_size=64", "train.batch_size"),
+])
+def test_workdir_of_another_model_is_refused(tmp_path, fmnist_smoke, override,
+                                             key):
+  source = fmnist_smoke[0]
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  before = snapshot(workdir)
+  config = load_config("fmnist_resnet10", "smoke", override)
+  with pytest.raises(ValueError, match=rf"(?s)differs from the one saved"
+                                       rf".*\n  {key}: .* \(saved\) -> "):
+    trainer_lib.train_and_evaluate(config, str(workdir))
+  assert snapshot(workdir) == before
+
+
+# ------------------------------------------------- learning, real data
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_pgd_at_on_fashion_mnist_beats_chance(tmp_path):
+  """186 PGD-AT steps (2 epochs of 12,000 examples, batch 128) of the smoke
+  ResNet-10 (width 8). Measured on 1,000 test examples under the trainer's
+  PGD-10 (step eps / 10, eps 0.1): natural / PGD accuracy 70.3 / 50.9 %
+  (seed 0), 71.0 / 40.1 (seed 1), 75.1 / 53.7 (seed 2); chance is 10 %.
+  About 85 s on a 2-core CPU."""
+  config = load_config(
+      "fmnist_resnet10", "smoke", "--config.train.max_examples=12000",
+      "--config.train.batch_size=128", "--config.train.epochs=2",
+      "--config.train.log_every_steps=16", "--config.eval.batch_size=250",
+      "--config.eval.num_examples=1000",
+      "--config.eval.final_num_examples=1000", "--config.eval.pgd_steps=10",
+      NO_FINAL_EVAL)
+  results = trainer_lib.train_and_evaluate(config, str(tmp_path))
+  print("Fashion-MNIST PGD-AT smoke:", results)
+  assert results["eval_examples"] == 1000
+  assert results["natural_accuracy"] > 60
+  assert results["pgd_accuracy"] > 30
+  # The attack does something.
+  assert results["pgd_accuracy"] < results["natural_accuracy"] - 5
