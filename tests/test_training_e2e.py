@@ -594,6 +594,31 @@ def test_workdir_of_another_model_is_refused(tmp_path, fmnist_smoke, override,
   assert snapshot(workdir) == before
 
 
+def test_evaluate_command_on_a_trained_run(tmp_path, fmnist_smoke,
+                                           compile_cache):
+  """``python -m cifs_jax.evaluate`` restores the run's last checkpoint and
+  writes JSON and Markdown; its natural accuracy on the first 64 test
+  examples is the one the trainer measured on the same state."""
+  workdir = tmp_path / "run"
+  shutil.copytree(fmnist_smoke[0], workdir)
+  result = subprocess.run(
+      [sys.executable, "-m", "cifs_jax.evaluate", f"--workdir={workdir}",
+       "--checkpoint=last", "--protocol=paper", "--attacks=fgsm,pgd20",
+       "--num_examples=64"],
+      check=False, cwd=REPO, env=subprocess_env(compile_cache),
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Table 1" in result.stdout
+  results = json.loads((workdir / "eval_paper_last.json").read_text())
+  assert (workdir / "eval_paper_last.md").read_text().startswith("# ")
+  assert results["num_examples"] == 64
+  assert sorted(results["attacks"]) == ["fgsm", "pgd20"]
+  trainer_eval = [r for r in read_jsonl(workdir) if "natural_accuracy" in r]
+  assert results["natural"]["top1"] == pytest.approx(
+      trainer_eval[-1]["natural_accuracy"])
+  assert results["worst_case"]["top1"] <= results["natural"]["top1"]
+
+
 # ------------------------------------------------- learning, real data
 
 

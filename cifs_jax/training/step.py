@@ -188,7 +188,7 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
     # before any checkpoint of the updated parameters is written.
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return state, lax.pmean(metrics, BATCH_AXIS)
 
   return step

@@ -108,9 +108,8 @@ class Trainer:
     self.parallel = config.parallel
     self.mesh = parallel_lib.make_mesh(self.parallel)
     num_devices = self.mesh.size
-    for name in ("train.batch_size", "eval.batch_size"):
-      size = config.train.batch_size if name.startswith("train") else (
-          config.eval.batch_size)
+    for name, size in (("train.batch_size", config.train.batch_size),
+                       ("eval.batch_size", config.eval.batch_size)):
       if size % num_devices:
         raise ValueError(f"config.{name}={size} must be a multiple of the "
                          f"number of devices ({num_devices}).")
