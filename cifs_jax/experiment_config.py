@@ -21,11 +21,11 @@ from __future__ import annotations
 import ml_collections
 
 from cifs_jax import data, models
+from cifs_jax.evaluation import protocols
 from cifs_jax.training import losses
 from cifs_jax.validation import check_choice, check_known_keys
 
 METHODS = ("natural", "pgd_at", "fat", "trades")
-PROTOCOLS = ("paper", "strong")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -75,14 +75,6 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _set_defense(config, defense):
-  config.model.defense = defense
-
-
-def _natural(config):
-  config.train.method = "natural"
-
-
 def _smoke(config):
   """Seconds on a CPU: a narrow network, a few hundred examples, 1 epoch."""
   config.model.width = 1 if config.model.name == "wrn28_10" else 8
@@ -101,10 +93,10 @@ def _smoke(config):
 
 
 VARIANTS = {
-    "cifs": lambda c: _set_defense(c, "cifs"),
-    "cas": lambda c: _set_defense(c, "cas"),
-    "vanilla": lambda c: _set_defense(c, "none"),
-    "natural": _natural,
+    "cifs": lambda c: setattr(c.model, "defense", "cifs"),
+    "cas": lambda c: setattr(c.model, "defense", "cas"),
+    "vanilla": lambda c: setattr(c.model, "defense", "none"),
+    "natural": lambda c: setattr(c.train, "method", "natural"),
     "pgd_at": lambda c: setattr(c.train, "method", "pgd_at"),
     "fat": lambda c: setattr(c.train, "method", "fat"),
     "trades": lambda c: setattr(c.train, "method", "trades"),
@@ -139,7 +131,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_choice("config.train.method", config.train.method, METHODS)
   check_choice("config.parallel", config.parallel, ("pmap", "shard_map"))
   check_choice("config.eval.final_protocol", config.eval.final_protocol,
-                PROTOCOLS)
+                tuple(protocols.PROTOCOLS))
+  attack_names = [attack.name for attack in protocols.paper_protocol().attacks]
+  unknown = sorted(set(config.eval.final_attacks) - set(attack_names))
+  if unknown:
+    raise ValueError(f"config.eval.final_attacks has unknown attack(s) "
+                     f"{unknown}; choose from {attack_names}.")
   positive = {
       "config.train.epochs": config.train.epochs,
       "config.train.batch_size": config.train.batch_size,
