@@ -1,31 +1,13 @@
 """Tests of cifs_jax.training.metric_logging.MetricLogger."""
 
 import json
-import pathlib
-import struct
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
 from cifs_jax.training import metric_logging
-
-
-def read_scalar_events(logdir: pathlib.Path) -> list[tuple[int, str, float]]:
-  """(step, tag, value) of every scalar in the TFRecord event files of logdir.
-
-  A record is: uint64 length, uint32 CRC, `length` bytes of Event, uint32 CRC.
-  """
-  scalars = []
-  for path in sorted(logdir.glob("events.out.tfevents.*")):
-    data, offset = path.read_bytes(), 0
-    while offset < len(data):
-      (length,) = struct.unpack_from("<Q", data, offset)
-      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-      offset += 12 + length + 4
-      scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
-  return scalars
+from tests.event_files import read_scalar_events
 
 
 def test_scalars_round_trip_through_jsonl_and_tensorboard(tmp_path):

@@ -23,7 +23,6 @@ import os
 import pathlib
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -36,11 +35,11 @@ import numpy as np
 import pytest
 import scipy.io
 import tensorflow_datasets as tfds
-from tensorboardX.proto import event_pb2
 from tensorflow_datasets.testing import mocking
 
 from cifs_jax.training import checkpoints
 from cifs_jax.training import trainer as trainer_lib
+from tests.event_files import read_scalar_events
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -89,21 +88,6 @@ def load_config(name: str, variants: str = "smoke", *overrides: str):
 def read_jsonl(workdir) -> list[dict]:
   return [json.loads(line) for line in
           (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def read_scalar_events(logdir: pathlib.Path) -> list[tuple[int, str, float]]:
-  """(step, tag, value) of every scalar in the event files of ``logdir``
-  (TFRecords: uint64 length, uint32 CRC, Event proto, uint32 CRC)."""
-  scalars = []
-  for path in sorted(logdir.glob("events.out.tfevents.*")):
-    blob, offset = path.read_bytes(), 0
-    while offset < len(blob):
-      (length,) = struct.unpack_from("<Q", blob, offset)
-      event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
-      offset += 12 + length + 4
-      scalars += [(event.step, v.tag, v.simple_value)
-                  for v in event.summary.value]
-  return scalars
 
 
 def read_checkpoint(workdir, which="last"):
