@@ -2,8 +2,7 @@
 
 Subpackages are imported on demand (no side effects on import)::
 
-    from cifs_jax import models, attacks
-    from cifs_jax.training import losses
+    from cifs_jax import attacks, losses, models
 """
 
 __version__ = "0.1.0"

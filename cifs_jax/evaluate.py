@@ -9,16 +9,12 @@ Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
 the main tables.
 """
 
-import json
-import os
-
 from absl import app, flags
-import ml_collections
 from ml_collections import config_flags
 
 from cifs_jax import data, experiment_config, models
-from cifs_jax.evaluation import runner
-from cifs_jax.training import checkpoints, trainer
+from cifs_jax.evaluation import protocols, runner
+from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training.train_state import create_train_state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -28,11 +24,11 @@ config_flags.DEFINE_config_file(
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "'best' (by PGD accuracy during training; natural "
     "accuracy for natural training), 'last' or a step number.")
-_PROTOCOL = flags.DEFINE_enum("protocol", "paper", ["paper", "strong"],
-                              "Evaluation protocol (README, DESIGN §6).")
+_PROTOCOL = flags.DEFINE_enum("protocol", "paper", list(protocols.PROTOCOLS),
+                              "Evaluation protocol (README, docs/design.md).")
 _ATTACKS = flags.DEFINE_list(
-    "attacks", [], "Subset of the protocol's attacks: fgsm, pgd20, cw, "
-    "pgd100 (default: all).")
+    "attacks", [], "Subset of the protocol's attacks: "
+    f"{', '.join(protocols.ATTACK_NAMES)} (default: all).")
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", -1, "Evaluate the first N test examples (-1: all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
@@ -40,44 +36,37 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
 flags.mark_flags_as_required(["workdir"])
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in its workdir."""
-  path = os.path.join(workdir, checkpoints.CONFIG_FILENAME)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: pass --config, or point "
-                            "--workdir at a training run's directory.")
-  with open(path) as f:
-    saved = ml_collections.ConfigDict(json.load(f))
-  config = experiment_config.base_config()
-  config.update(saved)
-  return config
+def parse_checkpoint(which: str) -> str | int:
+  """"best", "last" or a step number (ASCII digits) -> what to restore."""
+  if which in ("best", "last"):
+    return which
+  if which.isascii() and which.isdigit():
+    return int(which)
+  raise app.UsageError(f"--checkpoint={which!r}: expected 'best', 'last' or "
+                       "a step number.")
 
 
-def restore_variables(config: ml_collections.ConfigDict, workdir: str,
-                      which: str | int):
+def restore_variables(config, run: RunDirectory, which: str | int):
   """(model, variables) of checkpoint ``which`` of a run."""
   model = models.build_model(config.model)
   image_shape = data.get_info(config.data.name).image_shape
   target = create_train_state(model, image_shape, config, steps_per_epoch=1)
-  with checkpoints.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      best_metric=trainer.best_metric(config)) as ckpt:
-    state, _ = ckpt.restore(which, target)
+  with run.checkpointer(config) as checkpointer:
+    state, _ = checkpointer.restore(which, target)
   return model, state.variables
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  workdir = _WORKDIR.value
-  config = flags.FLAGS.config or load_run_config(workdir)
+  run = RunDirectory(_WORKDIR.value)
+  which = parse_checkpoint(_CHECKPOINT.value)
+  config = flags.FLAGS.config or run.load_config()
   experiment_config.validate(config)
-  which = _CHECKPOINT.value
-  which = int(which) if which.isdigit() else which
-  model, variables = restore_variables(config, workdir, which)
+  model, variables = restore_variables(config, run, which)
   test_split = data.load_split(config.data, "test")
   runner.evaluate_and_publish(
-      config, model, variables, test_split, workdir,
+      config, model, variables, test_split, run.path,
       protocol_name=_PROTOCOL.value, num_examples=_NUM_EXAMPLES.value,
       attack_names=_ATTACKS.value, batch_size=_BATCH_SIZE.value,
       name=f"eval_{_PROTOCOL.value}_{_CHECKPOINT.value}")

@@ -12,7 +12,7 @@ argument of ``--config``, comma-separated). Sections:
   fat, trades    the options of those methods
   eval           evaluation during and after training
   checkpoint     what to keep
-  parallel       "pmap" | "shard_map" (DESIGN §7)
+  parallel       "pmap" | "shard_map" (``cifs_jax.parallel``)
   half_precision bfloat16 convolutions, float32 parameters and statistics
 """
 
@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from cifs_jax import data, models
+from cifs_jax import data, losses, models, parallel
 from cifs_jax.evaluation import protocols
-from cifs_jax.training import losses
 from cifs_jax.validation import check_choice, check_known_keys
 
 METHODS = ("natural", "pgd_at", "fat", "trades")
@@ -129,14 +128,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data.validate(config.data)
   models.build_model(config.model)  # checks the model section
   check_choice("config.train.method", config.train.method, METHODS)
-  check_choice("config.parallel", config.parallel, ("pmap", "shard_map"))
+  check_choice("config.parallel", config.parallel, parallel.MODES)
   check_choice("config.eval.final_protocol", config.eval.final_protocol,
-                tuple(protocols.PROTOCOLS))
-  attack_names = [attack.name for attack in protocols.paper_protocol().attacks]
-  unknown = sorted(set(config.eval.final_attacks) - set(attack_names))
-  if unknown:
-    raise ValueError(f"config.eval.final_attacks has unknown attack(s) "
-                     f"{unknown}; choose from {attack_names}.")
+               tuple(protocols.PROTOCOLS))
+  try:
+    protocols.PROTOCOLS[config.eval.final_protocol]().select(
+        config.eval.final_attacks)
+  except ValueError as e:
+    raise ValueError(f"config.eval.final_attacks: {e}") from e
   positive = {
       "config.train.epochs": config.train.epochs,
       "config.train.batch_size": config.train.batch_size,

@@ -7,13 +7,14 @@
 Running again with the same workdir resumes from its last checkpoint.
 """
 
-import re
 import sys
 
 from absl import app, flags, logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
+from cifs_jax import experiment_config
 from cifs_jax.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -23,29 +24,36 @@ config_flags.DEFINE_config_file(
     "configs/cifar_resnet18.py:cas,fat.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+_OVERRIDE_PREFIX = "--config."
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """The first ``--config.<key>`` of ``argv`` whose key no config has
+  (every config file builds on ``experiment_config.base_config()``)."""
+  reference = experiment_config.base_config()
+  for arg in argv[1:]:
+    if not arg.startswith(_OVERRIDE_PREFIX):
+      continue
+    key = arg[len(_OVERRIDE_PREFIX):].split("=", 1)[0]
+    node = reference
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        return key
+      node = node[part]
+  return None
+
 
 def _parse_flags(argv):
   """absl's flag parsing, where an unknown ``--config.<key>`` is a usage
-  error naming the whole key (config_flags raises a bare KeyError or
-  AttributeError naming only its unknown part)."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (KeyError, AttributeError) as error:
-    overrides = [a.split("=", 1)[0] for a in argv[1:]
-                 if a.startswith("--config.")]
-    if not overrides:
-      raise
-    while error.args and isinstance(error.args[0], BaseException):
-      error = error.args[0]  # AttributeError(KeyError(message))
-    message = str(error.args[0] if error.args else error)
-    unknown = re.match(r"'([^']*)'", message)
-    named = [o for o in overrides
-             if unknown and unknown.group(1) in o[2:].split(".")]
-    sys.stderr.write(
-        "FATAL Flags parsing error: unknown config key in "
-        f"{' or '.join(named or overrides)}: {message.replace(chr(10), ' ')}"
-        "\nPass --helpshort or --helpfull to see help on flags.\n")
+  error naming the whole key (ml_collections would raise a bare KeyError
+  naming only its last part)."""
+  key = unknown_override(argv)
+  if key is not None:
+    sys.stderr.write(f"FATAL Flags parsing error: unknown config key "
+                     f"config.{key} (in --config.{key}); see "
+                     "cifs_jax/experiment_config.py for the keys.\n")
     sys.exit(1)
+  return app.parse_flags_with_usage(argv)
 
 
 def main(argv):

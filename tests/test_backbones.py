@@ -132,7 +132,7 @@ def test_full_relevance_grad_of_model_matches_finite_differences(x64):
     return lambda x: jnp.sum(model.apply(variables, x)[0] * weights)
 
   full = models.with_relevance_grad(model, "full")
-  assert full.defense.relevance_grad == "full"
+  assert full.defense.cifs.relevance_grad == "full"
   direction = jax.random.normal(jax.random.key(3), images.shape, jnp.float64)
   eps = 1e-6
   finite_difference = (output(model)(images + eps * direction) -

@@ -220,7 +220,8 @@ def test_full_relevance_grad_matches_finite_differences_stop_does_not(
   params = reference_params(kind)
 
   def output(relevance_grad):
-    layer = models.CIFS(10, probe=kind, relevance_grad=relevance_grad)
+    options = models.CIFSOptions(relevance_grad=relevance_grad)
+    layer = models.CIFS(10, probe=kind, options=options)
     return lambda f: jnp.sum(
         layer.apply({"params": params}, f)[0] * weights)
 
@@ -302,6 +303,7 @@ def test_bad_options_raise_clear_errors():
   with pytest.raises(ValueError, match="probe='conv'"):
     models.CIFS(10, probe="conv").init(jax.random.key(0), features)
   with pytest.raises(ValueError, match="relevance_grad='partial'"):
-    models.CIFS(10, relevance_grad="partial").init(jax.random.key(0), features)
+    models.CIFSOptions(relevance_grad="partial")
   with pytest.raises(ValueError, match="topk=11"):
-    models.CIFS(10, topk=11).init(jax.random.key(0), features)
+    models.CIFS(10, options=models.CIFSOptions(topk=11)).init(
+        jax.random.key(0), features)

@@ -50,11 +50,11 @@ def test_bad_augment_options():
   config.augment.crop_padding = -1
   with pytest.raises(ValueError, match="crop_padding=-1 must be None or an "
                      "int >= 0"):
-    data.augment_options(config)
+    data.validate(config)
   config = data.default_config()
   config.augment.flip = "yes"
   with pytest.raises(ValueError, match="flip='yes' must be None, True or"):
-    data.augment_options(config)
+    data.validate(config)
 
 
 def test_bad_split_and_unknown_keys():
@@ -64,7 +64,12 @@ def test_bad_split_and_unknown_keys():
   config = data.default_config()
   config.batch_size = 128
   config.augment.mixup = True
-  with pytest.raises(KeyError, match=r"\['augment.mixup', 'batch_size'\]"):
+  with pytest.raises(KeyError, match="Unknown config key 'config.data."
+                     "augment.mixup'"):
+    data.validate(config)
+  del config.augment.mixup
+  with pytest.raises(KeyError, match="Unknown config key 'config.data."
+                     "batch_size'"):
     data.validate(config)
 
 

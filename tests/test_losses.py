@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifs_jax.training import losses
+from cifs_jax import losses
 
 
 def ce(logits, label):
@@ -39,16 +39,13 @@ def test_joint_loss_by_hand(beta, scale):
   per_example = losses.joint_loss_per_example(jnp.array(FINAL), probes,
                                               jnp.array(LABELS), beta, scale)
   np.testing.assert_allclose(per_example, hand_joint(beta, scale), rtol=1e-6)
-  np.testing.assert_allclose(
-      losses.joint_loss(jnp.array(FINAL), probes, jnp.array(LABELS), beta,
-                        scale), np.mean(hand_joint(beta, scale)), rtol=1e-6)
 
 
 def test_reference_default_is_sum_of_three_cross_entropies():
-  value = losses.joint_loss(jnp.array(FINAL),
-                            [jnp.array(PROBE_1), jnp.array(PROBE_2)],
-                            jnp.array(LABELS))
-  by_hand = np.mean([ce(FINAL[i], y) + ce(PROBE_1[i], y) + ce(PROBE_2[i], y)
+  value = losses.joint_loss_per_example(
+      jnp.array(FINAL), [jnp.array(PROBE_1), jnp.array(PROBE_2)],
+      jnp.array(LABELS))
+  by_hand = np.array([ce(FINAL[i], y) + ce(PROBE_1[i], y) + ce(PROBE_2[i], y)
                      for i, y in enumerate(LABELS)])
   np.testing.assert_allclose(value, by_hand, rtol=1e-6)
 
@@ -60,15 +57,19 @@ def test_vanilla_model_gets_plain_cross_entropy():
                                      for i, y in enumerate(LABELS)],
                              rtol=1e-6)
   with pytest.raises(ValueError, match="no probes"):
-    losses.joint_loss(jnp.array(FINAL), [], jnp.array(LABELS), math.inf)
+    losses.joint_loss_per_example(jnp.array(FINAL), [], jnp.array(LABELS),
+                                  math.inf)
   with pytest.raises(ValueError, match="beta must be"):
-    losses.joint_loss(jnp.array(FINAL), [], jnp.array(LABELS), -1.0)
+    losses.joint_loss_per_example(jnp.array(FINAL), [], jnp.array(LABELS),
+                                  -1.0)
 
 
 def test_cas_loss_by_hand():
-  value = losses.cas_loss_per_example(jnp.array(FINAL),
-                                      [jnp.array(PROBE_1), jnp.array(PROBE_2)],
-                                      jnp.array(LABELS), beta=2.0)
+  """CAS's CE + beta * mean CE_l is the joint loss with scale 1 + beta."""
+  beta = 2.0
+  value = losses.joint_loss_per_example(
+      jnp.array(FINAL), [jnp.array(PROBE_1), jnp.array(PROBE_2)],
+      jnp.array(LABELS), beta=beta, scale=1 + beta)
   np.testing.assert_allclose(
       value, [ce(FINAL[i], y) + (ce(PROBE_1[i], y) + ce(PROBE_2[i], y))
               for i, y in enumerate(LABELS)], rtol=1e-6)
@@ -83,8 +84,8 @@ def test_trades_kl_by_hand():
                                        jnp.array([natural]))
   np.testing.assert_allclose(value, [by_hand], rtol=1e-6)
   np.testing.assert_allclose(
-      losses.trades_kl(jnp.array([natural]), jnp.array([natural])), 0.0,
-      atol=1e-7)
+      losses.trades_kl_per_example(jnp.array([natural]),
+                                   jnp.array([natural])), [0.0], atol=1e-7)
 
 
 def test_cw_margin_by_hand():

@@ -14,7 +14,6 @@ def test_scalars_round_trip_through_jsonl_and_tensorboard(tmp_path):
   with metric_logging.MetricLogger(tmp_path, is_chief=True) as logger:
     logger.write_scalars(1, {"train/loss": jnp.float32(2.5), "train/acc": 0.25})
     logger.write_scalars(2, {"eval/pgd_accuracy": np.float64(0.5125)})
-    logger.flush()
 
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line) for line in lines] == [
@@ -48,7 +47,6 @@ def test_non_chief_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   with metric_logging.MetricLogger(workdir, is_chief=False) as logger:
     logger.write_scalars(1, {"loss": 1.0})
-    logger.flush()
   assert not workdir.exists()
 
 

@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from cifs_jax import attacks, data, experiment_config, models
-from cifs_jax.training import parallel, step as step_lib, train_state
+from cifs_jax.parallel import BATCH_AXIS, Parallel
+from cifs_jax.training import step as step_lib, train_state
 
 
 def smoke_config(*variants):
@@ -28,20 +29,18 @@ def random_split(num_examples=48, seed=0):
 
 def run_steps(config, state, split, parallel_mode, num_devices, num_steps=3,
               batch_size=16):
-  model = models.build_model(config.model, bn_axis_name=parallel.BATCH_AXIS)
-  mesh = jax.sharding.Mesh(jax.local_devices()[:num_devices],
-                           (parallel.BATCH_AXIS,))
-  step = parallel.compile_step(
+  model = models.build_model(config.model, bn_axis_name=BATCH_AXIS)
+  parallel = Parallel.create(parallel_mode, jax.local_devices()[:num_devices])
+  step = parallel.compile(
       step_lib.make_train_step(model, config,
                                data.augment_options(config.data)),
-      parallel_mode, mesh, sharded_args=(False, False, True))
-  state = parallel.replicate(state, mesh, parallel_mode)
-  device_split = parallel.replicate(split, mesh, parallel_mode)
+      sharded_args=(False, False, True))
+  state = parallel.replicate(state)
+  device_split = parallel.replicate(split)
   for i in range(num_steps):
     indices = np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32)
-    state, metrics = step(state, device_split,
-                          data.shard_batch(indices, mesh, parallel_mode))
-  return jax.tree.map(np.asarray, parallel.unreplicate(state, parallel_mode))
+    state, metrics = step(state, device_split, parallel.shard(indices))
+  return jax.tree.map(np.asarray, parallel.unreplicate(state))
 
 
 @pytest.mark.parametrize("method", ["pgd_at"])
@@ -111,7 +110,7 @@ def test_friendly_pgd_freezes_misclassified_examples():
   config = attacks.PGDConfig(eps=0.1, step_size=0.02, num_steps=10,
                              random_start=False)
   loss = step_lib.defense_loss("none", beta=2.0)
-  x_fat = step_lib.friendly_pgd(linear_logits_fn(weights), x, labels, None,
+  x_fat = attacks.friendly_pgd(linear_logits_fn(weights), x, labels, None,
                                 loss, config, tau=0)
   x_pgd = attacks.pgd(linear_logits_fn(weights), x, labels, None, loss,
                       config)
@@ -125,7 +124,7 @@ def test_friendly_pgd_freezes_misclassified_examples():
   np.testing.assert_allclose(x_fat[never_fooled], x_pgd[never_fooled],
                              atol=1e-6)
   # A larger tau perturbs at least as far on average.
-  x_tau = step_lib.friendly_pgd(linear_logits_fn(weights), x, labels, None,
+  x_tau = attacks.friendly_pgd(linear_logits_fn(weights), x, labels, None,
                                 loss, config, tau=3)
   assert (np.abs(x_tau - x).sum() >= np.abs(x_fat - x).sum())
 

@@ -13,8 +13,10 @@ from cifs_jax.attacks.objectives import weighted_head_loss
 from cifs_jax.attacks.objectives import LogitsFn
 from cifs_jax.attacks.objectives import LossFn
 from cifs_jax.attacks.pgd import fgsm_config
+from cifs_jax.attacks.pgd import friendly_pgd
 from cifs_jax.attacks.pgd import pgd
 from cifs_jax.attacks.pgd import PGDConfig
 
 __all__ = ["AttackLoss", "LogitsFn", "LossFn", "PGDConfig", "fgsm_config",
+           "friendly_pgd",
            "head_weights", "pgd", "weighted_head_loss"]

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifs_jax.training import losses
+from cifs_jax import losses
 
 Array = jax.Array
 # x (N, ...) in [0, 1] -> (final_logits (N, K), [probe_logits (N, K), ...]).

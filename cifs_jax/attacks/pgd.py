@@ -1,4 +1,5 @@
-"""Projected gradient ascent on the input: PGD (L-inf, L-2), FGSM, C&W-inf.
+"""Projected gradient ascent on the input: PGD (L-inf, L-2), FGSM, C&W-inf,
+FAT's early-stopped PGD.
 
 Every attack here is ``pgd`` with some ``PGDConfig``: FGSM is one step of size
 eps from the clean input (``fgsm_config``); C&W-inf is L-inf PGD on the C&W
@@ -8,7 +9,7 @@ hashable), so they run under ``jax.jit``, inside a pmap'd or shard_map'd
 training step, and on a batch sharded over devices: examples never interact.
 
 The step loop is one ``lax.scan`` (``unroll`` steps per iteration; unrolling
-pays on CPU, DESIGN §10), restarts another; there is no host round-trip.
+pays on CPU, docs/design.md section 9), restarts another; there is no host round-trip.
 After every step the iterate is projected back onto the intersection of the
 eps-ball around ``x`` and the [0, 1] box.
 
@@ -131,18 +132,65 @@ def pgd(logits_fn: LogitsFn,
 
 def _ascend(logits_fn, x, y, x_start, *, loss_fn, config, return_trajectory):
   """One run of ``num_steps`` projected steps: (x_adv, iterates or None)."""
-  def total_loss(x_adv):
-    final_logits, probe_logits = logits_fn(x_adv)
-    return jnp.sum(loss_fn(final_logits, probe_logits, y))
+  gradient = _loss_gradient(logits_fn, y, loss_fn)
 
   def step(x_adv, _):
-    direction = _ascent_direction(jax.grad(total_loss)(x_adv), config.norm)
-    x_adv = _project(x_adv + config.step_size * direction, x, config)
+    grad, _ = gradient(x_adv)
+    x_adv = _step(x_adv, grad, x, config)
     return x_adv, (x_adv if return_trajectory else None)
 
   x_start = _project(x_start, x, config)
   return lax.scan(step, x_start, length=config.num_steps,
                   unroll=config.unroll)
+
+
+def friendly_pgd(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None,
+                 loss_fn: LossFn, config: PGDConfig, tau: int) -> Array:
+  """FAT's early-stopped PGD (Zhang et al., 2020).
+
+  Like one run of ``pgd``, except that before each step every example is
+  checked: once the final head misclassifies it for the (tau + 1)-th time it
+  is frozen where it is; the others take a step and are projected onto the
+  eps-ball and [0, 1]. ``key``: as for ``pgd``. Returns (N, ...).
+  """
+  if config.num_restarts != 1:
+    raise ValueError("friendly_pgd runs once; num_restarts must be 1, got "
+                     f"{config.num_restarts}.")
+  x_start = x
+  if config.random_start:
+    x_start = _project(
+        _random_start(_example_keys(key, x.shape[0]), x, config), x, config)
+  gradient = _loss_gradient(logits_fn, y, loss_fn)
+
+  def step(carry, _):
+    x_adv, budget, active = carry
+    grad, final_logits = gradient(x_adv)
+    wrong = jnp.argmax(final_logits, axis=-1) != y
+    stop = active & wrong & (budget == 0)
+    budget = jnp.where(active & wrong & ~stop, budget - 1, budget)
+    active = active & ~stop
+    keep = active.reshape(active.shape + (1,) * (x.ndim - 1))
+    x_adv = jnp.where(keep, _step(x_adv, grad, x, config), x_adv)
+    return (x_adv, budget, active), None
+
+  budget = jnp.full(y.shape, tau, jnp.int32)
+  (x_adv, _, _), _ = lax.scan(step, (x_start, budget, jnp.ones(y.shape, bool)),
+                              length=config.num_steps, unroll=config.unroll)
+  return x_adv
+
+
+def _loss_gradient(logits_fn, y, loss_fn):
+  """x_adv -> (gradient of the summed loss w.r.t. x_adv, final logits)."""
+  def total_loss(x_adv):
+    final_logits, probe_logits = logits_fn(x_adv)
+    return jnp.sum(loss_fn(final_logits, probe_logits, y)), final_logits
+  return jax.grad(total_loss, has_aux=True)
+
+
+def _step(x_adv, grad, x, config):
+  """One steepest-ascent step along ``grad``, projected back."""
+  return _project(x_adv + config.step_size *
+                  _ascent_direction(grad, config.norm), x, config)
 
 
 def _example_keys(key: Array, num_examples: int) -> Array:

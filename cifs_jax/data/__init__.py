@@ -4,16 +4,16 @@ Typical use (training)::
 
   data_config = config.data                      # see default_config()
   train = data.load_split(data_config, "train")  # host: uint8 (N, H, W, C)
-  mesh = jax.sharding.Mesh(jax.local_devices(), ("batch",))
-  train_dev = data.device_put_split(train, mesh, "pmap")
+  parallel = cifs_jax.parallel.Parallel.create("pmap")
+  train_dev = parallel.replicate(train)
   aug = functools.partial(data.augment, **data.augment_options(data_config))
   for idx in data.train_index_batches(key, epoch, len(train), 128,
                                       start_step=step):
-    state = p_step(state, train_dev, data.shard_batch(idx, mesh, "pmap"))
+    state = p_step(state, train_dev, parallel.shard(idx))
   # inside the step: aug(key, split.images[idx]), split.labels[idx]
 
 Evaluation: ``for batch in data.eval_batches(test, batch_size)``, then
-``data.shard_batch(batch, mesh, parallel)``; count only ``batch.mask`` rows.
+``parallel.shard(batch)``; count only ``batch.mask`` rows.
 Test-time inputs: ``data.to_float(images)``.
 """
 
@@ -34,17 +34,10 @@ from cifs_jax.data.config import (
 )
 from cifs_jax.data.info import DATASETS, SPLITS, DatasetInfo, Split, get_info
 from cifs_jax.data.loading import load_split
-from cifs_jax.data.sharding import (
-    BATCH_AXIS,
-    PARALLEL,
-    device_put_split,
-    shard_batch,
-)
 
 __all__ = [
-    "BATCH_AXIS", "Batch", "DATASETS", "DatasetInfo", "PARALLEL", "SOURCES",
-    "SPLITS", "Split", "augment", "augment_options", "default_config",
-    "device_put_split", "epoch_permutation", "eval_batches",
-    "eval_index_batches", "get_info", "load_split", "shard_batch",
+    "Batch", "DATASETS", "DatasetInfo", "SOURCES", "SPLITS", "Split",
+    "augment", "augment_options", "default_config", "epoch_permutation",
+    "eval_batches", "eval_index_batches", "get_info", "load_split",
     "steps_per_epoch", "to_float", "train_index_batches", "validate",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 
 from cifs_jax.data.info import DATASETS, SPLITS, get_info
-from cifs_jax.validation import check_choice
+from cifs_jax.validation import check_choice, check_known_keys
 
 SOURCES = ("tfds", "files")
 
@@ -45,12 +45,7 @@ def validate(config: ml_collections.ConfigDict, split: str | None = None):
 
   Every message names the key and lists the allowed values.
   """
-  unknown = set(config.keys()) - {"name", "source", "data_dir", "augment"}
-  unknown |= {f"augment.{k}" for k in config.augment.keys()
-              if k not in ("crop_padding", "flip")}
-  if unknown:
-    raise KeyError(f"Unknown keys config.data.{sorted(unknown)}; see "
-                   "cifs_jax.data.default_config() for the allowed keys.")
+  check_known_keys(config, default_config(), "config.data.")
   check_choice("config.data.name", config.name, tuple(DATASETS))
   check_choice("config.data.source", config.source, SOURCES)
   if config.data_dir is not None and not isinstance(config.data_dir, str):
@@ -70,8 +65,10 @@ def validate(config: ml_collections.ConfigDict, split: str | None = None):
 
 
 def augment_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``crop_padding`` and ``flip`` for `augment`, dataset defaults filled in."""
-  validate(config)
+  """``crop_padding`` and ``flip`` for `augment`, dataset defaults filled in.
+
+  ``config`` is a validated ``data`` section (see ``validate``).
+  """
   info = get_info(config.name)
   padding, flip = config.augment.crop_padding, config.augment.flip
   return {"crop_padding": info.crop_padding if padding is None else padding,

@@ -91,7 +91,7 @@ class Split:
 
   Attributes:
     images: uint8 (N, H, W, C), pixels in [0, 255]; a numpy array on the host
-      after `load_split`, jax arrays after `device_put_split` (with a leading
+      after `load_split`, jax arrays after `Parallel.replicate` (with a leading
       device axis for pmap).
     labels: int32 (N,), in [0, num_classes).
     num_classes: K (static: not a pytree leaf).
@@ -102,3 +102,10 @@ class Split:
 
   def __len__(self) -> int:
     return self.labels.shape[-1]
+
+  def head(self, num_examples: int) -> Split:
+    """The first ``num_examples`` examples (all of them if -1 or more)."""
+    if num_examples < 0 or num_examples >= len(self):
+      return self
+    return Split(self.images[:num_examples], self.labels[:num_examples],
+                 self.num_classes)

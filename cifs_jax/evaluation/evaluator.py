@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifs_jax import data
 from cifs_jax import attacks
@@ -40,6 +39,7 @@ from cifs_jax.evaluation import metrics
 from cifs_jax.evaluation import summary
 from cifs_jax.evaluation.protocols import Attack, Protocol
 from cifs_jax.evaluation.protocols import adaptive_targets, beta_label
+from cifs_jax.parallel import Parallel
 
 Array = jax.Array
 
@@ -132,9 +132,8 @@ def evaluate(logits_fns: Mapping[str, LogitsFn],
     raise ValueError(f"Protocol {protocol.name!r} attacks with gradient modes "
                      f"{protocol.gradient_modes}; logits_fns lacks "
                      f"{sorted(missing)}.")
-  mesh = Mesh(np.asarray(devices or jax.local_devices()), (data.BATCH_AXIS,))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  fns = {mode: jax.device_put(_as_pytree(logits_fns[mode]), replicated)
+  parallel = Parallel.create("shard_map", devices or jax.local_devices())
+  fns = {mode: parallel.replicate(_as_pytree(logits_fns[mode]))
          for mode in protocol.gradient_modes}
   clean_fn = fns[protocol.gradient_modes[0]]
   runs = None
@@ -143,12 +142,12 @@ def evaluate(logits_fns: Mapping[str, LogitsFn],
   num_seen = 0
   for batch in tqdm.tqdm(batches, total=num_batches, disable=not progress,
                          desc=f"eval ({protocol.name})", unit="batch"):
-    batch = _pad_rows(batch, mesh.size)
+    batch = _pad_rows(batch, parallel.num_local_devices)
     mask = batch.mask.astype(bool)
     example_ids = (num_seen + np.cumsum(mask) - 1).astype(np.int32)
     num_seen += int(mask.sum())
-    images, y, example_ids = data.shard_batch(
-        (batch.images, batch.labels, example_ids), mesh, "shard_map")
+    images, y, example_ids = parallel.shard(
+        (batch.images, batch.labels, example_ids))
     batch_clean = _clean_ranks(clean_fn, images, y)
     if runs is None:
       num_probes = batch_clean.shape[1] - 1

@@ -1,4 +1,5 @@
-"""The evaluation protocols of DESIGN §6: which attacks, losses and gradients.
+"""The evaluation protocols: which attacks, losses and gradients
+(docs/design.md, "Evaluation").
 
 A ``Protocol`` lists attacks (the columns of Table 1), the attacker's Eq. 3
 trade-offs beta_atk (the adaptive evaluation), and the CIFS gradient modes to
@@ -9,8 +10,12 @@ mode); an example is robust against an attack only if it survives all runs.
 - ``paper_protocol``: the authors' settings. FGSM eps 8/255; PGD-20 and
   PGD-100 with step 0.1 * eps and no random start; C&W-inf = PGD-30 on the
   C&W margin with confidence 50 (step 0.1 * eps); the authors' gradient.
-- ``strong_protocol``: PGD and C&W-inf with step 2/255, random start and
-  restarts; both gradient modes.
+- ``strong_protocol``: PGD and C&W-inf with step eps / 4 (2/255 at
+  eps = 8/255), random start and restarts; both gradient modes.
+
+``PROTOCOLS`` maps each name to its constructor; every caller (the
+``evaluate`` command, the final evaluation of training, config validation)
+picks protocols and checks attack names through it and ``Protocol.select``.
 
 Extension point: the evaluator needs of an attack only what ``Attack`` below
 states, so AutoAttack's components (a later issue) join a protocol's
@@ -22,12 +27,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Protocol as TypingProtocol
+from typing import Any, Protocol as TypingProtocol, Sequence
 
 import jax
 
 from cifs_jax import attacks
-from cifs_jax.training import losses
+from cifs_jax import losses
 
 Array = jax.Array
 
@@ -100,6 +105,19 @@ class Protocol:
     if len(set(names)) != len(names):
       raise ValueError(f"Attack names must be unique, got {names}.")
 
+  def select(self, attack_names: Sequence[str]) -> Protocol:
+    """This protocol with only ``attack_names``, in that order (all if
+    empty); raises ValueError naming unknown attacks and the known ones."""
+    if not attack_names:
+      return self
+    available = {attack.name: attack for attack in self.attacks}
+    unknown = sorted(set(attack_names) - set(available))
+    if unknown:
+      raise ValueError(f"Unknown attack(s) {unknown}; the {self.name!r} "
+                       f"protocol has {sorted(available)}.")
+    return dataclasses.replace(
+        self, attacks=tuple(available[n] for n in attack_names))
+
   def settings(self) -> dict[str, Any]:
     return {"name": self.name,
             "gradient_modes": list(self.gradient_modes),
@@ -120,7 +138,7 @@ def _table1_attacks(eps: float, pgd_config) -> tuple[Attack, ...]:
 
 
 def paper_protocol(eps: float = PAPER_EPS, unroll: int = 1) -> Protocol:
-  """The authors' evaluation (DESIGN §6, the paper's Table 1 columns)."""
+  """The authors' evaluation (the paper's Table 1 columns)."""
   pgd_config = functools.partial(
       attacks.PGDConfig, eps=eps, step_size=0.1 * eps, random_start=False,
       unroll=unroll)
@@ -128,17 +146,22 @@ def paper_protocol(eps: float = PAPER_EPS, unroll: int = 1) -> Protocol:
                   gradient_modes=("stop",))
 
 
-def strong_protocol(eps: float = PAPER_EPS, step_size: float = 2 / 255,
+def strong_protocol(eps: float = PAPER_EPS, step_size: float | None = None,
                     num_restarts: int = 5, unroll: int = 1) -> Protocol:
-  """Random starts, restarts and both gradient modes (DESIGN §6)."""
+  """Random starts, restarts and both gradient modes; ``step_size`` defaults
+  to eps / 4."""
   pgd_config = functools.partial(
-      attacks.PGDConfig, eps=eps, step_size=step_size, random_start=True,
+      attacks.PGDConfig, eps=eps,
+      step_size=eps / 4 if step_size is None else step_size,
+      random_start=True,
       num_restarts=num_restarts, unroll=unroll)
   return Protocol(name="strong", attacks=_table1_attacks(eps, pgd_config),
                   gradient_modes=GRADIENT_MODES)
 
 
 PROTOCOLS = {"paper": paper_protocol, "strong": strong_protocol}
+# The attacks of every protocol (Table 1's columns), by name.
+ATTACK_NAMES = tuple(attack.name for attack in paper_protocol().attacks)
 
 
 def adaptive_targets(betas: tuple[float, ...],

@@ -15,6 +15,7 @@ import ml_collections
 
 from cifs_jax import data, models
 from cifs_jax.evaluation import evaluator, protocols, report
+from cifs_jax.validation import check_choice
 
 
 def build_protocol(name: str, eps: float, num_probes: int,
@@ -22,29 +23,15 @@ def build_protocol(name: str, eps: float, num_probes: int,
                    unroll: int = 1) -> protocols.Protocol:
   """The protocol ``name`` at radius ``eps``, restricted to ``attack_names``.
 
-  The strong protocol's step is eps / 4 (2/255 at eps = 8/255). Models
-  without CIFS have no input-dependent mask to differentiate through, so
-  they are attacked with one gradient mode; models without probes have no
+  Models without CIFS have no input-dependent mask to differentiate through,
+  so they are attacked with one gradient mode; models without probes have no
   adaptive targets but the final head.
   """
-  if name == "paper":
-    protocol = protocols.paper_protocol(eps=eps, unroll=unroll)
-  elif name == "strong":
-    protocol = protocols.strong_protocol(eps=eps, step_size=eps / 4,
-                                         unroll=unroll)
-  else:
-    raise ValueError(f"protocol={name!r} is not supported; choose one of "
-                     f"{tuple(protocols.PROTOCOLS)}.")
+  check_choice("protocol", name, tuple(protocols.PROTOCOLS))
+  protocol = protocols.PROTOCOLS[name](eps=eps, unroll=unroll)
+  protocol = protocol.select(attack_names)
   if not has_cifs:
     protocol = dataclasses.replace(protocol, gradient_modes=("stop",))
-  if attack_names:
-    available = {attack.name: attack for attack in protocol.attacks}
-    unknown = sorted(set(attack_names) - set(available))
-    if unknown:
-      raise ValueError(f"Unknown attack(s) {unknown}; the {name!r} protocol "
-                       f"has {sorted(available)}.")
-    protocol = dataclasses.replace(
-        protocol, attacks=tuple(available[n] for n in attack_names))
   if num_probes == 0:
     protocol = dataclasses.replace(protocol, betas=(0.0,))
   return protocol
@@ -61,18 +48,15 @@ def logits_functions(model: nn.Module, variables: Any) -> dict[str, Any]:
 
 def evaluate_and_publish(config: ml_collections.ConfigDict,
                          model: nn.Module, variables: Any,
-                         test_split: data.Split, workdir: str, *,
+                         test_split: data.Split, output_dir: str, *,
                          protocol_name: str, num_examples: int = -1,
                          attack_names: Sequence[str] = (),
                          batch_size: int | None = None,
                          name: str | None = None) -> dict:
   """Runs the protocol on the first ``num_examples`` test examples (-1: all)
   and writes ``<name>.json`` / ``<name>.md`` (default ``eval_<protocol>``)
-  to ``workdir``; returns the results dict."""
-  if 0 <= num_examples < len(test_split):
-    test_split = data.Split(test_split.images[:num_examples],
-                            test_split.labels[:num_examples],
-                            test_split.num_classes)
+  to ``output_dir``; returns the results dict."""
+  test_split = test_split.head(num_examples)
   num_probes = len(jax.eval_shape(
       lambda: model.apply(variables, test_split.images[:1] / 255.0))[1])
   protocol = build_protocol(protocol_name, config.attack.eps, num_probes,
@@ -85,5 +69,5 @@ def evaluate_and_publish(config: ml_collections.ConfigDict,
       jax.random.key(config.seed),
       num_batches=math.ceil(len(test_split) / batch_size),
       class_names=data.get_info(config.data.name).class_names)
-  report.publish(results, workdir, name or f"eval_{protocol.name}")
+  report.publish(results, output_dir, name or f"eval_{protocol.name}")
   return results

@@ -5,7 +5,8 @@ defines it: an auxiliary classifier on the globally averaged features gives
 logits q (N, K); the features are multiplied channel-wise by that classifier's
 weight vector of the true class (training mode) or of argmax q (inference
 mode). The weights are used as they are (they may be negative) and the loss
-reaches them through the mask. Train with ``losses.cas_loss`` (beta = 2).
+reaches them through the mask. Train with CE + beta * mean CE_l (beta = 2):
+``losses.joint_loss_per_example(..., beta, scale=1 + beta)``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ training mode the true label replaces the top-1 prediction.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -125,18 +127,20 @@ def importance_mask(relevance: Array, imgf: str, temperature: float = 1.0,
   return jax.nn.softplus(alpha * relevance) / alpha
 
 
-class CIFS(nn.Module):
-  """Channel-wise importance-based feature selection layer (Section 3.2).
+@dataclasses.dataclass(frozen=True)
+class CIFSOptions:
+  """The options of a CIFS layer; the keys of the ``model.cifs`` config
+  section (besides the placement: layers, probes, mlp_hidden).
+
+  This dataclass is the one place where an option and its default are
+  written: the config section, ``Defense`` and ``CIFS`` all take it.
 
   Attributes:
-    num_classes: K, the probe's number of logits.
-    probe: "linear" or "mlp".
-    mlp_hidden: hidden width of the MLP probe.
-    zero_bias: the probe's biases start at zero (see ``Probe``).
     topk: k, the number of classes whose logits define the relevance.
     imgf: "softmax", "sigmoid" or "softplus".
-    temperature: softmax temperature T.
-    alpha: sigmoid/softplus slope (None: 10 for sigmoid, 5 for softplus).
+    temperature: softmax temperature T (> 0).
+    alpha: sigmoid/softplus slope (> 0; None: 10 for sigmoid, 5 for
+      softplus).
     mask_scale: factor on the mask (some of the authors' runs use 2 with
       softmax; the default 1 matches the paper).
     label_substitution: "reference" or "deduplicated", see
@@ -148,10 +152,6 @@ class CIFS(nn.Module):
       gradient; the mask's dependence on the features is differentiated too
       (for honest white-box attacks).
   """
-  num_classes: int
-  probe: str = "linear"
-  mlp_hidden: int = 128
-  zero_bias: bool = False
   topk: int = 2
   imgf: str = "softmax"
   temperature: float = 1.0
@@ -159,6 +159,32 @@ class CIFS(nn.Module):
   mask_scale: float = 1.0
   label_substitution: str = "reference"
   relevance_grad: str = "stop"
+
+  def __post_init__(self):
+    check_choice("imgf", self.imgf, IMGFS)
+    check_choice("label_substitution", self.label_substitution,
+                 LABEL_SUBSTITUTIONS)
+    check_choice("relevance_grad", self.relevance_grad, RELEVANCE_GRADS)
+    if isinstance(self.topk, bool) or not isinstance(self.topk, int) or (
+        self.topk < 1):
+      raise ValueError(f"topk={self.topk!r} must be an int >= 1.")
+
+
+class CIFS(nn.Module):
+  """Channel-wise importance-based feature selection layer (Section 3.2).
+
+  Attributes:
+    num_classes: K, the probe's number of logits.
+    probe: "linear" or "mlp".
+    mlp_hidden: hidden width of the MLP probe.
+    zero_bias: the probe's biases start at zero (see ``Probe``).
+    options: k, the IMGF, the gradient mode, ... (see ``CIFSOptions``).
+  """
+  num_classes: int
+  probe: str = "linear"
+  mlp_hidden: int = 128
+  zero_bias: bool = False
+  options: CIFSOptions = CIFSOptions()
 
   @nn.compact
   def __call__(self, features: Array, labels: Array | None = None,
@@ -177,7 +203,7 @@ class CIFS(nn.Module):
       logits (N, K) of the unmasked features). The relevances g and the mask
       m, both (N, C), are sown into the "intermediates" collection.
     """
-    check_choice("relevance_grad", self.relevance_grad, RELEVANCE_GRADS)
+    options = self.options
     probe = Probe(self.num_classes, self.probe, self.mlp_hidden,
                   self.zero_bias, name="probe")
     # The probe runs in at least float32 (float64 stays float64).
@@ -185,20 +211,22 @@ class CIFS(nn.Module):
     z = features.astype(compute_dtype)
     raw_logits = probe(z)
 
-    z_relevance = lax.stop_gradient(z) if self.relevance_grad == "stop" else z
+    z_relevance = z
+    if options.relevance_grad == "stop":
+      z_relevance = lax.stop_gradient(z)
 
     def selected_logit_sum(probe_module, delta):
       logits = probe_module(z_relevance + delta[:, None, None, :])
       weights = lax.stop_gradient(
-          relevance_class_weights(logits, labels, self.topk, train,
-                                  self.label_substitution))
+          relevance_class_weights(logits, labels, options.topk, train,
+                                  options.label_substitution))
       return jnp.sum(weights * logits), logits
 
     zero_shift = jnp.zeros((z.shape[0], z.shape[-1]), compute_dtype)
     (relevance,), _ = nn.grad(selected_logit_sum, probe, zero_shift,
                               has_aux=True)
-    mask = self.mask_scale * importance_mask(relevance, self.imgf,
-                                             self.temperature, self.alpha)
+    mask = options.mask_scale * importance_mask(
+        relevance, options.imgf, options.temperature, options.alpha)
     # For analysis (Figures 1 and 3): apply(..., mutable=["intermediates"]).
     self.sow("intermediates", "relevance", relevance)
     self.sow("intermediates", "mask", mask)

@@ -13,14 +13,10 @@ import dataclasses
 import flax.linen as nn
 
 from cifs_jax.models.cas import CAS
-from cifs_jax.models.cifs import CIFS, PROBES
+from cifs_jax.models.cifs import CIFS, PROBES, CIFSOptions
 from cifs_jax.validation import check_choice
 
 KINDS = ("none", "cifs", "cas")
-# The CIFS options that are the same for every CIFS layer of a model; the
-# ``model.cifs`` config section has a key for each.
-CIFS_OPTIONS = ("topk", "imgf", "temperature", "alpha", "mask_scale",
-                "label_substitution", "relevance_grad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,23 +29,16 @@ class Defense:
       defines; the backbone's ``insertion_points()`` lists them).
     probes: CIFS only: "linear" or "mlp", one per layer.
     mlp_hidden: hidden width of MLP probes (128; 240 on WRN-28-10).
-    topk, imgf, temperature, alpha, mask_scale, label_substitution,
-    relevance_grad: the CIFS options (see ``CIFS``).
     zero_bias: probe / auxiliary classifier biases start at zero (the
       authors' WRN code) instead of PyTorch's default init.
+    cifs: the options shared by every CIFS layer of the model.
   """
   kind: str = "none"
   layers: tuple[str, ...] = ()
   probes: tuple[str, ...] = ()
   mlp_hidden: int = 128
-  topk: int = 2
-  imgf: str = "softmax"
-  temperature: float = 1.0
-  alpha: float | None = None
-  mask_scale: float = 1.0
-  label_substitution: str = "reference"
-  relevance_grad: str = "stop"
   zero_bias: bool = False
+  cifs: CIFSOptions = CIFSOptions()
 
   def __post_init__(self):
     check_choice("defense kind", self.kind, KINDS)
@@ -83,7 +72,7 @@ class Defense:
                 probe=self.probes[self.layers.index(point)],
                 mlp_hidden=self.mlp_hidden,
                 zero_bias=self.zero_bias,
-                **{option: getattr(self, option) for option in CIFS_OPTIONS},
+                options=self.cifs,
                 name=name)
 
 

@@ -9,8 +9,8 @@ The ``model`` section (``default_config()``):
     small models of smoke tests.
   defense: "cifs" | "cas" | "none"
   cifs: layers, probes, mlp_hidden (None: the authors' placement for the
-    backbone, see DEFAULT_PLACEMENT), topk, imgf, temperature, alpha,
-    mask_scale, label_substitution, relevance_grad (see ``CIFS``)
+    backbone, see DEFAULT_PLACEMENT), and a key for each field of
+    ``CIFSOptions`` (topk, imgf, ...)
   cas: layers (None: the same points as CIFS)
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from cifs_jax.models.defense import CIFS_OPTIONS, Defense
+from cifs_jax.models.cifs import CIFSOptions
+from cifs_jax.models.defense import KINDS, Defense
 from cifs_jax.models.resnet import ResNet
 from cifs_jax.models.wide_resnet import WideResNet
 from cifs_jax.validation import check_choice, check_known_keys
@@ -56,13 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
           "layers": None,
           "probes": None,
           "mlp_hidden": None,
-          "topk": 2,
-          "imgf": "softmax",
-          "temperature": 1.0,
-          "alpha": None,
-          "mask_scale": 1.0,
-          "label_substitution": "reference",
-          "relevance_grad": "stop",
+          **dataclasses.asdict(CIFSOptions()),
       },
       "cas": {
           "layers": None,
@@ -72,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
   """The ``Defense`` a ``model`` config section asks for."""
-  check_choice("model.defense", config.defense, ("none", "cifs", "cas"))
+  check_choice("model.defense", config.defense, KINDS)
   placement = DEFAULT_PLACEMENT[config.name]
   zero_bias = config.name.startswith("wrn")  # the authors' WRN init
   if config.defense == "none":
@@ -87,7 +82,8 @@ def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
       probes=tuple(cifs.probes or placement.probes),
       mlp_hidden=cifs.mlp_hidden or placement.mlp_hidden,
       zero_bias=zero_bias,
-      **{option: cifs[option] for option in CIFS_OPTIONS})
+      cifs=CIFSOptions(**{field.name: cifs[field.name]
+                          for field in dataclasses.fields(CIFSOptions)}))
 
 
 def build_model(config: ml_collections.ConfigDict,
@@ -127,5 +123,6 @@ def with_relevance_grad(model: nn.Module, relevance_grad: str) -> nn.Module:
   """
   if model.defense.kind != "cifs":
     return model
-  return model.clone(defense=dataclasses.replace(
-      model.defense, relevance_grad=relevance_grad))
+  options = dataclasses.replace(model.defense.cifs,
+                                relevance_grad=relevance_grad)
+  return model.clone(defense=dataclasses.replace(model.defense, cifs=options))

@@ -1,4 +1,4 @@
-"""Checkpoints of the training state and the run-config guard (DESIGN §8).
+"""Checkpoints of the training state (docs/design.md, "Runs").
 
 ``Checkpointer`` wraps one orbax ``CheckpointManager``. Each checkpoint is a
 step directory ``<directory>/<step>/`` holding two items:
@@ -36,12 +36,10 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Mapping, NoReturn
 
 from absl import logging
 from etils import epath
-import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -50,9 +48,6 @@ PyTree = Any
 _STATE = "state"
 _METADATA = "metadata"
 _METRICS_KEY = "metrics"
-CONFIG_FILENAME = "config.json"
-# Config keys (and everything below them) that define the model being trained.
-DEFAULT_MODEL_KEYS = ("model", "data.name")
 
 
 class CheckpointError(RuntimeError):
@@ -153,10 +148,6 @@ class Checkpointer:
     if step is None or self.best_metric not in (self._manager.metrics(step) or {}):
       return None
     return step
-
-  def has_best(self) -> bool:
-    """Whether some checkpoint has ``best_metric`` (so ``restore("best")`` works)."""
-    return self.best_step() is not None
 
   def save(
       self,
@@ -328,86 +319,3 @@ def _shorten(error: Exception, limit: int = 500) -> str:
   """First ``limit`` characters of an error message (TensorStore's are long)."""
   text = str(error)
   return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping) and value:
-      flat.update(_flatten(value, name + "."))
-    else:
-      flat[name] = value
-  return flat
-
-
-def _config_as_json(config: ml_collections.ConfigDict) -> str:
-  return config.to_json_best_effort(indent=2, sort_keys=True)
-
-
-def save_config(workdir: str | epath.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Writes ``config`` to ``<workdir>/config.json`` (process 0 only).
-
-  Written to a temporary file and renamed, so the file is never truncated.
-  Values that are not JSON types are written best-effort (as strings).
-  """
-  if jax.process_index() != 0:
-    return
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / (CONFIG_FILENAME + ".tmp")
-  tmp.write_text(_config_as_json(config))
-  tmp.replace(workdir / CONFIG_FILENAME)
-
-
-def check_config_compatible(
-    workdir: str | epath.PathLike,
-    config: ml_collections.ConfigDict,
-    model_keys: Sequence[str] = DEFAULT_MODEL_KEYS,
-) -> None:
-  """Refuses to resume ``workdir`` with a config that changes the model.
-
-  Compares ``config`` with ``<workdir>/config.json`` (if any; a workdir without
-  one passes) on every key equal to or below one of ``model_keys`` (dotted
-  paths, e.g. "model" covers "model.cifs.topk"). Other keys may differ, e.g. a
-  larger ``train.epochs`` to extend a run; call ``save_config`` afterwards to
-  record the new config.
-
-  Raises:
-    ValueError: listing each differing model key with its saved and new value.
-  """
-  path = epath.Path(workdir) / CONFIG_FILENAME
-  if not path.exists():
-    return
-  try:
-    old = _flatten(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise ValueError(
-        f"Cannot parse {path} ({e}); it should hold the config of the run in"
-        f" {workdir}. Fix or remove it to resume."
-    ) from e
-  new = _flatten(json.loads(_config_as_json(config)))
-  covered = lambda key: any(key == k or key.startswith(k + ".") for k in model_keys)
-  missing = "<missing>"
-  changed = {
-      key: (old.get(key, missing), new.get(key, missing))
-      for key in sorted(set(old) | set(new))
-      if old.get(key, missing) != new.get(key, missing)
-  }
-  model_changes = {k: v for k, v in changed.items() if covered(k)}
-  if model_changes:
-    lines = "\n".join(
-        f"  {key}: {before!r} (saved) -> {after!r} (new)"
-        for key, (before, after) in model_changes.items()
-    )
-    raise ValueError(
-        f"The config differs from the one saved in {path} in keys that change"
-        f" the model ({', '.join(model_keys)}):\n{lines}\nUse a new workdir, or"
-        " set these keys back to their saved values to resume."
-    )
-  if changed:
-    logging.info(
-        "Resuming %s with config changes outside the model keys: %s",
-        workdir, ", ".join(changed),
-    )

@@ -1,4 +1,4 @@
-"""Scalar metrics to TensorBoard, JSON lines and the log (DESIGN §8).
+"""Scalar metrics to TensorBoard, JSON lines and the log (docs/design.md, "Runs").
 
 ``MetricLogger(workdir)`` writes, on the chief process only:
 
@@ -69,12 +69,6 @@ class MetricLogger:
     logging.info(
         "[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items())
     )
-
-  def flush(self) -> None:
-    """Pushes buffered events to disk (the JSON lines are not buffered)."""
-    if self.is_chief:
-      self._jsonl.flush()
-      self._tensorboard.flush()
 
   def close(self) -> None:
     """Flushes and closes the files."""

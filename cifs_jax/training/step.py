@@ -5,7 +5,7 @@ metrics)``: it gathers and augments the batch on the device, crafts the
 training inputs with the configured method (the model in inference mode, as
 the reference), takes one SGD step in training mode and averages gradients,
 batch-norm statistics and metrics over the device axis ``BATCH_AXIS``.
-Compile it with ``parallel.compile_step`` (pmap or shard_map); the attack's
+Compile it with ``Parallel.compile`` (pmap or shard_map); the attack's
 step loop is a ``lax.scan`` inside it, so one training step is one program.
 """
 
@@ -21,12 +21,11 @@ from jax import lax
 import ml_collections
 import optax
 
-from cifs_jax import attacks, data
-from cifs_jax.training import losses
+from cifs_jax import attacks, data, losses
+from cifs_jax.parallel import BATCH_AXIS
 from cifs_jax.training.train_state import TrainState
 
 Array = jax.Array
-BATCH_AXIS = data.BATCH_AXIS
 
 
 def defense_loss(defense_kind: str, beta: float,
@@ -34,21 +33,14 @@ def defense_loss(defense_kind: str, beta: float,
   """The per-example loss of a model with this defence, (N,).
 
   CIFS: Eq. 3's joint loss (times ``scale``); CAS: CE + beta * mean of the
-  auxiliary CEs; vanilla: cross-entropy. The same function, with the
-  attack's beta, is what PGD maximises during training.
+  auxiliary CEs (the joint loss with scale 1 + beta); vanilla:
+  cross-entropy. The same function, with the attack's beta, is what PGD
+  maximises during training.
   """
   if defense_kind == "cas":
-    return functools.partial(_cas_loss, beta=beta)
-  return functools.partial(_joint_loss, beta=beta, scale=scale)
-
-
-def _cas_loss(final_logits, probe_logits, labels, *, beta):
-  return losses.cas_loss_per_example(final_logits, probe_logits, labels, beta)
-
-
-def _joint_loss(final_logits, probe_logits, labels, *, beta, scale):
-  return losses.joint_loss_per_example(final_logits, probe_logits, labels,
-                                       beta, scale)
+    scale = 1.0 + beta
+  return functools.partial(losses.joint_loss_per_example, beta=beta,
+                           scale=scale)
 
 
 def _trades_inner_loss(final_logits, probe_logits, natural_logits):
@@ -66,46 +58,6 @@ def attack_config(config: ml_collections.ConfigDict) -> attacks.PGDConfig:
                            num_steps=config.num_steps,
                            random_start=config.random_start,
                            unroll=config.unroll)
-
-
-def friendly_pgd(logits_fn: attacks.LogitsFn, x: Array, y: Array,
-                 keys: Array, loss_fn: attacks.LossFn,
-                 config: attacks.PGDConfig, tau: int) -> Array:
-  """FAT's early-stopped PGD (Zhang et al., 2020), L-inf.
-
-  Before each step every example is checked: once it is misclassified for
-  the (tau + 1)-th time it is frozen where it is; the others take a signed
-  gradient step and are projected onto the eps-ball and [0, 1]. ``keys``:
-  (N,) per-example keys for the uniform random start. Returns (N, ...).
-  """
-  lower = jnp.maximum(x - config.eps, 0.0)
-  upper = jnp.minimum(x + config.eps, 1.0)
-  if config.random_start:
-    noise = jax.vmap(lambda k, e: jax.random.uniform(
-        k, e.shape, e.dtype, -config.eps, config.eps))(keys, x)
-    x_start = jnp.clip(x + noise, lower, upper)
-  else:
-    x_start = x
-
-  def total_loss(x_adv):
-    final_logits, probe_logits = logits_fn(x_adv)
-    return jnp.sum(loss_fn(final_logits, probe_logits, y)), final_logits
-
-  def step(carry, _):
-    x_adv, budget, active = carry
-    grad, final_logits = jax.grad(total_loss, has_aux=True)(x_adv)
-    wrong = jnp.argmax(final_logits, axis=-1) != y
-    stop = active & wrong & (budget == 0)
-    budget = jnp.where(active & wrong & ~stop, budget - 1, budget)
-    active = active & ~stop
-    moved = jnp.clip(x_adv + config.step_size * jnp.sign(grad), lower, upper)
-    keep = active.reshape(active.shape + (1,) * (x.ndim - 1))
-    return (jnp.where(keep, moved, x_adv), budget, active), None
-
-  budget = jnp.full(y.shape, tau, jnp.int32)
-  (x_adv, _, _), _ = lax.scan(step, (x_start, budget, jnp.ones(y.shape, bool)),
-                              length=config.num_steps, unroll=config.unroll)
-  return x_adv
 
 
 def _example_keys(state: TrainState, indices: Array) -> tuple[Array, Array]:
@@ -147,7 +99,7 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
     if method == "pgd_at":
       x = attacks.pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config)
     elif method == "fat":
-      x = friendly_pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config,
+      x = attacks.friendly_pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config,
                        config.fat.tau)
     elif method == "trades":
       natural_logits = lax.stop_gradient(logits_fn(x)[0])

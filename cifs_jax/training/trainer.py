@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -26,24 +25,11 @@ import tqdm
 
 from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import runner
-from cifs_jax.training import checkpoints, metric_logging
-from cifs_jax.training import parallel as parallel_lib
+from cifs_jax.parallel import BATCH_AXIS, Parallel
+from cifs_jax.run_directory import RunDirectory
+from cifs_jax.training import metric_logging
 from cifs_jax.training import step as step_lib
 from cifs_jax.training.train_state import TrainState, create_train_state
-
-# Checkpoints are ranked by PGD accuracy, or by natural accuracy for
-# natural training (whose PGD accuracy is near zero and uninformative).
-BEST_METRIC = {"natural": "natural_accuracy"}
-DEFAULT_BEST_METRIC = "pgd_accuracy"
-# Keys that must not change when a run is resumed: the model, the data and
-# what fixes the data order and the step count of an epoch.
-RESUME_KEYS = checkpoints.DEFAULT_MODEL_KEYS + (
-    "seed", "train.batch_size", "train.max_examples")
-
-
-def best_metric(config: ml_collections.ConfigDict) -> str:
-  """The evaluation metric that ranks this run's checkpoints."""
-  return BEST_METRIC.get(config.train.method, DEFAULT_BEST_METRIC)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,14 +41,6 @@ class Position:
   """Where training stands: the next step to run is ``step`` of ``epoch``."""
   epoch: int = 0
   step: int = 0
-
-
-def _limit(split: data.Split, num_examples: int) -> data.Split:
-  """The first ``num_examples`` examples (all if -1)."""
-  if num_examples < 0 or num_examples >= len(split):
-    return split
-  return data.Split(split.images[:num_examples], split.labels[:num_examples],
-                    split.num_classes)
 
 
 class StopRequest:
@@ -104,21 +82,19 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     experiment_config.validate(config)
     self.config = config
-    self.workdir = workdir
-    self.parallel = config.parallel
-    self.mesh = parallel_lib.make_mesh(self.parallel)
-    num_devices = self.mesh.size
+    self.run = RunDirectory(workdir)
+    self.parallel = Parallel.create(config.parallel)
+    num_devices = self.parallel.num_devices
     for name, size in (("train.batch_size", config.train.batch_size),
                        ("eval.batch_size", config.eval.batch_size)):
       if size % num_devices:
         raise ValueError(f"config.{name}={size} must be a multiple of the "
                          f"number of devices ({num_devices}).")
-    os.makedirs(workdir, exist_ok=True)
-    checkpoints.check_config_compatible(workdir, config, RESUME_KEYS)
-    checkpoints.save_config(workdir, config)
+    self.run.check_compatible(config)
+    self.run.save_config(config)
 
-    self.train_split = _limit(data.load_split(config.data, "train"),
-                              config.train.max_examples)
+    self.train_split = data.load_split(config.data, "train").head(
+        config.train.max_examples)
     self.test_split = data.load_split(config.data, "test")
     self.steps_per_epoch = data.steps_per_epoch(len(self.train_split),
                                                 config.train.batch_size)
@@ -128,23 +104,20 @@ class Trainer:
                        f"{config.train.batch_size}.")
     dtype = jnp.bfloat16 if config.half_precision else None
     self.model = models.build_model(config.model, dtype=dtype,
-                                    bn_axis_name=parallel_lib.BATCH_AXIS)
+                                    bn_axis_name=BATCH_AXIS)
     self.initial_state = create_train_state(
         self.model, self.train_split.images.shape[1:], config,
         self.steps_per_epoch)
-    self.device_train = parallel_lib.replicate(self.train_split, self.mesh,
-                                               self.parallel)
-    self.train_step = parallel_lib.compile_step(
+    self.device_train = self.parallel.replicate(self.train_split)
+    self.train_step = self.parallel.compile(
         step_lib.make_train_step(self.model, config,
                                  data.augment_options(config.data)),
-        self.parallel, self.mesh, sharded_args=(False, False, True),
-        donate_first=True)
-    self.eval_step = parallel_lib.compile_step(
-        step_lib.make_eval_step(self.model, config), self.parallel,
-        self.mesh, sharded_args=(False, True))
-    self.checkpointer = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.checkpoint.keep, best_metric=best_metric(config))
+        sharded_args=(False, False, True), donate_first=True)
+    self.eval_step = self.parallel.compile(
+        step_lib.make_eval_step(self.model, config),
+        sharded_args=(False, True))
+    self.checkpointer = self.run.checkpointer(
+        config, max_to_keep=config.checkpoint.keep)
     self.logger = metric_logging.MetricLogger(workdir)
     self.stop_request = StopRequest()
 
@@ -157,16 +130,16 @@ class Trainer:
     if self.checkpointer.latest_step() is not None:
       state, metadata = self.checkpointer.restore("last", self.initial_state)
       position = Position(metadata["epoch"], metadata["step_in_epoch"])
-      logging.info("Resuming from %s at epoch %d, step %d.", self.workdir,
+      logging.info("Resuming from %s at epoch %d, step %d.", self.run.path,
                    position.epoch, position.step)
       return state, position
     state = self.initial_state
     if self.config.train.init_from:
       # The finished model of the source run (its last checkpoint), as the
       # reference initialises AT from a fully trained natural model.
-      with checkpoints.Checkpointer(
-          os.path.join(self.config.train.init_from, "checkpoints")) as source:
-        restored, _ = source.restore("last", self.initial_state)
+      source = RunDirectory(self.config.train.init_from)
+      with source.checkpointer(self.config) as checkpointer:
+        restored, _ = checkpointer.restore("last", self.initial_state)
       state = state.replace(params=restored.params,
                             batch_stats=restored.batch_stats)
       logging.info("Initialised the model from the last checkpoint of %s.",
@@ -175,7 +148,7 @@ class Trainer:
 
   def save(self, state: TrainState, position: Position,
            metrics: dict[str, float] | None = None) -> None:
-    host_state = parallel_lib.unreplicate(state, self.parallel)
+    host_state = self.parallel.unreplicate(state)
     self.checkpointer.save(
         int(host_state.step), host_state,
         metadata={"epoch": position.epoch, "step_in_epoch": position.step},
@@ -186,11 +159,10 @@ class Trainer:
   def evaluate(self, state: TrainState, num_examples: int) -> dict[str, float]:
     """Natural and PGD accuracy (%) on the first ``num_examples`` test
     examples (-1: all), each counted once."""
-    split = _limit(self.test_split, num_examples)
+    split = self.test_split.head(num_examples)
     totals = None
     for batch in data.eval_batches(split, self.config.eval.batch_size):
-      counts = self.eval_step(state, data.shard_batch(batch, self.mesh,
-                                                      self.parallel))
+      counts = self.eval_step(state, self.parallel.shard(batch))
       totals = counts if totals is None else jax.tree.map(jnp.add, totals,
                                                           counts)
     totals = jax.tree.map(lambda x: float(np.asarray(x).reshape(-1)[0]),
@@ -206,7 +178,7 @@ class Trainer:
     """Runs (or resumes) training to ``train.epochs``; returns the state."""
     config = self.config
     state, position = self.restore_or_initialise()
-    state = parallel_lib.replicate(state, self.mesh, self.parallel)
+    state = self.parallel.replicate(state)
     data_key = jax.random.key(config.seed)
     images_per_step = config.train.batch_size
     with self.stop_request.installed():
@@ -236,7 +208,7 @@ class Trainer:
     for indices in batches:
       state, metrics = self.train_step(
           state, self.device_train,
-          data.shard_batch(indices, self.mesh, self.parallel))
+          self.parallel.shard(indices))
       epoch_sums = metrics if epoch_sums is None else jax.tree.map(
           jnp.add, epoch_sums, metrics)
       position.step += 1
@@ -309,8 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     elif config.eval.final:
       runner.evaluate_and_publish(
           config, models.build_model(config.model),  # float32 attacks
-          parallel_lib.unreplicate(state, trainer.parallel).variables,
-          trainer.test_split, workdir,
+          trainer.parallel.unreplicate(state).variables,
+          trainer.test_split, trainer.run,
           protocol_name=config.eval.final_protocol,
           num_examples=config.eval.final_num_examples,
           attack_names=config.eval.final_attacks)

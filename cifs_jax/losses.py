@@ -1,8 +1,8 @@
-"""Losses of CIFS training and of the attacks, in per-example and mean forms.
+"""Losses of CIFS training and of the attacks, per example.
 
 All functions take logits of shape (N, K) (float) and integer labels of shape
-(N,), and return per-example values of shape (N,) (``*_per_example``) or their
-mean over the batch (scalar). ``probe_logits`` is a sequence of (N, K) arrays,
+(N,), and return per-example values of shape (N,); take ``jnp.mean`` for the
+batch loss. ``probe_logits`` is a sequence of (N, K) arrays,
 one per CIFS (or CAS) layer, in the order the model returns them.
 
 Eq. 3 of the paper mixes the final head's cross-entropy with the probes'::
@@ -13,6 +13,10 @@ The authors' code trains with ``3 / (1 + beta) * (CE(p, y) + beta / |I| *
 sum_l CE(p_l, y))``, i.e. ``3 * L_beta`` (with beta = |I| = 2: CE_final +
 CE_1 + CE_2). ``REFERENCE_SCALE`` is that factor and the default ``scale``;
 pass ``scale=1.0`` for Eq. 3 exactly.
+
+CAS's loss (Bai et al., 2021), ``CE(p, y) + beta * mean_l CE(q_l, y)``, is
+the same function with ``scale = 1 + beta`` (the auxiliary logits q_l in
+place of the probes').
 """
 
 from __future__ import annotations
@@ -38,10 +42,6 @@ def cross_entropy_per_example(logits: Array, labels: Array) -> Array:
   """Softmax cross-entropy (nats) of (N, K) logits against (N,) labels: (N,)."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
-
-def cross_entropy(logits: Array, labels: Array) -> Array:
-  """Mean softmax cross-entropy over the batch (scalar)."""
-  return jnp.mean(cross_entropy_per_example(logits, labels))
 
 
 def _probe_mean_cross_entropy(probe_logits: Sequence[Array],
@@ -82,33 +82,7 @@ def joint_loss_per_example(logits: Array,
   return scale * (final_term + beta * probe_term) / (1.0 + beta)
 
 
-def joint_loss(logits: Array,
-               probe_logits: Sequence[Array],
-               labels: Array,
-               beta: float = DEFAULT_BETA,
-               scale: float = REFERENCE_SCALE) -> Array:
-  """Batch mean of ``joint_loss_per_example`` (scalar)."""
-  return jnp.mean(
-      joint_loss_per_example(logits, probe_logits, labels, beta, scale))
 
-
-def cas_loss_per_example(logits: Array,
-                         auxiliary_logits: Sequence[Array],
-                         labels: Array,
-                         beta: float = DEFAULT_BETA) -> Array:
-  """CAS loss (Bai et al., 2021): CE(p, y) + beta * mean_l CE(q_l, y): (N,)."""
-  loss = cross_entropy_per_example(logits, labels)
-  if auxiliary_logits:
-    loss = loss + beta * _probe_mean_cross_entropy(auxiliary_logits, labels)
-  return loss
-
-
-def cas_loss(logits: Array,
-             auxiliary_logits: Sequence[Array],
-             labels: Array,
-             beta: float = DEFAULT_BETA) -> Array:
-  """Batch mean of ``cas_loss_per_example`` (scalar)."""
-  return jnp.mean(cas_loss_per_example(logits, auxiliary_logits, labels, beta))
 
 
 def trades_kl_per_example(adversarial_logits: Array,
@@ -126,10 +100,6 @@ def trades_kl_per_example(adversarial_logits: Array,
       axis=-1)
 
 
-def trades_kl(adversarial_logits: Array, natural_logits: Array) -> Array:
-  """Batch mean of ``trades_kl_per_example`` (scalar)."""
-  return jnp.mean(trades_kl_per_example(adversarial_logits, natural_logits))
-
 
 def cw_margin_per_example(logits: Array,
                           labels: Array,
@@ -146,10 +116,3 @@ def cw_margin_per_example(logits: Array,
   true_logit = jnp.sum(jnp.where(true_mask, logits, 0.0), axis=-1)
   best_other = jnp.max(jnp.where(true_mask, -jnp.inf, logits), axis=-1)
   return -jax.nn.relu(true_logit - best_other + confidence)
-
-
-def cw_margin(logits: Array,
-              labels: Array,
-              confidence: float = DEFAULT_CW_CONFIDENCE) -> Array:
-  """Batch mean of ``cw_margin_per_example`` (scalar)."""
-  return jnp.mean(cw_margin_per_example(logits, labels, confidence))

@@ -1,4 +1,5 @@
-"""Data on 1 and 2 (fake CPU) devices, for pmap and for jit(shard_map).
+"""`Parallel`: data on 1 and 2 (fake CPU) devices, for pmap and for
+jit(shard_map).
 
 tests/conftest.py gives two CPU devices.
 """
@@ -12,21 +13,21 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from cifs_jax import data
+from cifs_jax.parallel import BATCH_AXIS as AXIS, MODES, Parallel
 
-AXIS = data.BATCH_AXIS
 
-
-def _mesh(num_devices):
+def _parallel(mode, num_devices):
   devices = jax.local_devices()[:num_devices]
   assert len(devices) == num_devices, "tests/conftest.py sets 2 CPU devices"
-  return Mesh(np.array(devices), (AXIS,))
+  return Parallel.create(mode, devices)
 
 
-def _compile(fn, mesh, parallel, in_specs, out_specs):
+def _compile(fn, parallel, in_specs, out_specs):
   """`fn` as the training step would be compiled: per-device code."""
-  if parallel == "pmap":
-    return jax.pmap(fn, axis_name=AXIS, devices=list(mesh.devices.flat))
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+  if parallel.mode == "pmap":
+    return jax.pmap(fn, axis_name=AXIS,
+                    devices=list(parallel.mesh.devices.flat))
+  return jax.jit(jax.shard_map(fn, mesh=parallel.mesh, in_specs=in_specs,
                                out_specs=out_specs))
 
 
@@ -36,12 +37,12 @@ def _split(n, size=8, seed=0):
                     labels=np.arange(n, dtype=np.int32), num_classes=n)
 
 
-@pytest.mark.parametrize("parallel", data.PARALLEL)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_devices", [1, 2])
 @pytest.mark.parametrize("batch", [6, 8, 42])
-def test_every_test_example_evaluated_once(parallel, num_devices, batch):
+def test_every_test_example_evaluated_once(mode, num_devices, batch):
   n = 41  # Divided by none of the batch sizes.
-  mesh = _mesh(num_devices)
+  parallel = _parallel(mode, num_devices)
   split = _split(n)
 
   def count(batch_):
@@ -50,18 +51,18 @@ def test_every_test_example_evaluated_once(parallel, num_devices, batch):
                                  batch_.labels, num_segments=n)
     return jax.lax.psum(counts, AXIS)
 
-  step = _compile(count, mesh, parallel, in_specs=(P(AXIS),), out_specs=P())
+  step = _compile(count, parallel, in_specs=(P(AXIS),), out_specs=P())
   total = np.zeros(n, int)
   for host_batch in data.eval_batches(split, batch):
-    sharded = data.shard_batch(host_batch, mesh, parallel)
-    if parallel == "pmap":
+    sharded = parallel.shard(host_batch)
+    if mode == "pmap":
       assert sharded.images.shape == (num_devices, batch // num_devices, 8, 8,
                                       3)
     else:
       assert sharded.images.shape == (batch, 8, 8, 3)
       assert len(sharded.images.addressable_shards) == num_devices
     counts = step(sharded)
-    total += np.asarray(counts[0] if parallel == "pmap" else counts)
+    total += np.asarray(parallel.unreplicate(counts))
   np.testing.assert_array_equal(total, 1)
 
 
@@ -75,41 +76,40 @@ def _gather_and_augment(key, split, indices):
   return data.augment(keys, split.images[indices]), split.labels[indices]
 
 
-@pytest.mark.parametrize("parallel", data.PARALLEL)
-def test_training_batches_same_on_1_and_2_devices(parallel):
+@pytest.mark.parametrize("mode", MODES)
+def test_training_batches_same_on_1_and_2_devices(mode):
   split, key, global_batch = _split(20), jax.random.key(3), 8
-  host = data.device_put_split(split, _mesh(1), "shard_map")  # Reference.
+  host = _parallel("shard_map", 1).replicate(split)  # Reference.
   expected = [
       _gather_and_augment(key, host, jnp.asarray(indices))
       for indices in data.train_index_batches(key, 2, len(split),
                                               global_batch)]
   for num_devices in (1, 2):
-    mesh = _mesh(num_devices)
-    on_device = data.device_put_split(split, mesh, parallel)
-    if parallel == "pmap":
+    parallel = _parallel(mode, num_devices)
+    on_device = parallel.replicate(split)
+    if mode == "pmap":
       assert on_device.images.shape == (num_devices, 20, 8, 8, 3)
     else:
       assert on_device.images.shape == (20, 8, 8, 3)
       assert on_device.images.sharding.is_fully_replicated
-    step = _compile(functools.partial(_gather_and_augment, key), mesh,
-                    parallel, in_specs=(P(), P(AXIS)),
+    step = _compile(functools.partial(_gather_and_augment, key), parallel,
+                    in_specs=(P(), P(AXIS)),
                     out_specs=(P(AXIS), P(AXIS)))
     batches = data.train_index_batches(key, 2, len(split), global_batch)
     for want, indices in zip(expected, batches, strict=True):
-      images, labels = step(on_device,
-                            data.shard_batch(indices, mesh, parallel))
+      images, labels = step(on_device, parallel.shard(indices))
       np.testing.assert_array_equal(
           np.reshape(images, (global_batch, 8, 8, 3)), want[0])
       np.testing.assert_array_equal(np.reshape(labels, -1), want[1])
 
 
 def test_bad_mesh_or_batch():
-  mesh = _mesh(2)
+  parallel = _parallel("shard_map", 2)
   with pytest.raises(ValueError, match=r"parallel='pjit'.*\('pmap', "
                      r"'shard_map'\)"):
-    data.shard_batch(np.zeros(4), mesh, "pjit")
+    Parallel.create("pjit")
   with pytest.raises(ValueError, match="single axis"):
-    data.shard_batch(np.zeros(4), Mesh(mesh.devices, ("data",)), "pmap")
+    Parallel("pmap", Mesh(parallel.mesh.devices, ("data",)))
   with pytest.raises(ValueError, match="batch of 3 rows does not split over "
                      "its 2 devices"):
-    data.shard_batch(np.zeros(3), mesh, "shard_map")
+    parallel.shard(np.zeros(3))

@@ -1,0 +1,159 @@
+"""A training run's directory (the ``--workdir``): what lives where in it.
+
+  <workdir>/config.json        the run's config (``save_config``)
+  <workdir>/checkpoints/       Orbax checkpoints (``checkpointer``)
+  <workdir>/metrics.jsonl      scalar metrics, one JSON object per line
+  <workdir>/tensorboard/       TensorBoard event files
+  <workdir>/<name>.json, .md   evaluation reports (``report_path``)
+
+Training (``cifs_jax.main``) and evaluation (``cifs_jax.evaluate``) both open
+a run through ``RunDirectory``; the rules that tie a run to its config live
+here too: which keys may not change on resume (``RESUME_KEYS``) and which
+metric ranks the checkpoints (``best_metric``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+
+from cifs_jax import experiment_config
+from cifs_jax.training.checkpoints import Checkpointer
+
+CONFIG_FILENAME = "config.json"
+CHECKPOINTS_DIRNAME = "checkpoints"
+# Config keys (and everything below them) that define the model being trained.
+MODEL_KEYS = ("model", "data.name")
+# Keys that must not change when a run is resumed: the model, the data and
+# what fixes the data order and the step count of an epoch.
+RESUME_KEYS = MODEL_KEYS + ("seed", "train.batch_size", "train.max_examples")
+# Checkpoints are ranked by PGD accuracy, or by natural accuracy for
+# natural training (whose PGD accuracy is near zero and uninformative).
+_BEST_METRIC = {"natural": "natural_accuracy"}
+_DEFAULT_BEST_METRIC = "pgd_accuracy"
+
+
+def best_metric(config: ml_collections.ConfigDict) -> str:
+  """The per-epoch evaluation metric that ranks a run's checkpoints."""
+  return _BEST_METRIC.get(config.train.method, _DEFAULT_BEST_METRIC)
+
+
+class RunDirectory:
+  """The files of one training run (see the module docstring)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = epath.Path(path)
+
+  @property
+  def config_path(self) -> epath.Path:
+    return self.path / CONFIG_FILENAME
+
+  @property
+  def checkpoints_path(self) -> epath.Path:
+    return self.path / CHECKPOINTS_DIRNAME
+
+  def report_path(self, name: str, suffix: str) -> epath.Path:
+    """``<workdir>/<name><suffix>``, e.g. ("eval_paper", ".json")."""
+    return self.path / f"{name}{suffix}"
+
+  def checkpointer(self, config: ml_collections.ConfigDict,
+                   **kwargs: Any) -> Checkpointer:
+    """The run's checkpoints, ranked by ``best_metric(config)``."""
+    return Checkpointer(self.checkpoints_path, best_metric=best_metric(config),
+                        **kwargs)
+
+  def load_config(self) -> ml_collections.ConfigDict:
+    """The config the run saved: its values over ``base_config()``."""
+    if not self.config_path.exists():
+      raise FileNotFoundError(
+          f"{self.config_path} does not exist: pass --config, or point "
+          "--workdir at a training run's directory.")
+    try:
+      saved = json.loads(self.config_path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"Cannot parse {self.config_path}: {e}.") from e
+    config = experiment_config.base_config()
+    config.update(ml_collections.ConfigDict(saved))
+    return config
+
+  def save_config(self, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json`` (process 0 only), never truncated.
+
+    The text goes to a fresh temporary file in the same directory, renamed
+    into place; values that are not JSON types are written as strings.
+    """
+    if jax.process_index() != 0:
+      return
+    self.path.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=CONFIG_FILENAME + ".",
+                                   suffix=".tmp", dir=self.path)
+    try:
+      with os.fdopen(handle, "w") as f:
+        f.write(_config_as_json(config))
+      os.replace(tmp, self.config_path)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+
+  def check_compatible(self, config: ml_collections.ConfigDict,
+                       keys: Sequence[str] = RESUME_KEYS) -> None:
+    """Refuses to resume with a config that changes the model or data order.
+
+    Compares ``config`` with the saved ``config.json`` (a run without one
+    passes) on every key equal to or below one of ``keys`` (dotted paths:
+    "model" covers "model.cifs.topk"). Other keys may differ, e.g. a larger
+    ``train.epochs`` to extend a run.
+
+    Raises:
+      ValueError: listing each differing key with its saved and new value.
+    """
+    if not self.config_path.exists():
+      return
+    try:
+      old = _flatten(json.loads(self.config_path.read_text()))
+    except json.JSONDecodeError as e:
+      raise ValueError(
+          f"Cannot parse {self.config_path} ({e}); it should hold the config "
+          f"of the run in {self.path}. Fix or remove it to resume.") from e
+    new = _flatten(json.loads(_config_as_json(config)))
+    missing = "<missing>"
+    changed = {key: (old.get(key, missing), new.get(key, missing))
+               for key in sorted(set(old) | set(new))
+               if old.get(key, missing) != new.get(key, missing)}
+    covered = lambda key: any(key == k or key.startswith(k + ".")
+                              for k in keys)
+    refused = {k: v for k, v in changed.items() if covered(k)}
+    if refused:
+      lines = "\n".join(f"  {key}: {before!r} (saved) -> {after!r} (new)"
+                        for key, (before, after) in refused.items())
+      raise ValueError(
+          f"The config differs from the one saved in {self.config_path} in "
+          f"keys that change the model or the data order ({', '.join(keys)})"
+          f":\n{lines}\nUse a new workdir, or set these keys back to their "
+          "saved values to resume.")
+    if changed:
+      logging.info("Resuming %s with config changes: %s", self.path,
+                   ", ".join(changed))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _config_as_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
