@@ -1,4 +1,5 @@
-"""convert_torch_state_dict: the authors' PyTorch model and ours agree."""
+"""convert_torch_state_dict and its inverse, export_torch_state_dict: the
+authors' PyTorch model and ours agree."""
 
 import chex
 import jax
