@@ -1,5 +1,7 @@
-"""convert_torch_state_dict: the authors' PyTorch model and ours agree."""
+"""convert_torch_state_dict and its inverse, export_torch_state_dict: the
+authors' PyTorch model and ours agree."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,75 @@ def test_mismatched_state_dict_is_refused(converted):
   state_dict["fc.weight"] = np.zeros((10, 512))
   with pytest.raises(KeyError, match="fc"):
     models.convert_torch_state_dict(state_dict)
+
+
+def randomised_flax_variables(name, width=None, seed=0):
+  """Random float32 variables of a CIFS model, shaped by ``eval_shape``:
+  kernels with fan-in scaling, batch-norm scales and variances around 1."""
+  config = models.default_config()
+  config.name, config.width = name, width
+  channels = 3 if name == "resnet18" else 1
+  shapes = jax.eval_shape(lambda: models.build_model(config).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, channels))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    field = path[-1].key
+    if field == "kernel":
+      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    elif field in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:  # bias, mean
+      value = rng.uniform(-0.2, 0.2, leaf.shape)
+    return value.astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def test_export_inverts_convert_exactly():
+  torch_model = randomised_torch_model(seed=1)
+  state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  exported = models.export_torch_state_dict(
+      models.convert_torch_state_dict(state_dict))
+  assert list(exported) == list(state_dict)  # same names, same order
+  for name, value in state_dict.items():
+    assert exported[name].dtype == value.dtype, name
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet10"])
+def test_convert_inverts_export_exactly(name):
+  variables = randomised_flax_variables(name, width=8)
+  exported = models.export_torch_state_dict(variables, backbone=name)
+  if name == "resnet10":
+    assert "Probe_1.Probe.1.weight" in exported
+  converted = models.convert_torch_state_dict(exported, template=variables)
+  chex.assert_trees_all_equal(converted, variables)
+  chex.assert_trees_all_equal_dtypes(converted, variables)
+
+
+def test_pytorch_model_loads_exported_weights_and_agrees(x64):
+  variables = jax.tree.map(lambda v: np.asarray(v, np.float64),
+                           randomised_flax_variables("resnet18"))
+  torch_model = torch_reference.ResNet18CIFS().double().eval()
+  torch_model.load_state_dict(
+      {k: torch.from_numpy(v)
+       for k, v in models.export_torch_state_dict(variables).items()},
+      strict=True)
+  images = np.random.default_rng(1).uniform(0, 1, (4, 32, 32, 3))
+  torch_logits, torch_probes = torch_model(
+      torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  apply = jax.jit(models.build_model(models.default_config()).apply)
+  logits, probes = apply(variables, jnp.asarray(images))
+  chex.assert_trees_all_close(
+      (logits, *probes),
+      tuple(t.detach().numpy() for t in (torch_logits, *torch_probes)),
+      rtol=1e-9, atol=1e-9)
+
+
+def test_export_refuses_unknown_modules_and_backbones():
+  variables = {"params": {"fc": {"kernel": np.zeros((4, 2))}}}
+  with pytest.raises(KeyError, match="fc"):
+    models.export_torch_state_dict(variables)
+  with pytest.raises(ValueError, match="backbone"):
+    models.export_torch_state_dict(variables, backbone="wrn28_10")

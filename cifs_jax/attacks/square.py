@@ -1,0 +1,200 @@
+"""Square attack (Andriushchenko et al., ECCV 2020): score-based, L-inf.
+
+Random search that needs only the final head's logits, never a gradient,
+as AutoAttack standard runs it (fra31/auto-attack, ``square.py``): start
+from vertical stripes of +-eps, then per query propose one square window,
+set to x +- eps (one sign per channel) inside the window, and keep the
+proposal where it lowers the margin ``f_y - max_{k != y} f_k``. The window's
+side shrinks with the reference's schedule (``square_sizes``). A point stops
+(and stops spending queries) once its margin is <= 0.
+
+The query loop is a ``lax.while_loop`` that ends when every point is fooled
+or the budget is spent; the window is a mask built from iota comparisons, so
+shapes stay static while its size and place change. Restarts (each from
+fresh stripes, on the points still robust) are a ``lax.scan``.
+
+Shapes: ``x`` (N, H, W, C) float in [0, 1], ``y`` (N,) integer labels,
+``key`` one PRNG key or (N,) per-example keys (then a point's queries do
+not depend on the rest of the batch); eps in input units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cifs_jax.attacks.objectives import LogitsFn
+from cifs_jax.attacks.pgd import _example_keys
+
+Array = jax.Array
+
+SQUARE_NORMS = ("linf",)
+# The reference's schedule: p_init is halved after each of these iterations
+# (of a 10,000-query budget; other budgets rescale the iteration).
+_HALVING_ITERATIONS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareConfig:
+  """Settings of the Square attack (hashable: a static ``jax.jit`` argument).
+
+  Defaults are AutoAttack standard's.
+
+  Attributes:
+    eps: L-inf radius (input units).
+    norm: "linf".
+    num_queries: iterations per restart (one forward pass each), on top of
+      the query of the initial stripes.
+    p_init: initial fraction of the image a window covers.
+    num_restarts: runs, each on the points the earlier ones left robust.
+  """
+  eps: float
+  norm: str = "linf"
+  num_queries: int = 5000
+  p_init: float = 0.8
+  num_restarts: int = 1
+
+  def __post_init__(self):
+    if self.norm not in SQUARE_NORMS:
+      raise ValueError(f"norm must be one of {SQUARE_NORMS}, got "
+                       f"{self.norm!r}.")
+    if self.eps < 0:
+      raise ValueError(f"eps must be >= 0, got {self.eps}.")
+    if self.num_queries < 1 or self.num_restarts < 1:
+      raise ValueError("num_queries and num_restarts must be >= 1.")
+    if not 0 < self.p_init <= 1:
+      raise ValueError(f"p_init must be in (0, 1], got {self.p_init}.")
+
+
+def square(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
+           config: SquareConfig) -> Array:
+  """Square attack: an adversarial point within eps of x, or x itself.
+
+  Args:
+    logits_fn: x (N, H, W, C) -> (final_logits (N, K), [probe_logits]);
+      only the final logits are queried.
+    x: clean images, (N, H, W, C) in [0, 1].
+    y: integer labels, (N,).
+    key: a PRNG key or (N,) keys.
+    config: the attack's settings.
+
+  Returns:
+    (N, H, W, C): where a point's top-1 was turned away from y, the
+    adversarial point (within eps of x in L-inf, inside [0, 1]); x elsewhere.
+  """
+  return square_with_queries(logits_fn, x, y, key, config)[0]
+
+
+def square_with_queries(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
+                        config: SquareConfig) -> tuple[Array, Array]:
+  """``square``, also returning the queries spent on each point.
+
+  Returns:
+    (x_adv (N, H, W, C), queries (N,) int32): queries counts the forward
+    passes each point took part in while still robust, over all restarts:
+    0 for points x misclassifies, ``num_restarts * (num_queries + 1)`` for
+    points that stay robust.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"Square needs images (N, H, W, C), got shape "
+                     f"{x.shape}.")
+  keys = _example_keys(key, x.shape[0])
+  sizes = jnp.asarray(square_sizes(config, *x.shape[1:3]))
+  robust = jnp.argmax(logits_fn(x)[0], axis=-1) == y
+
+  def restart(carry, index):
+    x_adv, robust, queries = carry
+    restart_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, index)
+    x_best, spent = _run(logits_fn, x, y, restart_keys, robust, sizes, config)
+    fooled = robust & (jnp.argmax(logits_fn(x_best)[0], axis=-1) != y)
+    x_adv = jnp.where(fooled[:, None, None, None], x_best, x_adv)
+    return (x_adv, robust & ~fooled, queries + spent), None
+
+  start = (x, robust, jnp.zeros(y.shape, jnp.int32))
+  (x_adv, _, queries), _ = lax.scan(restart, start,
+                                    jnp.arange(config.num_restarts))
+  return x_adv, queries
+
+
+def square_sizes(config: SquareConfig, height: int, width: int) -> np.ndarray:
+  """The window's side at each iteration, (num_queries,) int32 pixels.
+
+  The reference's ``p_selection`` (with its rescaling to the budget) gives
+  the fraction p of the image; the side is ``round(sqrt(p * H * W))``, at
+  least 1 and (a guard the reference's square images do not need) at most
+  min(H, W).
+  """
+  sizes = []
+  for iteration in range(config.num_queries):
+    scaled = int(iteration / config.num_queries * 10000)
+    halvings = sum(scaled > it for it in _HALVING_ITERATIONS)
+    p = config.p_init / 2**halvings
+    sizes.append(max(int(round(np.sqrt(p * height * width))), 1))
+  return np.minimum(np.array(sizes, np.int32), min(height, width))
+
+
+def _margin(logits_fn, x, y):
+  """f_y - max_{k != y} f_k of the final head, (N,); <= 0 means fooled."""
+  logits = logits_fn(x)[0]
+  true = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool),
+                     -jnp.inf, logits)
+  return true - jnp.max(others, axis=-1)
+
+
+def _run(logits_fn, x, y, keys, todo, sizes, config):
+  """One restart on the points ``todo`` (N,) bool.
+
+  Returns:
+    x_best (N, H, W, C), the lowest-margin point found per example (only
+    meaningful where ``todo``), and the queries spent per example (N,).
+  """
+  _, height, width, channels = x.shape
+  split_keys = jax.vmap(jax.random.split)(keys)  # (N, 2)
+  stripe_keys, query_keys = split_keys[:, 0], split_keys[:, 1]
+  # Vertical stripes: one sign per column and channel.
+  stripes = jax.vmap(lambda k: jax.random.rademacher(
+      k, (1, width, channels), x.dtype))(stripe_keys)
+  x_best = jnp.clip(x + config.eps * stripes, 0.0, 1.0)
+  margin = jnp.where(todo, _margin(logits_fn, x_best, y), -jnp.inf)
+  rows = lax.broadcasted_iota(jnp.int32, (height, width, 1), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (height, width, 1), 1)
+
+  def propose(key, example, size):
+    """x with one window set to x +- eps (a sign per channel): (H, W, C)."""
+    top_key, left_key, sign_key = jax.random.split(key, 3)
+    # Every place the window fits; the reference never puts it on the last
+    # row or column unless it spans the image (randint(0, H - size)).
+    top = jax.random.randint(top_key, (), 0, height - size + 1)
+    left = jax.random.randint(left_key, (), 0, width - size + 1)
+    sign = jax.random.rademacher(sign_key, (channels,), example.dtype)
+    window = ((rows >= top) & (rows < top + size) &
+              (cols >= left) & (cols < left + size))
+    return window, jnp.clip(example + config.eps * sign, 0.0, 1.0)
+
+  def query(state):
+    iteration, x_best, margin, spent = state
+    active = margin > 0
+    iteration_keys = jax.vmap(jax.random.fold_in, (0, None))(query_keys,
+                                                            iteration)
+    window, corner = jax.vmap(propose, (0, 0, None))(
+        iteration_keys, x, sizes[iteration])
+    candidate = jnp.where(window, corner, x_best)
+    new_margin = _margin(logits_fn, candidate, y)
+    better = active & (new_margin < margin)
+    return (iteration + 1,
+            jnp.where(better[:, None, None, None], candidate, x_best),
+            jnp.where(better, new_margin, margin),
+            spent + active.astype(jnp.int32))
+
+  def robust_left(state):
+    iteration, _, margin, _ = state
+    return (iteration < config.num_queries) & jnp.any(margin > 0)
+
+  start = (jnp.int32(0), x_best, margin, todo.astype(jnp.int32))
+  _, x_best, _, spent = lax.while_loop(robust_left, query, start)
+  return x_best, spent
