@@ -249,6 +249,7 @@ def test_misclassified_clean_points_are_returned_unchanged():
   assert not np.array_equal(x_adv[4:], TOY_X[4:])
 
 
+@pytest.mark.slow
 def test_joint_ce_at_beta_zero_is_cross_entropy_on_the_final_head():
   final_only = lambda x: (TOY(x)[0], [])  # noqa: E731
   key = jax.random.key(22)
@@ -259,6 +260,7 @@ def test_joint_ce_at_beta_zero_is_cross_entropy_on_the_final_head():
                dataclasses.replace(TOY_CONFIG, loss="ce")), atol=0)
 
 
+@pytest.mark.slow
 def test_eot_on_a_deterministic_model_is_the_plain_attack():
   with_key = lambda x, key: TOY(x)  # noqa: E731
   key = jax.random.key(32)
