@@ -1,4 +1,4 @@
-"""Tests of APGD: closed forms, the reference's schedule and losses, invariants."""
+"""Tests of APGD: closed forms, the reference's schedule, losses, invariants."""
 
 import dataclasses
 import functools
@@ -20,7 +20,7 @@ LINEAR_DIM, LINEAR_CLASSES = 12, 4
 
 
 def linear_model(seed, dim=LINEAR_DIM, num_classes=LINEAR_CLASSES):
-  """f(x) = W x + b on (N, dim) inputs: (weights (dim, K), b (K,), logits_fn)."""
+  """f(x) = W x + b on (N, dim) inputs: (W (dim, K), b (K,), logits_fn)."""
   w_key, b_key = jax.random.split(jax.random.key(seed))
   w = jax.random.normal(w_key, (dim, num_classes))
   b = 0.1 * jax.random.normal(b_key, (num_classes,))
