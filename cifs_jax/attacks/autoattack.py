@@ -1,0 +1,295 @@
+"""AutoAttack (Croce & Hein, ICML 2020): a sequence of attacks, worst case.
+
+As the reference (fra31/auto-attack, ``autoattack.py``) runs it: the clean
+pass first (misclassified points are not attacked), then each component in
+turn on the points still robust; a point is non-robust once the final head's
+top-1 at a component's output differs from its label. The ensemble checks
+that itself, with the output inside the eps-ball around the clean point and
+within [0, 1] (a component's own claim is never trusted), so the robust
+accuracy only goes down from stage to stage.
+
+Versions (the reference's settings, eps and norm given):
+
+    standard   APGD-CE (1 restart), APGD-T (9 targets), FAB-T (9 targets),
+               Square (5000 queries)
+    rand       APGD-CE and APGD-DLR with EOT over 20 draws, for randomised
+               models, which then take a key: logits_fn(x, key)
+    joint      the CIFS authors' reduced AutoAttack: APGD-CE with 5 restarts
+               on the joint loss of Eq. 3 (``loss``), then Square
+    custom     the components named in ``attacks``
+
+Between stages the robust points are gathered on the host into chunks of at
+most ``batch_size``, each padded to ``batch_size`` or a power of two, so a
+shrinking robust set reuses a few compiled programs instead of compiling one
+per subset size. Components are ``attack(logits_fn, x, y, key, config) ->
+x_adv`` with a hashable config, looked up by name in ``COMPONENTS`` (or in
+the ``components`` argument); FAB-T and Square come from
+``cifs_jax.attacks.fab`` and ``cifs_jax.attacks.square``, imported when used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifs_jax.attacks.apgd import APGDConfig, apgd
+from cifs_jax.attacks.objectives import AttackLoss, LogitsFn
+from cifs_jax.attacks.pgd import NORMS
+from cifs_jax.attacks.pgd import _per_example_norm as per_example_norm
+
+Array = jax.Array
+# (logits_fn, x (N, ...), y (N,), key, config) -> x_adv (N, ...).
+Attack = Callable[[LogitsFn, Array, Array, Array, Any], Array]
+
+# Relative slack of the ensemble's eps-ball check (float32 rounding).
+_BALL_SLACK = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the components of a run share.
+
+  Attributes:
+    eps: radius of the perturbation ball (input units).
+    norm: "linf" or "l2".
+    loss: the loss of APGD-CE (Eq. 3's joint loss at the attacker's beta).
+    apgd_restarts: restarts of APGD-CE and APGD-DLR.
+    eot_iter: gradient draws per APGD step (above 1 for randomised models).
+    num_target_classes: targets of APGD-T and FAB-T.
+    square_queries: queries of Square.
+  """
+  eps: float
+  norm: str = "linf"
+  loss: AttackLoss = AttackLoss()
+  apgd_restarts: int = 1
+  eot_iter: int = 1
+  num_target_classes: int = 9
+  square_queries: int = 5000
+
+
+# A component: Settings -> (attack, its config).
+Component = Callable[[Settings], tuple[Attack, Any]]
+
+
+def _apgd_ce(s: Settings):
+  return apgd, APGDConfig(eps=s.eps, norm=s.norm, loss=s.loss,
+                          num_restarts=s.apgd_restarts, eot_iter=s.eot_iter)
+
+
+def _apgd_dlr(s: Settings):
+  return apgd, APGDConfig(eps=s.eps, norm=s.norm, loss="dlr",
+                          num_restarts=s.apgd_restarts, eot_iter=s.eot_iter)
+
+
+def _apgd_t(s: Settings):
+  return apgd, APGDConfig(eps=s.eps, norm=s.norm, loss="dlr-targeted",
+                          num_target_classes=s.num_target_classes,
+                          eot_iter=s.eot_iter)
+
+
+def _fab_t(s: Settings):
+  from cifs_jax.attacks import fab  # pylint: disable=g-import-not-at-top
+  return fab.fab_targeted, fab.FABConfig(
+      eps=s.eps, norm=s.norm, num_target_classes=s.num_target_classes)
+
+
+def _square(s: Settings):
+  from cifs_jax.attacks import square  # pylint: disable=g-import-not-at-top
+  return square.square, square.SquareConfig(eps=s.eps, norm=s.norm,
+                                            num_queries=s.square_queries)
+
+
+COMPONENTS: dict[str, Component] = {
+    "apgd-ce": _apgd_ce,
+    "apgd-dlr": _apgd_dlr,
+    "apgd-t": _apgd_t,
+    "fab-t": _fab_t,
+    "square": _square,
+}
+
+# version -> (components in order, Settings fields it sets).
+VERSIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "standard": (("apgd-ce", "apgd-t", "fab-t", "square"), {}),
+    "rand": (("apgd-ce", "apgd-dlr"), {"eot_iter": 20}),
+    "joint": (("apgd-ce", "square"), {"apgd_restarts": 5}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoAttackResult:
+  """The outcome of ``autoattack``.
+
+  Attributes:
+    x_adv: (N, ...): the first successful component's output for each
+      non-robust point, the clean input for the rest (and for points
+      misclassified when clean).
+    robust: (N,) bool, the final head still right after every stage.
+    accuracy: robust accuracy (fraction) after each stage, in order:
+      "clean" first, then each component's name.
+  """
+  x_adv: np.ndarray
+  robust: np.ndarray
+  accuracy: dict[str, float]
+
+  @property
+  def robust_accuracy(self) -> float:
+    return float(np.mean(self.robust))
+
+
+def autoattack(logits_fn: LogitsFn,
+               x: Array,
+               y: Array,
+               key: Array,
+               *,
+               eps: float,
+               norm: str = "linf",
+               version: str = "standard",
+               attacks: Sequence[str] | None = None,
+               loss: AttackLoss | None = None,
+               batch_size: int = 256,
+               log: Callable[[str], None] | None = None,
+               components: Mapping[str, Component] | None = None
+               ) -> AutoAttackResult:
+  """Runs AutoAttack's components in turn on the points still robust.
+
+  Args:
+    logits_fn: x (N, ...) -> (final_logits (N, K), [probe_logits (N, K)]);
+      with version "rand", ``(x, key)`` -> the same (one key per batch).
+    x: clean inputs, (N, ...) in [0, 1].
+    y: integer labels, (N,).
+    key: one PRNG key; each stage and chunk gets its own.
+    eps: radius of the perturbation ball (input units).
+    norm: "linf" or "l2".
+    version: "standard", "rand", "joint" or "custom" (see the module doc).
+    attacks: the component names of "custom" (only there).
+    loss: APGD-CE's loss, an ``AttackLoss`` (required by "joint"; by
+      default plain cross-entropy on the final head).
+    batch_size: the most points one compiled call attacks.
+    log: receives the progress lines (default: this module's logger).
+    components: extra or replacement components by name.
+
+  Returns:
+    An ``AutoAttackResult``.
+  """
+  names, settings = _plan(version, attacks, eps=eps, norm=norm, loss=loss)
+  registry = {**COMPONENTS, **(components or {})}
+  unknown = [name for name in names if name not in registry]
+  if unknown:
+    raise ValueError(f"Unknown components {unknown}; known: "
+                     f"{sorted(registry)}.")
+  log = log or logging.getLogger(__name__).info
+  x, y = np.asarray(x), np.asarray(y)
+  randomized = version == "rand"
+  check = functools.partial(_check_chunks, logits_fn, randomized, norm, eps,
+                            batch_size)
+
+  robust = ~check(x, y, x, jax.random.fold_in(key, 0), np.arange(len(y)))
+  accuracy = {"clean": float(np.mean(robust))}
+  log(f"initial accuracy: {100 * accuracy['clean']:.2f} %")
+  x_adv = x.copy()
+  start = time.time()
+  for stage, name in enumerate(names, start=1):
+    attack, config = registry[name](settings)
+    stage_key, check_key = jax.random.split(jax.random.fold_in(key, stage))
+    to_attack = np.flatnonzero(robust)
+    candidates = _attack_chunks(_jitted(attack), logits_fn, config, x, y,
+                                stage_key, to_attack, batch_size)
+    fooled = check(x[to_attack], y[to_attack], candidates, check_key,
+                   np.arange(len(to_attack)))
+    robust[to_attack[fooled]] = False
+    x_adv[to_attack[fooled]] = candidates[fooled]
+    accuracy[name] = float(np.mean(robust))
+    log(f"robust accuracy after {name.upper()}: {100 * accuracy[name]:.2f} "
+        f"% (total time {time.time() - start:.1f} s)")
+  return AutoAttackResult(x_adv=x_adv, robust=robust, accuracy=accuracy)
+
+
+def _plan(version, attacks, *, eps, norm, loss):
+  """(component names, Settings) of a version."""
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  if version == "joint" and loss is None:
+    raise ValueError("version 'joint' attacks Eq. 3's joint loss: pass loss.")
+  settings = Settings(eps=eps, norm=norm, loss=loss or AttackLoss())
+  if version == "custom":
+    if not attacks:
+      raise ValueError("version 'custom' needs the attacks to run.")
+    return tuple(attacks), settings
+  if attacks is not None:
+    raise ValueError(f"version {version!r} sets its own attacks; use "
+                     "version='custom' to choose them.")
+  if version not in VERSIONS:
+    raise ValueError(f"version must be one of {sorted(VERSIONS)} or "
+                     f"'custom', got {version!r}.")
+  names, fields = VERSIONS[version]
+  return names, dataclasses.replace(settings, **fields)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(attack: Attack):
+  """``attack`` compiled, ``logits_fn`` and the config static (one per
+  attack function, so repeated runs reuse its compiled programs)."""
+  return jax.jit(attack, static_argnums=(0, 4))
+
+
+def padded_size(num_points: int, batch_size: int) -> int:
+  """The compiled batch size of a chunk of ``num_points`` <= batch_size:
+  ``batch_size``, or the next power of two when that is smaller."""
+  return min(batch_size, 1 << max(num_points - 1, 0).bit_length())
+
+
+def _chunks(indices: np.ndarray, batch_size: int):
+  """Yields (number of real points, padded index array) per chunk.
+
+  Padding repeats the chunk's first index; its results are dropped.
+  """
+  for begin in range(0, len(indices), batch_size):
+    chunk = indices[begin:begin + batch_size]
+    size = padded_size(len(chunk), batch_size)
+    yield len(chunk), np.concatenate(
+        [chunk, np.full(size - len(chunk), chunk[0], chunk.dtype)])
+
+
+def _attack_chunks(attack, logits_fn, config, x, y, key, indices, batch_size):
+  """The attack's outputs on x[indices], chunk by chunk: (len(indices), ...)."""
+  outputs = [np.asarray(attack(logits_fn, x[padded], y[padded],
+                               jax.random.fold_in(key, chunk), config))[:n]
+             for chunk, (n, padded) in enumerate(_chunks(indices, batch_size))]
+  return (np.concatenate(outputs) if outputs
+          else np.zeros((0,) + x.shape[1:], x.dtype))
+
+
+def _check_chunks(logits_fn, randomized, norm, eps, batch_size, x, y, x_adv,
+                  key, indices):
+  """``_fooled`` on the points at ``indices``, chunk by chunk: (n,) bool."""
+  flags = [np.asarray(_fooled(logits_fn, randomized, norm, eps, x[padded],
+                              y[padded], x_adv[padded],
+                              jax.random.fold_in(key, chunk)))[:n]
+           for chunk, (n, padded) in enumerate(_chunks(indices, batch_size))]
+  return np.concatenate(flags) if flags else np.zeros(0, bool)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fooled(logits_fn, randomized, norm, eps, x, y, x_adv, key):
+  """Whether x_adv fools the final head from inside the ball and box: (N,).
+
+  Args:
+    logits_fn, randomized: the model, and whether it takes a key.
+    norm, eps: the ball around ``x`` (N, ...).
+    x, y, x_adv: clean inputs, labels (N,), candidate inputs.
+    key: the model's key when ``randomized``.
+  """
+  final_logits, _ = logits_fn(x_adv, key) if randomized else logits_fn(x_adv)
+  delta = x_adv - x
+  size = (jnp.max(jnp.abs(delta), axis=tuple(range(1, x.ndim)))
+          if norm == "linf" else per_example_norm(delta).reshape(-1))
+  in_box = jnp.all((x_adv >= 0) & (x_adv <= 1), axis=tuple(range(1, x.ndim)))
+  return ((jnp.argmax(final_logits, axis=-1) != y) & in_box &
+          (size <= eps * (1 + _BALL_SLACK)))
