@@ -81,9 +81,11 @@ def test_truncated_idx_file_is_named(tmp_path):
 
 
 def test_idx_file_shorter_than_its_header_says(tmp_path):
-  images, _ = _write_fashion(tmp_path)
+  images, labels = _write_fashion(tmp_path)
   path = tmp_path / "t10k-images-idx3-ubyte.gz"
   _write_idx(path, images, count=len(images) + 1)
+  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels.astype(np.uint8),
+             count=len(images) + 1)
   with pytest.raises(ValueError, match=r"t10k-images.*dims \(8, 28, 28\)"):
     data.load_split(_config("fashion_mnist", str(tmp_path)), "test")
 
