@@ -34,6 +34,9 @@ def _random_images(n, shape, seed):
 # ------------------------------------------------------------ Fashion-MNIST
 
 
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR),
+                    reason=f"{FASHION_DIR} missing: apt-get install "
+                    "dataset-fashion-mnist")
 def test_real_fashion_mnist_from_debian_package():
   """Default path, no data_dir: the files of `dataset-fashion-mnist`."""
   for split in ("train", "test"):
@@ -56,9 +59,16 @@ def _write_idx(path, array, count=None):
     f.write(header + array.tobytes())
 
 
-def _write_fashion(directory, n=7):
-  images, labels = _random_images(n, (28, 28), seed=0)
-  for prefix in ("train", "t10k"):
+def _fashion_split(split, n=7):
+  """The examples `_write_fashion` writes for ``split``: n + 1 for train."""
+  return _random_images(n + (split == "train"), (28, 28),
+                        seed=int(split == "train"))
+
+
+def _write_fashion(directory):
+  """Writes both splits; returns the test split's (images, labels)."""
+  for split, prefix in (("train", "train"), ("test", "t10k")):
+    images, labels = _fashion_split(split)
     _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
     _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz",
                labels.astype(np.uint8))
@@ -66,10 +76,13 @@ def _write_fashion(directory, n=7):
 
 
 def test_tiny_fashion_mnist(tmp_path):
-  images, labels = _write_fashion(tmp_path)
-  s = data.load_split(_config("fashion_mnist", str(tmp_path)), "test")
-  np.testing.assert_array_equal(s.images, images[..., None])
-  np.testing.assert_array_equal(s.labels, labels)
+  """Each split returns its own arrays."""
+  _write_fashion(tmp_path)
+  for split in ("train", "test"):
+    images, labels = _fashion_split(split)
+    s = data.load_split(_config("fashion_mnist", str(tmp_path)), split)
+    np.testing.assert_array_equal(s.images, images[..., None])
+    np.testing.assert_array_equal(s.labels, labels)
 
 
 def test_truncated_idx_file_is_named(tmp_path):
@@ -81,9 +94,11 @@ def test_truncated_idx_file_is_named(tmp_path):
 
 
 def test_idx_file_shorter_than_its_header_says(tmp_path):
-  images, _ = _write_fashion(tmp_path)
+  images, labels = _write_fashion(tmp_path)
   path = tmp_path / "t10k-images-idx3-ubyte.gz"
   _write_idx(path, images, count=len(images) + 1)
+  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels.astype(np.uint8),
+             count=len(images) + 1)
   with pytest.raises(ValueError, match=r"t10k-images.*dims \(8, 28, 28\)"):
     data.load_split(_config("fashion_mnist", str(tmp_path)), "test")
 
@@ -242,21 +257,30 @@ def test_restricted_unpickler_loads_plain_data():
 # --------------------------------------------------------------------- SVHN
 
 
-def _write_svhn(directory, n=5):
-  images, labels = _random_images(n, (32, 32, 3), seed=1)
+def _svhn_split(split, n=5):
+  """The examples `_write_svhn` writes for ``split``: n + 1 for train."""
+  images, labels = _random_images(n + (split == "train"), (32, 32, 3),
+                                  seed=1 + (split == "train"))
   labels[0] = 0  # Written as 10 in the file.
-  mat_labels = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]
-  for split in ("train", "test"):
-    scipy.io.savemat(directory / f"{split}_32x32.mat",
-                     {"X": images.transpose(1, 2, 3, 0), "y": mat_labels})
   return images, labels
 
 
+def _write_svhn(directory):
+  for split in ("train", "test"):
+    images, labels = _svhn_split(split)
+    mat_labels = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]
+    scipy.io.savemat(directory / f"{split}_32x32.mat",
+                     {"X": images.transpose(1, 2, 3, 0), "y": mat_labels})
+
+
 def test_tiny_svhn(tmp_path):
-  images, labels = _write_svhn(tmp_path)
-  s = data.load_split(_config("svhn", str(tmp_path)), "train")
-  np.testing.assert_array_equal(s.images, images)
-  np.testing.assert_array_equal(s.labels, labels)
+  """Each split returns its own arrays."""
+  _write_svhn(tmp_path)
+  for split in ("train", "test"):
+    images, labels = _svhn_split(split)
+    s = data.load_split(_config("svhn", str(tmp_path)), split)
+    np.testing.assert_array_equal(s.images, images)
+    np.testing.assert_array_equal(s.labels, labels)
 
 
 def test_truncated_svhn_file(tmp_path):

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
 from cifs_jax import data
+from cifs_jax.data import tfds_source
 
 
 def _config(name, data_dir=None):
@@ -44,6 +45,29 @@ def test_mock_data(mock_tfds, name):
   assert split.images.shape == (9, *info.image_shape)
   assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
   assert split.num_classes == 10
+  np.testing.assert_array_equal(split.images,
+                                [e["image"] for e in expected])
+  np.testing.assert_array_equal(split.labels,
+                                [e["label"] for e in expected])
+
+
+def test_reads_in_chunks(mock_tfds, monkeypatch):
+  """More examples than one chunk: every example arrives once, in order."""
+  monkeypatch.setattr(tfds_source, "_CHUNK", 4)
+  reads = []
+  getitems = mocking._getitems  # The fixture's.
+
+  def recording_getitems(keys, generator, serialized=False):
+    reads.append(list(keys))
+    return getitems(keys, generator, serialized)
+
+  monkeypatch.setattr(mocking, "_getitems", recording_getitems)
+  with mock_tfds(num_examples=10):
+    split = data.load_split(_config("cifar10"), "train")
+    reads_by_loader = list(reads)
+    expected = [tfds.data_source("cifar10", split="train")[i]
+                for i in range(10)]
+  assert reads_by_loader == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
   np.testing.assert_array_equal(split.images,
                                 [e["image"] for e in expected])
   np.testing.assert_array_equal(split.labels,

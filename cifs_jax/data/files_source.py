@@ -14,20 +14,28 @@ Expected files in the directory (``config.data.data_dir``):
   /usr/share/datasets/fashion-mnist, the default directory.
 
 A missing file raises FileNotFoundError, a malformed one ValueError; both name
-the file, what was expected and where to get it.
+the file, what was expected and where to get it. Files may be hostile: sizes
+and counts are checked against what the dataset can hold (10,000 images per
+CIFAR-10 batch; the known split sizes of SVHN and Fashion-MNIST, plus
+`_SIZE_MARGIN`) before anything is read or allocated, and labels before they
+are converted.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import struct
 import tarfile
-from typing import Callable
+from typing import Any, BinaryIO, Callable
+import zlib
 
 import numpy as np
 import scipy.io
 
 from cifs_jax.data import restricted_pickle
+from cifs_jax.data.info import get_info
 
 _WHERE = {
     "cifar10": ("download https://www.cs.toronto.edu/~kriz/"
@@ -57,37 +65,93 @@ def _malformed(name: str, path: str, expected: str,
       f"{expected}. To get a good copy: {_WHERE[name]}.")
 
 
+# Room over the known split sizes (another release of a dataset).
+_SIZE_MARGIN = 1.1
+
+
+def _max_examples(name: str, split: str) -> int:
+  return math.ceil(get_info(name).num_examples[split] * _SIZE_MARGIN)
+
+
+def _labels(name: str, path: str, expected: str, labels: Any, low: int,
+            high: int) -> np.ndarray:
+  """``labels`` (an array or a list) as int64, once they are all integers in
+  low..high; else a malformed-file error."""
+  if isinstance(labels, np.ndarray):
+    integers = np.issubdtype(labels.dtype, np.integer)
+  else:
+    integers = all(type(v) is int for v in labels)  # pylint: disable=unidiomatic-typecheck
+  if not integers:
+    raise _malformed(name, path, expected, "labels that are not integers")
+  if len(labels) and not low <= np.min(labels) <= np.max(labels) <= high:
+    raise _malformed(name, path, expected, f"labels outside {low}..{high}")
+  return np.asarray(labels, np.int64)
+
+
 # ---------------------------------------------------------------- CIFAR-10
 
-_CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte, then R, G, B planes of 32x32.
+_CIFAR_PIXELS = 32 * 32 * 3  # R, G, B planes of 32x32.
+_CIFAR_RECORD = 1 + _CIFAR_PIXELS  # A label byte, then the pixels.
+_CIFAR_BATCH = 10_000  # Images per batch file.
+# The largest batch file. The python version pickles a label and a file name
+# per image (~32 bytes in the real batches), and Python 3's protocol 2 writes
+# pixel bytes as latin-1 text in UTF-8, up to 2 bytes each.
+_CIFAR_MAX_BYTES = _CIFAR_BATCH * (2 * _CIFAR_PIXELS + 256)
+
+
+def _cifar_images(name: str, path: str, expected: str,
+                  pixels: np.ndarray) -> np.ndarray:
+  """(N, 3072) rows of R, G, B planes -> (N, 32, 32, 3), N <= 10,000."""
+  if len(pixels) > _CIFAR_BATCH:
+    raise _malformed(name, path, expected, f"{len(pixels)} images, more "
+                     f"than the {_CIFAR_BATCH} of a batch")
+  return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def _parse_cifar_binary(name: str, path: str, data: bytes):
-  expected = "records of 1 label byte + 3072 pixel bytes (CIFAR-10 binary)"
+  expected = ("up to 10,000 records of 1 label byte + 3072 pixel bytes "
+              "(CIFAR-10 binary)")
   if not data or len(data) % _CIFAR_RECORD:
     raise _malformed(name, path, expected,
                      f"{len(data)} bytes is not a multiple of "
                      f"{_CIFAR_RECORD}")
   records = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
-  images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return images, records[:, 0]
+  return (_cifar_images(name, path, expected, records[:, 1:]),
+          _labels(name, path, expected, records[:, 0], 0, 9))
+
+
+def _describe(value: Any) -> str:
+  if isinstance(value, np.ndarray):
+    return f"{value.dtype} {value.shape}"
+  return type(value).__name__
 
 
 def _parse_cifar_pickle(name: str, path: str, data: bytes):
-  expected = ("a pickled dict with b'data' (uint8, (N, 3072)) and "
-              "b'labels' (N ints) (CIFAR-10 python version)")
+  expected = ("a pickled dict with b'data' (uint8, (N, 3072), N <= 10,000) "
+              "and b'labels' (N ints in 0..9) (CIFAR-10 python version)")
   try:
     batch = restricted_pickle.loads(data)
   except Exception as e:  # Any failure of the unpickler means a bad file.
     raise _malformed(name, path, expected, f"{type(e).__name__}: {e}") from e
-  pixels = batch.get(b"data") if isinstance(batch, dict) else None
-  labels = batch.get(b"labels") if isinstance(batch, dict) else None
-  if (not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8
-      or pixels.ndim != 2 or pixels.shape[1] != 3072
-      or not isinstance(labels, list) or len(labels) != len(pixels)):
-    raise _malformed(name, path, expected, "wrong keys, types or shapes")
-  images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return images, np.asarray(labels)
+  if not isinstance(batch, dict):
+    raise _malformed(name, path, expected,
+                     f"not a dict but a {_describe(batch)}")
+  for key in (b"data", b"labels"):
+    if key not in batch:
+      raise _malformed(name, path, expected, f"no {key!r}")
+  pixels, labels = batch[b"data"], batch[b"labels"]
+  if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8
+          and pixels.ndim == 2 and pixels.shape[1] == _CIFAR_PIXELS):
+    raise _malformed(name, path, expected,
+                     f"b'data' of {_describe(pixels)}")
+  if not isinstance(labels, list):
+    raise _malformed(name, path, expected,
+                     f"b'labels' of {_describe(labels)}")
+  if len(labels) != len(pixels):
+    raise _malformed(name, path, expected,
+                     f"{len(labels)} labels for {len(pixels)} images")
+  return (_cifar_images(name, path, expected, pixels),
+          _labels(name, path, expected, labels, 0, 9))
 
 
 # (archive, its top folder = the extracted folder, train and test members,
@@ -102,9 +166,17 @@ _CIFAR_FORMATS = (
 )
 
 
+def _check_batch_size(name: str, path: str, size: int) -> None:
+  if size > _CIFAR_MAX_BYTES:
+    raise _malformed(name, path, f"a CIFAR-10 batch file of at most "
+                     f"{_CIFAR_MAX_BYTES} bytes (10,000 images)",
+                     f"{size} bytes, more than that")
+
+
 def _read_members(name: str, data_dir: str, archive: str, folder: str,
                   members: list[str]) -> dict[str, tuple[str, bytes]]:
-  """Maps each member to (its path for messages, its bytes)."""
+  """Maps each member to (its path for messages, its bytes), refusing a
+  member larger than a batch can be before reading it."""
   extracted = os.path.join(data_dir, folder)
   if os.path.isdir(extracted):
     found = {}
@@ -112,8 +184,9 @@ def _read_members(name: str, data_dir: str, archive: str, folder: str,
       path = os.path.join(extracted, member)
       if not os.path.isfile(path):
         raise _missing(name, data_dir, f"{folder}/{member}")
+      _check_batch_size(name, path, os.path.getsize(path))
       with open(path, "rb") as f:
-        found[member] = (path, f.read())
+        found[member] = (path, f.read(_CIFAR_MAX_BYTES))
     return found
   path = os.path.join(data_dir, archive)
   wanted = {f"{folder}/{m}": m for m in members}
@@ -122,9 +195,11 @@ def _read_members(name: str, data_dir: str, archive: str, folder: str,
     with tarfile.open(path, "r:gz") as tar:
       for info in tar:  # One pass, in archive order: no seeking back.
         if info.name in wanted and info.isfile():
-          found[wanted[info.name]] = (f"{path}:{info.name}",
+          member_path = f"{path}:{info.name}"
+          _check_batch_size(name, member_path, info.size)
+          found[wanted[info.name]] = (member_path,
                                       tar.extractfile(info).read())
-  except (tarfile.TarError, EOFError, OSError) as e:
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
     raise _malformed(name, path, f"a gzipped tar archive with {folder}/",
                      f"{type(e).__name__}: {e}") from e
   missing = [m for m in members if m not in found]
@@ -150,6 +225,96 @@ def _read_cifar10(data_dir: str, split: str):
 
 # --------------------------------------------------------------------- SVHN
 
+# MATLAB v5 (https://www.mathworks.com/help/pdf_doc/matlab/matfile_format.pdf):
+# a 128-byte file header, then per variable a tag (data type, byte count) and
+# an miMATRIX element, maybe inside an miCOMPRESSED (zlib) one. The element
+# starts with subelements: array flags (the class in the low byte), dims,
+# name. Only this start is read, and inflated at most _MAT_HEADER_BYTES.
+_MI_INT8, _MI_INT32, _MI_UINT32, _MI_MATRIX, _MI_COMPRESSED = 1, 5, 6, 14, 15
+_MAT_CLASSES = {6: "double", 7: "single", 8: "int8", 9: "uint8", 10: "int16",
+                11: "uint16", 12: "int32", 13: "uint32", 14: "int64",
+                15: "uint64"}
+_MAT_INTEGERS = tuple(_MAT_CLASSES.values())[2:]
+_MAT_HEADER_BYTES = 1024
+
+
+def _mat_subelement(start: bytes, offset: int, order: str):
+  """(data type, data bytes, offset of the next subelement) at ``offset``."""
+  first, second = struct.unpack_from(f"{order}2I", start, offset)
+  if first >> 16:  # Small format: size and type in 4 bytes, data in 4.
+    return first & 0xFFFF, start[offset + 4:offset + 4 + (first >> 16)], \
+        offset + 8
+  end = offset + 8 + second
+  if end > len(start):
+    raise ValueError(f"a subelement of {second} bytes in a variable header")
+  return first, start[offset + 8:end], offset + 8 + -(-second // 8) * 8
+
+
+def _mat_variable(start: bytes, order: str):
+  """(name, shape, class) from the start of an miMATRIX element."""
+  kind, _ = struct.unpack_from(f"{order}2I", start)
+  kind_flags, flags, offset = _mat_subelement(start, 8, order)
+  kind_dims, dims, offset = _mat_subelement(start, offset, order)
+  kind_name, name, _ = _mat_subelement(start, offset, order)
+  if (kind, kind_flags, kind_dims, kind_name) != (
+      _MI_MATRIX, _MI_UINT32, _MI_INT32, _MI_INT8):
+    raise ValueError("a variable header that is not a MATLAB array's")
+  shape = struct.unpack(f"{order}{len(dims) // 4}i", dims)
+  mclass = _MAT_CLASSES.get(struct.unpack_from(f"{order}I", flags)[0] & 0xFF,
+                            "another class")
+  return name.decode("latin-1"), shape, mclass
+
+
+def _mat_headers(f: BinaryIO) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Maps each variable of a MATLAB v5 file to (shape, class)."""
+  header = f.read(128)
+  order = {b"IM": "<", b"MI": ">"}.get(header[126:128])
+  if len(header) < 128 or order is None:
+    raise ValueError("not a MATLAB v5 file header")
+  variables = {}
+  while tag := f.read(8):
+    kind, size = struct.unpack(f"{order}2I", tag)
+    position = f.tell()
+    start = f.read(min(size, _MAT_HEADER_BYTES))
+    start = (zlib.decompressobj().decompress(start, _MAT_HEADER_BYTES)
+             if kind == _MI_COMPRESSED else tag + start)
+    name, shape, mclass = _mat_variable(start, order)
+    variables[name] = (shape, mclass)
+    f.seek(position + size)
+  return variables
+
+
+def _check_svhn_header(name: str, path: str, expected: str,
+                       variables: dict[str, tuple[tuple[int, ...], str]],
+                       limit: int) -> None:
+  """Checks X and y from their MATLAB headers: name -> (shape, class)."""
+  for var in ("X", "y"):
+    if var not in variables:
+      raise _malformed(name, path, expected, f"no variable {var}")
+  (x_shape, x_class), (y_shape, y_class) = variables["X"], variables["y"]
+  if x_class != "uint8":
+    raise _malformed(name, path, expected, f"X is {x_class}")
+  if len(x_shape) != 4 or x_shape[:3] != (32, 32, 3):
+    raise _malformed(name, path, expected, f"X of shape {x_shape}")
+  if x_shape[3] > limit:
+    raise _malformed(name, path, expected, f"X declares {x_shape[3]} "
+                     f"examples, more than the {limit} of the split")
+  if y_class not in _MAT_INTEGERS:
+    raise _malformed(name, path, expected,
+                     f"labels that are not integers (y is {y_class})")
+  if math.prod(y_shape) != x_shape[3]:
+    raise _malformed(name, path, expected, f"{math.prod(y_shape)} labels "
+                     f"for {x_shape[3]} images")
+
+
+def _read_mat(name: str, path: str, expected: str, read: Callable[..., Any],
+              *args, **kwargs) -> Any:
+  """``read(*args, **kwargs)``, its errors as a malformed-file error."""
+  try:
+    return read(*args, **kwargs)
+  except Exception as e:  # scipy raises many types for a bad file.
+    raise _malformed(name, path, expected, f"{type(e).__name__}: {e}") from e
+
 
 def _read_svhn(data_dir: str, split: str):
   name = "svhn"
@@ -158,42 +323,68 @@ def _read_svhn(data_dir: str, split: str):
               "y (N labels in 1..10, 10 meaning digit 0)")
   if not os.path.isfile(path):
     raise _missing(name, data_dir, os.path.basename(path))
-  try:
-    mat = scipy.io.loadmat(path, variable_names=("X", "y"))
-  except Exception as e:  # scipy raises many types for a bad file.
-    raise _malformed(name, path, expected, f"{type(e).__name__}: {e}") from e
-  x, y = mat.get("X"), mat.get("y")
-  if (x is None or y is None or x.dtype != np.uint8 or x.ndim != 4
-      or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]
-      or not np.issubdtype(y.dtype, np.integer)
-      or not np.all((y >= 1) & (y <= 10))):
-    raise _malformed(name, path, expected, "wrong variables, types, shapes "
-                     "or label values")
+  # The headers first: nothing is loaded before they are checked.
+  with open(path, "rb") as f:
+    variables = _read_mat(name, path, expected, _mat_headers, f)
+  _check_svhn_header(name, path, expected, variables,
+                     _max_examples(name, split))
+  mat = _read_mat(name, path, expected, scipy.io.loadmat, path,
+                  variable_names=("X", "y"))
+  labels = _labels(name, path, expected, mat["y"].reshape(-1), 1, 10)
   # Like TFDS's svhn_cropped: label 10 is digit 0.
-  return x.transpose(3, 0, 1, 2), y.reshape(-1).astype(np.int64) % 10
+  return mat["X"].transpose(3, 0, 1, 2), labels % 10
 
 
 # ------------------------------------------------------------ Fashion-MNIST
 
+_IDX_UINT8 = b"\0\0\x08"  # IDX magic number: two zeros, uint8, then ndim.
 
-def _read_idx(name: str, path: str, shape: tuple[int, ...]) -> np.ndarray:
-  """Reads a gzipped IDX file of uint8 with dims (N, *shape)."""
-  ndim = 1 + len(shape)
-  expected = f"a gzipped IDX file of uint8 with dims {('N',) + shape}"
+
+def _idx_expected(shape: tuple[int, ...]) -> str:
+  return f"a gzipped IDX file of uint8 with dims {('N',) + shape}"
+
+
+def _read_gzip(name: str, path: str, f: BinaryIO, size: int,
+               expected: str) -> bytes:
+  """Reads at most ``size`` bytes; a bad gzip stream is a malformed file."""
   try:
-    with gzip.open(path, "rb") as f:
-      data = f.read()
-  except (OSError, EOFError) as e:
+    return f.read(size)
+  except (OSError, EOFError, zlib.error) as e:
     raise _malformed(name, path, expected, f"{type(e).__name__}: {e}") from e
-  header = 4 + 4 * ndim
-  if len(data) < header or data[:4] != bytes([0, 0, 0x08, ndim]):
+
+
+def _read_idx_count(name: str, path: str, f: BinaryIO,
+                    shape: tuple[int, ...], limit: int) -> int:
+  """Reads the header of an IDX file of uint8 with dims (N, *shape); checks
+  N <= limit and returns N."""
+  expected = _idx_expected(shape)
+  ndim = 1 + len(shape)
+  header = _read_gzip(name, path, f, 4 + 4 * ndim, expected)
+  if len(header) != 4 + 4 * ndim or header[:4] != _IDX_UINT8 + bytes([ndim]):
     raise _malformed(name, path, expected,
-                     f"bad magic number {data[:4].hex()}")
-  dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
-  if dims[1:] != shape or len(data) != header + int(np.prod(dims)):
+                     f"bad magic number {header[:4].hex()}")
+  dims = struct.unpack(f">{ndim}I", header[4:])
+  if dims[1:] != shape:
+    raise _malformed(name, path, expected, f"dims {dims}")
+  if dims[0] > limit:
+    raise _malformed(name, path, expected, f"its header declares {dims[0]} "
+                     f"examples, more than the {limit} of the split")
+  return dims[0]
+
+
+def _read_idx_data(name: str, path: str, f: BinaryIO,
+                   dims: tuple[int, ...]) -> np.ndarray:
+  """Reads the uint8 data after the header: exactly prod(dims) bytes."""
+  expected = _idx_expected(dims[1:])
+  size = math.prod(dims)
+  data = _read_gzip(name, path, f, size + 1, expected)
+  if len(data) < size:
     raise _malformed(name, path, expected,
-                     f"dims {dims} with {len(data) - header} data bytes")
-  return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+                     f"dims {dims} with only {len(data)} data bytes")
+  if len(data) > size:
+    raise _malformed(name, path, expected,
+                     f"more data after the {dims[0]} declared examples")
+  return np.frombuffer(data, np.uint8).reshape(dims)
 
 
 def _read_fashion_mnist(data_dir: str, split: str):
@@ -204,12 +395,19 @@ def _read_fashion_mnist(data_dir: str, split: str):
   for path in paths:
     if not os.path.isfile(path):
       raise _missing(name, data_dir, os.path.basename(path))
-  images = _read_idx(name, paths[0], (28, 28))
-  labels = _read_idx(name, paths[1], ())
-  if len(images) != len(labels):
-    raise _malformed(name, paths[1], f"{len(images)} labels, one per image "
-                     f"of {paths[0]}", f"{len(labels)} labels")
-  return images[..., None], labels
+  limit = _max_examples(name, split)
+  # Both headers first: no data is read before the counts are checked.
+  with gzip.open(paths[0], "rb") as images_file, \
+       gzip.open(paths[1], "rb") as labels_file:
+    count = _read_idx_count(name, paths[0], images_file, (28, 28), limit)
+    labels_count = _read_idx_count(name, paths[1], labels_file, (), limit)
+    if labels_count != count:
+      raise _malformed(name, paths[1], f"{count} labels, one per image of "
+                       f"{paths[0]}", f"{labels_count} labels")
+    images = _read_idx_data(name, paths[0], images_file, (count, 28, 28))
+    labels = _read_idx_data(name, paths[1], labels_file, (count,))
+  return images[..., None], _labels(name, paths[1], _idx_expected(()),
+                                    labels, 0, 9)
 
 
 READERS: dict[str, Callable[[str, str], tuple[np.ndarray, np.ndarray]]] = {

@@ -17,7 +17,7 @@ from cifs_jax.data.info import DatasetInfo
 
 # What TFDS 4.9.10 imports only to prepare a dataset (requirements-prepare.txt).
 _PREPARE_MODULES = ("tensorflow", "importlib_resources")
-_CHUNK = 4096  # Examples read (and held decoded) at a time.
+_CHUNK = 4096  # Examples read (and held decoded) at a time; tests lower it.
 
 
 def read(info: DatasetInfo, split: str, data_dir: str | None):
