@@ -38,16 +38,21 @@ from cifs_jax import models
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 ATTACK_BETA = 2.0
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(__file__), "results",
-                              "pgd_eval_cpu.json")
+DEFAULT_OUTPUT = os.path.join(
+  os.path.dirname(__file__), "results", "pgd_eval_cpu.json"
+)
 
 
 def pgd20_protocol(gradient: str, unroll: int) -> evaluation.Protocol:
   """The paper's PGD-20 alone, at beta_atk = 2, with one gradient mode."""
   paper = evaluation.paper_protocol(unroll=unroll)
   pgd20 = [a for a in paper.attacks if a.name == "pgd20"]
-  return dataclasses.replace(paper, attacks=tuple(pgd20),
-                             betas=(ATTACK_BETA,), gradient_modes=(gradient,))
+  return dataclasses.replace(
+    paper,
+    attacks=tuple(pgd20),
+    betas=(ATTACK_BETA,),
+    gradient_modes=(gradient,),
+  )
 
 
 def random_batches(num_batches: int, batch_size: int, seed: int = 0):
@@ -55,9 +60,10 @@ def random_batches(num_batches: int, batch_size: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   for _ in range(num_batches):
     yield data.Batch(
-        rng.integers(0, 256, (batch_size,) + IMAGE_SHAPE, np.uint8),
-        rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
-        np.ones(batch_size, bool))
+      rng.integers(0, 256, (batch_size,) + IMAGE_SHAPE, np.uint8),
+      rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+      np.ones(batch_size, bool),
+    )
 
 
 def measure(defense: str, unroll: int, args: argparse.Namespace) -> dict:
@@ -66,67 +72,99 @@ def measure(defense: str, unroll: int, args: argparse.Namespace) -> dict:
   config.defense = defense
   model = models.build_model(config)
   variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), jnp.zeros((1,) + IMAGE_SHAPE))
+    jax.random.key(0), jnp.zeros((1,) + IMAGE_SHAPE)
+  )
   model = models.with_relevance_grad(model, args.gradient)
   logits_fn = jax.tree_util.Partial(
-      functools.partial(model.apply, train=False), variables)
+    functools.partial(model.apply, train=False), variables
+  )
   protocol = pgd20_protocol(args.gradient, unroll)
 
   def timed_evaluation(num_batches, seed):
     """(wall-clock seconds, CPU seconds of this process, all threads)."""
     start, start_cpu = time.perf_counter(), time.process_time()
-    evaluation.evaluate({args.gradient: logits_fn},
-                        random_batches(num_batches, args.batch_size, seed),
-                        protocol, jax.random.key(1), progress=False)
+    evaluation.evaluate(
+      {args.gradient: logits_fn},
+      random_batches(num_batches, args.batch_size, seed),
+      protocol,
+      jax.random.key(1),
+      progress=False,
+    )
     return time.perf_counter() - start, time.process_time() - start_cpu
 
   first_batch_s, _ = timed_evaluation(1, seed=0)
   steady_s, steady_cpu_s = timed_evaluation(args.num_batches, seed=1)
   images = args.num_batches * args.batch_size
   return {
-      "defense": defense,
-      "gradient": args.gradient,
-      "unroll": unroll,
-      "first_batch_s": round(first_batch_s, 2),
-      "steady_s": round(steady_s, 2),
-      "images": images,
-      "s_per_1000_images": round(1000 * steady_s / images, 1),
-      "cpu_s_per_1000_images": round(1000 * steady_cpu_s / images, 1),
-      "images_per_s": round(images / steady_s, 2),
+    "defense": defense,
+    "gradient": args.gradient,
+    "unroll": unroll,
+    "first_batch_s": round(first_batch_s, 2),
+    "steady_s": round(steady_s, 2),
+    "images": images,
+    "s_per_1000_images": round(1000 * steady_s / images, 1),
+    "cpu_s_per_1000_images": round(1000 * steady_cpu_s / images, 1),
+    "images_per_s": round(images / steady_s, 2),
   }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--defense", nargs="+", default=["cifs", "none"],
-                      choices=["cifs", "cas", "none"])
+  parser.add_argument(
+    "--defense",
+    nargs="+",
+    default=["cifs", "none"],
+    choices=["cifs", "cas", "none"],
+  )
   parser.add_argument("--gradient", default="stop", choices=["stop", "full"])
   parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--num-batches", type=int, default=2,
-                      help="timed batches after the first (compiling) one")
-  parser.add_argument("--unroll", type=int, nargs="+", default=[1],
-                      help="PGD steps per iteration of the compiled loop")
+  parser.add_argument(
+    "--num-batches",
+    type=int,
+    default=2,
+    help="timed batches after the first (compiling) one",
+  )
+  parser.add_argument(
+    "--unroll",
+    type=int,
+    nargs="+",
+    default=[1],
+    help="PGD steps per iteration of the compiled loop",
+  )
   parser.add_argument("--output", default=DEFAULT_OUTPUT)
   args = parser.parse_args()
 
   results = {
-      "benchmark": "PGD-20 evaluation, CIFAR ResNet-18, 32x32x3 inputs",
-      "attack": {"steps": 20, "eps": "8/255", "step_size": "0.8/255",
-                 "random_start": False, "loss": f"joint CE, beta_atk="
-                                                 f"{ATTACK_BETA:g}",
-                 "passes_per_image": "20 forward+backward, 2 forward"},
-      "settings": {"batch_size": args.batch_size,
-                   "num_batches": args.num_batches},
-      "environment": {
-          "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.local_devices()],
-          "cpu_count": os.cpu_count(), "machine": platform.machine(),
-          "load_average_before": [round(x, 2) for x in os.getloadavg()]},
-      "results": [measure(defense, unroll, args)
-                  for defense in args.defense for unroll in args.unroll],
+    "benchmark": "PGD-20 evaluation, CIFAR ResNet-18, 32x32x3 inputs",
+    "attack": {
+      "steps": 20,
+      "eps": "8/255",
+      "step_size": "0.8/255",
+      "random_start": False,
+      "loss": f"joint CE, beta_atk={ATTACK_BETA:g}",
+      "passes_per_image": "20 forward+backward, 2 forward",
+    },
+    "settings": {
+      "batch_size": args.batch_size,
+      "num_batches": args.num_batches,
+    },
+    "environment": {
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.local_devices()],
+      "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "load_average_before": [round(x, 2) for x in os.getloadavg()],
+    },
+    "results": [
+      measure(defense, unroll, args)
+      for defense in args.defense
+      for unroll in args.unroll
+    ],
   }
   results["environment"]["load_average_after"] = [
-      round(x, 2) for x in os.getloadavg()]
+    round(x, 2) for x in os.getloadavg()
+  ]
   os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
   with open(args.output, "w") as f:
     json.dump(results, f, indent=2)

@@ -43,19 +43,21 @@ def cross_entropy_per_example(logits: Array, labels: Array) -> Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-
-def _probe_mean_cross_entropy(probe_logits: Sequence[Array],
-                              labels: Array) -> Array:
+def _probe_mean_cross_entropy(
+  probe_logits: Sequence[Array], labels: Array
+) -> Array:
   """(1 / |I|) * sum_l CE(p_l, y), per example: (N,)."""
   terms = [cross_entropy_per_example(p, labels) for p in probe_logits]
   return sum(terms) / len(terms)
 
 
-def joint_loss_per_example(logits: Array,
-                           probe_logits: Sequence[Array],
-                           labels: Array,
-                           beta: float = DEFAULT_BETA,
-                           scale: float = REFERENCE_SCALE) -> Array:
+def joint_loss_per_example(
+  logits: Array,
+  probe_logits: Sequence[Array],
+  labels: Array,
+  beta: float = DEFAULT_BETA,
+  scale: float = REFERENCE_SCALE,
+) -> Array:
   """``scale`` times Eq. 3's L_beta, per example: (N,).
 
   Args:
@@ -72,8 +74,10 @@ def joint_loss_per_example(logits: Array,
     raise ValueError(f"beta must be >= 0 (or math.inf), got {beta}.")
   if not probe_logits:
     if math.isinf(beta):
-      raise ValueError("beta = inf keeps only probe terms, but the model has "
-                       "no probes (probe_logits is empty).")
+      raise ValueError(
+        "beta = inf keeps only probe terms, but the model has "
+        "no probes (probe_logits is empty)."
+      )
     return cross_entropy_per_example(logits, labels)
   probe_term = _probe_mean_cross_entropy(probe_logits, labels)
   if math.isinf(beta):
@@ -82,11 +86,9 @@ def joint_loss_per_example(logits: Array,
   return scale * (final_term + beta * probe_term) / (1.0 + beta)
 
 
-
-
-
-def trades_kl_per_example(adversarial_logits: Array,
-                          natural_logits: Array) -> Array:
+def trades_kl_per_example(
+  adversarial_logits: Array, natural_logits: Array
+) -> Array:
   """TRADES' KL(softmax(natural) || softmax(adversarial)) per example: (N,).
 
   This is the inner maximisation objective and the robustness regulariser of
@@ -96,14 +98,14 @@ def trades_kl_per_example(adversarial_logits: Array,
   natural_log_probs = jax.nn.log_softmax(natural_logits, axis=-1)
   adversarial_log_probs = jax.nn.log_softmax(adversarial_logits, axis=-1)
   return jnp.sum(
-      jnp.exp(natural_log_probs) * (natural_log_probs - adversarial_log_probs),
-      axis=-1)
+    jnp.exp(natural_log_probs) * (natural_log_probs - adversarial_log_probs),
+    axis=-1,
+  )
 
 
-
-def cw_margin_per_example(logits: Array,
-                          labels: Array,
-                          confidence: float = DEFAULT_CW_CONFIDENCE) -> Array:
+def cw_margin_per_example(
+  logits: Array, labels: Array, confidence: float = DEFAULT_CW_CONFIDENCE
+) -> Array:
   """C&W margin loss for an attacker to maximise, per example: (N,).
 
   ``-max(z_y - max_{j != y} z_j + confidence, 0)``: it rises while the true

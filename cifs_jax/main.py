@@ -17,11 +17,16 @@ from ml_collections import config_flags
 from cifs_jax import experiment_config
 from cifs_jax.training import trainer
 
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Directory for checkpoints, logs and results.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints, logs and results."
+)
 config_flags.DEFINE_config_file(
-    "config", None, "A config file of configs/, optionally with variants: "
-    "configs/cifar_resnet18.py:cas,fat.", lock_config=True)
+  "config",
+  None,
+  "A config file of configs/, optionally with variants: "
+  "configs/cifar_resnet18.py:cas,fat.",
+  lock_config=True,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 _OVERRIDE_PREFIX = "--config."
@@ -34,7 +39,7 @@ def unknown_override(argv: list[str]) -> str | None:
   for arg in argv[1:]:
     if not arg.startswith(_OVERRIDE_PREFIX):
       continue
-    key = arg[len(_OVERRIDE_PREFIX):].split("=", 1)[0]
+    key = arg[len(_OVERRIDE_PREFIX) :].split("=", 1)[0]
     node = reference
     for part in key.split("."):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -49,9 +54,11 @@ def _parse_flags(argv):
   naming only its last part)."""
   key = unknown_override(argv)
   if key is not None:
-    sys.stderr.write(f"FATAL Flags parsing error: unknown config key "
-                     f"config.{key} (in --config.{key}); see "
-                     "cifs_jax/experiment_config.py for the keys.\n")
+    sys.stderr.write(
+      f"FATAL Flags parsing error: unknown config key "
+      f"config.{key} (in --config.{key}); see "
+      "cifs_jax/experiment_config.py for the keys.\n"
+    )
     sys.exit(1)
   return app.parse_flags_with_usage(argv)
 
@@ -60,8 +67,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if jax.process_count() > 1:
-    logging.info("Process %d of %d.", jax.process_index(),
-                 jax.process_count())
+    logging.info("Process %d of %d.", jax.process_index(), jax.process_count())
   logging.info("Devices: %s", jax.devices())
   trainer.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
 

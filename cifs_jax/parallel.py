@@ -42,22 +42,29 @@ class Parallel:
       "shard_map" (global arrays, replicated or sharded along axis 0).
     mesh: the devices, with the single axis ``BATCH_AXIS``.
   """
+
   mode: str
   mesh: Mesh
 
   def __post_init__(self):
     check_choice("parallel", self.mode, MODES)
     if self.mesh.axis_names != (BATCH_AXIS,):
-      raise ValueError(f"The device mesh must have the single axis "
-                       f"({BATCH_AXIS!r},), got {self.mesh.axis_names}.")
-    if self.mode == "pmap" and any(d.process_index != jax.process_index()
-                                   for d in self.mesh.devices.flat):
-      raise ValueError("For pmap the mesh must hold only this process's "
-                       "devices (jax.local_devices()).")
+      raise ValueError(
+        f"The device mesh must have the single axis "
+        f"({BATCH_AXIS!r},), got {self.mesh.axis_names}."
+      )
+    if self.mode == "pmap" and any(
+      d.process_index != jax.process_index() for d in self.mesh.devices.flat
+    ):
+      raise ValueError(
+        "For pmap the mesh must hold only this process's "
+        "devices (jax.local_devices())."
+      )
 
   @classmethod
-  def create(cls, mode: str,
-             devices: Sequence[jax.Device] | None = None) -> Parallel:
+  def create(
+    cls, mode: str, devices: Sequence[jax.Device] | None = None
+  ) -> Parallel:
     """``mode`` over ``devices`` (default: see the module docstring)."""
     check_choice("parallel", mode, MODES)
     if devices is None:
@@ -87,12 +94,15 @@ class Parallel:
       sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
       # The broadcast is a view: each device gets one copy, the host none.
       return jax.tree.map(
-          lambda x: jax.device_put(
-              np.broadcast_to(x, (self.num_devices, *x.shape)), sharding),
-          tree)
+        lambda x: jax.device_put(
+          np.broadcast_to(x, (self.num_devices, *x.shape)), sharding
+        ),
+        tree,
+      )
     sharding = NamedSharding(self.mesh, PartitionSpec())
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+      lambda x: jax.make_array_from_process_local_data(sharding, x), tree
+    )
 
   def unreplicate(self, tree: Any) -> Any:
     """The single-copy view of a replicated pytree (drops pmap's axis)."""
@@ -119,18 +129,24 @@ class Parallel:
     def put(x):
       x = np.asarray(x)
       if x.shape[0] % num_local:
-        raise ValueError(f"This process's batch of {x.shape[0]} rows does "
-                         f"not split over its {num_local} devices.")
+        raise ValueError(
+          f"This process's batch of {x.shape[0]} rows does "
+          f"not split over its {num_local} devices."
+        )
       if self.mode == "pmap":
         return jax.device_put(
-            x.reshape(num_local, x.shape[0] // num_local, *x.shape[1:]),
-            sharding)
+          x.reshape(num_local, x.shape[0] // num_local, *x.shape[1:]), sharding
+        )
       return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(put, tree)
 
-  def compile(self, step: Callable, sharded_args: Sequence[bool],
-              donate_first: bool = False) -> Callable:
+  def compile(
+    self,
+    step: Callable,
+    sharded_args: Sequence[bool],
+    donate_first: bool = False,
+  ) -> Callable:
     """Compiles a per-device ``step`` over the mesh.
 
     Args:
@@ -143,11 +159,20 @@ class Parallel:
     donate = (0,) if donate_first else ()
     if self.mode == "pmap":
       return jax.pmap(step, axis_name=BATCH_AXIS, donate_argnums=donate)
-    in_specs = tuple(PartitionSpec(BATCH_AXIS) if sharded else PartitionSpec()
-                     for sharded in sharded_args)
+    in_specs = tuple(
+      PartitionSpec(BATCH_AXIS) if sharded else PartitionSpec()
+      for sharded in sharded_args
+    )
     # check_vma=False gives the step pmap's semantics: gradients with respect
     # to replicated arguments stay per device until the step's own pmean
     # (with it, JAX would already sum them over devices).
-    return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=in_specs,
-                                 out_specs=PartitionSpec(), check_vma=False),
-                   donate_argnums=donate)
+    return jax.jit(
+      jax.shard_map(
+        step,
+        mesh=self.mesh,
+        in_specs=in_specs,
+        out_specs=PartitionSpec(),
+        check_vma=False,
+      ),
+      donate_argnums=donate,
+    )

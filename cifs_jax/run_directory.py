@@ -63,18 +63,21 @@ class RunDirectory:
     """``<workdir>/<name><suffix>``, e.g. ("eval_paper", ".json")."""
     return self.path / f"{name}{suffix}"
 
-  def checkpointer(self, config: ml_collections.ConfigDict,
-                   **kwargs: Any) -> Checkpointer:
+  def checkpointer(
+    self, config: ml_collections.ConfigDict, **kwargs: Any
+  ) -> Checkpointer:
     """The run's checkpoints, ranked by ``best_metric(config)``."""
-    return Checkpointer(self.checkpoints_path, best_metric=best_metric(config),
-                        **kwargs)
+    return Checkpointer(
+      self.checkpoints_path, best_metric=best_metric(config), **kwargs
+    )
 
   def load_config(self) -> ml_collections.ConfigDict:
     """The config the run saved: its values over ``base_config()``."""
     if not self.config_path.exists():
       raise FileNotFoundError(
-          f"{self.config_path} does not exist: pass --config, or point "
-          "--workdir at a training run's directory.")
+        f"{self.config_path} does not exist: pass --config, or point "
+        "--workdir at a training run's directory."
+      )
     try:
       saved = json.loads(self.config_path.read_text())
     except json.JSONDecodeError as e:
@@ -92,8 +95,9 @@ class RunDirectory:
     if jax.process_index() != 0:
       return
     self.path.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=CONFIG_FILENAME + ".",
-                                   suffix=".tmp", dir=self.path)
+    handle, tmp = tempfile.mkstemp(
+      prefix=CONFIG_FILENAME + ".", suffix=".tmp", dir=self.path
+    )
     try:
       with os.fdopen(handle, "w") as f:
         f.write(_config_as_json(config))
@@ -102,8 +106,9 @@ class RunDirectory:
       os.unlink(tmp)
       raise
 
-  def check_compatible(self, config: ml_collections.ConfigDict,
-                       keys: Sequence[str] = RESUME_KEYS) -> None:
+  def check_compatible(
+    self, config: ml_collections.ConfigDict, keys: Sequence[str] = RESUME_KEYS
+  ) -> None:
     """Refuses to resume with a config that changes the model or data order.
 
     Compares ``config`` with the saved ``config.json`` (a run without one
@@ -120,27 +125,33 @@ class RunDirectory:
       old = _flatten(json.loads(self.config_path.read_text()))
     except json.JSONDecodeError as e:
       raise ValueError(
-          f"Cannot parse {self.config_path} ({e}); it should hold the config "
-          f"of the run in {self.path}. Fix or remove it to resume.") from e
+        f"Cannot parse {self.config_path} ({e}); it should hold the config "
+        f"of the run in {self.path}. Fix or remove it to resume."
+      ) from e
     new = _flatten(json.loads(_config_as_json(config)))
     missing = "<missing>"
-    changed = {key: (old.get(key, missing), new.get(key, missing))
-               for key in sorted(set(old) | set(new))
-               if old.get(key, missing) != new.get(key, missing)}
-    covered = lambda key: any(key == k or key.startswith(k + ".")
-                              for k in keys)
+    changed = {
+      key: (old.get(key, missing), new.get(key, missing))
+      for key in sorted(set(old) | set(new))
+      if old.get(key, missing) != new.get(key, missing)
+    }
+    covered = lambda key: any(key == k or key.startswith(k + ".") for k in keys)
     refused = {k: v for k, v in changed.items() if covered(k)}
     if refused:
-      lines = "\n".join(f"  {key}: {before!r} (saved) -> {after!r} (new)"
-                        for key, (before, after) in refused.items())
+      lines = "\n".join(
+        f"  {key}: {before!r} (saved) -> {after!r} (new)"
+        for key, (before, after) in refused.items()
+      )
       raise ValueError(
-          f"The config differs from the one saved in {self.config_path} in "
-          f"keys that change the model or the data order ({', '.join(keys)})"
-          f":\n{lines}\nUse a new workdir, or set these keys back to their "
-          "saved values to resume.")
+        f"The config differs from the one saved in {self.config_path} in "
+        f"keys that change the model or the data order ({', '.join(keys)})"
+        f":\n{lines}\nUse a new workdir, or set these keys back to their "
+        "saved values to resume."
+      )
     if changed:
-      logging.info("Resuming %s with config changes: %s", self.path,
-                   ", ".join(changed))
+      logging.info(
+        "Resuming %s with config changes: %s", self.path, ", ".join(changed)
+      )
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

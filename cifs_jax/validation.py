@@ -10,18 +10,23 @@ import ml_collections
 def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
   """Raises ValueError naming ``name`` and the allowed values."""
   if value not in allowed:
-    raise ValueError(f"{name}={value!r} is not supported; "
-                     f"choose one of {allowed}.")
+    raise ValueError(
+      f"{name}={value!r} is not supported; choose one of {allowed}."
+    )
 
 
-def check_known_keys(config: ml_collections.ConfigDict,
-                     reference: ml_collections.ConfigDict,
-                     prefix: str = "") -> None:
+def check_known_keys(
+  config: ml_collections.ConfigDict,
+  reference: ml_collections.ConfigDict,
+  prefix: str = "",
+) -> None:
   """Raises KeyError for any key of ``config`` (recursively) not in
   ``reference``, naming the full key and the allowed ones."""
   for key, value in config.items():
     if key not in reference:
-      raise KeyError(f"Unknown config key '{prefix}{key}'; allowed keys "
-                     f"here: {sorted(reference.keys())}.")
+      raise KeyError(
+        f"Unknown config key '{prefix}{key}'; allowed keys "
+        f"here: {sorted(reference.keys())}."
+      )
     if isinstance(value, ml_collections.ConfigDict):
       check_known_keys(value, reference[key], f"{prefix}{key}.")

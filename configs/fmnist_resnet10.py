@@ -4,7 +4,8 @@ and layer4.
 Reads the original IDX files (``data.source = "files"``; Debian's
 ``dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist).
 eps 0.1 with step 0.01, a common Fashion-MNIST setting (the paper's
-appendix with its exact values is not available to us). Variants as in ``cifar_resnet18.py``.
+appendix with its exact values is not available to us). Variants as in
+``cifar_resnet18.py``.
 """
 
 from cifs_jax import experiment_config

@@ -17,8 +17,11 @@ def read_scalar_events(logdir: pathlib.Path) -> list[tuple[int, str, float]]:
     blob, offset = path.read_bytes(), 0
     while offset < len(blob):
       (length,) = struct.unpack_from("<Q", blob, offset)
-      event = event_pb2.Event.FromString(blob[offset + 12:offset + 12 + length])
+      event = event_pb2.Event.FromString(
+        blob[offset + 12 : offset + 12 + length]
+      )
       offset += 12 + length + 4
-      scalars += [(event.step, v.tag, v.simple_value)
-                  for v in event.summary.value]
+      scalars += [
+        (event.step, v.tag, v.simple_value) for v in event.summary.value
+      ]
   return scalars

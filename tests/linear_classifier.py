@@ -9,13 +9,13 @@ holds an adversarial point is decided coordinate by coordinate.
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (jit)
 class LinearClassifier:
   """weight (K, D), bias (K,); inputs (N, ...) with D values each."""
+
   weight: np.ndarray
   bias: np.ndarray
 
@@ -43,8 +43,7 @@ class LinearClassifier:
     flat = np.asarray(x).reshape(x.shape[0], -1)
     normal, margin = self._normals_and_margins(flat, y, targets)
     if norm == "linf":
-      step = np.sign(normal) * (
-          margin / np.abs(normal).sum(-1))[..., None]
+      step = np.sign(normal) * (margin / np.abs(normal).sum(-1))[..., None]
     else:
       step = normal * (margin / np.square(normal).sum(-1))[..., None]
     return flat[:, None, :] - step
@@ -56,8 +55,11 @@ class LinearClassifier:
     low, high = np.maximum(flat - eps, 0.0), np.minimum(flat + eps, 1.0)
     # Per other class u, the largest f_u - f_y over the box-ball.
     normal = self.weight[None] - self.weight[y][:, None]  # (N, K, D)
-    worst = (np.maximum(normal * low[:, None], normal * high[:, None]).sum(-1)
-             + self.bias[None] - self.bias[y][:, None])
+    worst = (
+      np.maximum(normal * low[:, None], normal * high[:, None]).sum(-1)
+      + self.bias[None]
+      - self.bias[y][:, None]
+    )
     worst[np.arange(len(y)), y] = -np.inf
     return worst.max(-1) < 0
 
@@ -72,8 +74,10 @@ class LinearClassifier:
 def random_classifier(seed, num_classes, dim, scale=1.0):
   """Gaussian weights and biases (a numpy model: jnp inputs give jnp)."""
   rng = np.random.default_rng(seed)
-  return LinearClassifier(scale * rng.normal(size=(num_classes, dim)),
-                          0.1 * rng.normal(size=num_classes))
+  return LinearClassifier(
+    scale * rng.normal(size=(num_classes, dim)),
+    0.1 * rng.normal(size=num_classes),
+  )
 
 
 def correctly_labelled_points(model, seed, shape, low=0.0, high=1.0):

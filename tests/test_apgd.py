@@ -48,8 +48,12 @@ def exact_l2_robust(w, b, x, y, eps):
   w, b, x = (np.asarray(a, np.float64) for a in (w, b, x))
   y = np.asarray(y).astype(int)
   diff = w.T[y][:, None, :] - w.T[None, :, :]  # (N, K, D)
-  margins = (np.sum(x[:, None, :] * diff, -1) + b[y][:, None] - b[None, :]
-             - eps * np.linalg.norm(diff, axis=-1))
+  margins = (
+    np.sum(x[:, None, :] * diff, -1)
+    + b[y][:, None]
+    - b[None, :]
+    - eps * np.linalg.norm(diff, axis=-1)
+  )
   margins[np.arange(len(y)), y] = np.inf
   return np.all(margins > 0, axis=-1)
 
@@ -71,8 +75,9 @@ def trained_mlp(seed=13, num_classes=3, hidden=32, steps=150):
   """
   dim = int(np.prod(IMAGE_SHAPE))
   keys = jax.random.split(jax.random.key(seed), 4)
-  means = jax.random.uniform(keys[0], (num_classes, dim), minval=0.3,
-                             maxval=0.7)
+  means = jax.random.uniform(
+    keys[0], (num_classes, dim), minval=0.3, maxval=0.7
+  )
 
   def sample(key, n):
     label_key, noise_key = jax.random.split(key)
@@ -86,23 +91,28 @@ def trained_mlp(seed=13, num_classes=3, hidden=32, steps=150):
     hidden_units = jax.nn.relu(flat @ params["w1"] + params["b1"])
     return hidden_units @ params["w2"] + params["b2"], []
 
-  params = {"w1": jax.random.normal(keys[1], (dim, hidden)) / np.sqrt(dim),
-            "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(keys[2], (hidden, num_classes)) / 6,
-            "b2": jnp.zeros(num_classes)}
+  params = {
+    "w1": jax.random.normal(keys[1], (dim, hidden)) / np.sqrt(dim),
+    "b1": jnp.zeros(hidden),
+    "w2": jax.random.normal(keys[2], (hidden, num_classes)) / 6,
+    "b2": jnp.zeros(num_classes),
+  }
   optimizer = optax.adam(1e-2)
 
   def train(carry, key):
     params, opt_state = carry
     images, labels = sample(key, 128)
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        apply(p, images)[0], labels).mean())(params)
+    grads = jax.grad(
+      lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        apply(p, images)[0], labels
+      ).mean()
+    )(params)
     updates, opt_state = optimizer.update(grads, opt_state)
     return (optax.apply_updates(params, updates), opt_state), None
 
-  (params, _), _ = jax.jit(lambda p, keys: jax.lax.scan(
-      train, (p, optimizer.init(p)), keys))(
-          params, jax.random.split(keys[3], steps))
+  (params, _), _ = jax.jit(
+    lambda p, keys: jax.lax.scan(train, (p, optimizer.init(p)), keys)
+  )(params, jax.random.split(keys[3], steps))
   return functools.partial(apply, params), sample
 
 
@@ -128,13 +138,18 @@ def test_dlr_losses_match_their_formulas():
   true_logit = logits[np.arange(16), y]
   other = np.where(np.arange(6)[None] == y[:, None], -np.inf, logits).max(-1)
   np.testing.assert_allclose(
-      apgd_lib.dlr_loss(jnp.asarray(logits), jnp.asarray(y)),
-      -(true_logit - other) / (ranked[:, 0] - ranked[:, 2]), rtol=1e-5)
+    apgd_lib.dlr_loss(jnp.asarray(logits), jnp.asarray(y)),
+    -(true_logit - other) / (ranked[:, 0] - ranked[:, 2]),
+    rtol=1e-5,
+  )
   np.testing.assert_allclose(
-      apgd_lib.dlr_targeted_loss(jnp.asarray(logits), jnp.asarray(y),
-                                 jnp.asarray(target)),
-      -(true_logit - logits[np.arange(16), target]) /
-      (ranked[:, 0] - (ranked[:, 2] + ranked[:, 3]) / 2), rtol=1e-5)
+    apgd_lib.dlr_targeted_loss(
+      jnp.asarray(logits), jnp.asarray(y), jnp.asarray(target)
+    ),
+    -(true_logit - logits[np.arange(16), target])
+    / (ranked[:, 0] - (ranked[:, 2] + ranked[:, 3]) / 2),
+    rtol=1e-5,
+  )
 
 
 # --- Closed forms. -----------------------------------------------------------
@@ -162,8 +177,9 @@ def test_apgd_t_reaches_the_exact_l2_robust_accuracy_of_a_linear_model():
   eps = 0.25  # No coordinate can leave [0.05, 0.95]: the box is inactive.
   exact = exact_l2_robust(w, b, x, y, eps)
   assert 0.2 < exact.mean() < 0.8
-  config = apgd_lib.APGDConfig(eps=eps, norm="l2", num_steps=50,
-                               loss="dlr-targeted")
+  config = apgd_lib.APGDConfig(
+    eps=eps, norm="l2", num_steps=50, loss="dlr-targeted"
+  )
   x_adv = run_apgd(logits_fn, x, y, jax.random.key(5), config)
   robust = robust_flags(logits_fn, x_adv, y)
   assert np.all(robust[exact])
@@ -175,12 +191,21 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd_on_a_trained_model():
   logits_fn, sample = trained_mlp()
   x, y = sample(jax.random.key(14), 256)
   eps, steps = 0.1, 20
-  x_pgd = jax.jit(functools.partial(
-      pgd, logits_fn, loss_fn=objectives.AttackLoss(),
-      config=PGDConfig(eps=eps, step_size=eps / 4, num_steps=steps)))(
-          x, y, jax.random.key(15))
-  x_apgd = run_apgd(logits_fn, x, y, jax.random.key(16),
-                    apgd_lib.APGDConfig(eps=eps, num_steps=steps))
+  x_pgd = jax.jit(
+    functools.partial(
+      pgd,
+      logits_fn,
+      loss_fn=objectives.AttackLoss(),
+      config=PGDConfig(eps=eps, step_size=eps / 4, num_steps=steps),
+    )
+  )(x, y, jax.random.key(15))
+  x_apgd = run_apgd(
+    logits_fn,
+    x,
+    y,
+    jax.random.key(16),
+    apgd_lib.APGDConfig(eps=eps, num_steps=steps),
+  )
   natural = robust_flags(logits_fn, x, y).mean()
   under_pgd = robust_flags(logits_fn, x_pgd, y).mean()
   under_apgd = robust_flags(logits_fn, x_apgd, y).mean()
@@ -195,29 +220,45 @@ def test_apgd_ce_is_at_least_as_strong_as_pgd_on_a_trained_model():
 TOY = _toy_cifs(6)
 TOY_X = _uniform(4, (64,) + IMAGE_SHAPE)
 TOY_Y = jnp.argmax(TOY(TOY_X)[0], axis=-1)
-TOY_CONFIG = apgd_lib.APGDConfig(num_steps=3, loss=objectives.AttackLoss(
-    beta=2.0))
+TOY_CONFIG = apgd_lib.APGDConfig(
+  num_steps=3, loss=objectives.AttackLoss(beta=2.0)
+)
 
 
-@pytest.mark.parametrize("norm,eps,loss,relevance_grad", [
+@pytest.mark.parametrize(
+  "norm,eps,loss,relevance_grad",
+  [
     ("linf", EPS, objectives.AttackLoss(beta=2.0), "full"),
-    pytest.param("l2", 0.5, objectives.AttackLoss(beta=math.inf), "stop",
-                 marks=pytest.mark.slow),
+    pytest.param(
+      "l2",
+      0.5,
+      objectives.AttackLoss(beta=math.inf),
+      "stop",
+      marks=pytest.mark.slow,
+    ),
     pytest.param("linf", EPS, "dlr", "stop", marks=pytest.mark.slow),
-    ("l2", 0.5, "dlr-targeted", "full")])
+    ("l2", 0.5, "dlr-targeted", "full"),
+  ],
+)
 def test_points_stay_in_the_ball_and_the_box(norm, eps, loss, relevance_grad):
   logits_fn = _toy_cifs(0, relevance_grad)
   x = _uniform(1, (8,) + IMAGE_SHAPE)
   x = x.at[:2].set(jnp.round(x[:2]))  # Pixels at 0 and 1: the box binds.
   y = jnp.arange(8) % 5
-  config = apgd_lib.APGDConfig(eps=eps, norm=norm, num_steps=8,
-                               num_restarts=2, loss=loss,
-                               num_target_classes=2)
+  config = apgd_lib.APGDConfig(
+    eps=eps,
+    norm=norm,
+    num_steps=8,
+    num_restarts=2,
+    loss=loss,
+    num_target_classes=2,
+  )
   x_adv = run_apgd(logits_fn, x, y, jax.random.key(2), config)
   chex.assert_shape(x_adv, x.shape)
   delta = np.asarray(x_adv - x).reshape(8, -1)
-  size = (np.abs(delta).max(-1) if norm == "linf"
-          else np.linalg.norm(delta, axis=-1))
+  size = (
+    np.abs(delta).max(-1) if norm == "linf" else np.linalg.norm(delta, axis=-1)
+  )
   assert size.max() <= eps * (1 + 1e-5)
   assert size.max() > eps / 2  # The attack did move.
   assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
@@ -226,18 +267,28 @@ def test_points_stay_in_the_ball_and_the_box(norm, eps, loss, relevance_grad):
 def test_the_same_key_gives_the_same_attack():
   first = run_apgd(TOY, TOY_X, TOY_Y, jax.random.key(8), TOY_CONFIG)
   chex.assert_trees_all_close(
-      first, run_apgd(TOY, TOY_X, TOY_Y, jax.random.key(8), TOY_CONFIG),
-      atol=0)
+    first, run_apgd(TOY, TOY_X, TOY_Y, jax.random.key(8), TOY_CONFIG), atol=0
+  )
   assert not np.array_equal(
-      first, run_apgd(TOY, TOY_X, TOY_Y, jax.random.key(9), TOY_CONFIG))
+    first, run_apgd(TOY, TOY_X, TOY_Y, jax.random.key(9), TOY_CONFIG)
+  )
 
 
 def test_restarts_only_add_fooled_points():
-  once = ~robust_flags(TOY, run_apgd(TOY, TOY_X, TOY_Y, jax.random.key(5),
-                                     TOY_CONFIG), TOY_Y)
-  restarted = ~robust_flags(TOY, run_apgd(
-      TOY, TOY_X, TOY_Y, jax.random.key(5),
-      dataclasses.replace(TOY_CONFIG, num_restarts=4)), TOY_Y)
+  once = ~robust_flags(
+    TOY, run_apgd(TOY, TOY_X, TOY_Y, jax.random.key(5), TOY_CONFIG), TOY_Y
+  )
+  restarted = ~robust_flags(
+    TOY,
+    run_apgd(
+      TOY,
+      TOY_X,
+      TOY_Y,
+      jax.random.key(5),
+      dataclasses.replace(TOY_CONFIG, num_restarts=4),
+    ),
+    TOY_Y,
+  )
   assert np.all(restarted[once])
   assert restarted.sum() > once.sum()
 
@@ -254,10 +305,18 @@ def test_joint_ce_at_beta_zero_is_cross_entropy_on_the_final_head():
   final_only = lambda x: (TOY(x)[0], [])  # noqa: E731
   key = jax.random.key(22)
   chex.assert_trees_all_close(
-      run_apgd(TOY, TOY_X, TOY_Y, key, dataclasses.replace(
-          TOY_CONFIG, loss=objectives.AttackLoss(beta=0.0))),
-      run_apgd(final_only, TOY_X, TOY_Y, key,
-               dataclasses.replace(TOY_CONFIG, loss="ce")), atol=0)
+    run_apgd(
+      TOY,
+      TOY_X,
+      TOY_Y,
+      key,
+      dataclasses.replace(TOY_CONFIG, loss=objectives.AttackLoss(beta=0.0)),
+    ),
+    run_apgd(
+      final_only, TOY_X, TOY_Y, key, dataclasses.replace(TOY_CONFIG, loss="ce")
+    ),
+    atol=0,
+  )
 
 
 @pytest.mark.slow
@@ -265,9 +324,12 @@ def test_eot_on_a_deterministic_model_is_the_plain_attack():
   with_key = lambda x, key: TOY(x)  # noqa: E731
   key = jax.random.key(32)
   chex.assert_trees_all_close(
-      run_apgd(with_key, TOY_X, TOY_Y, key,
-               dataclasses.replace(TOY_CONFIG, eot_iter=3)),
-      run_apgd(TOY, TOY_X, TOY_Y, key, TOY_CONFIG), atol=1e-6)
+    run_apgd(
+      with_key, TOY_X, TOY_Y, key, dataclasses.replace(TOY_CONFIG, eot_iter=3)
+    ),
+    run_apgd(TOY, TOY_X, TOY_Y, key, TOY_CONFIG),
+    atol=1e-6,
+  )
 
 
 @pytest.mark.slow
@@ -285,8 +347,9 @@ def test_eot_averages_the_gradient_of_a_randomised_model():
 
   x = _uniform(41, (200, LINEAR_DIM))
   y = jnp.argmax(x @ w + b, axis=-1)
-  config = apgd_lib.APGDConfig(eps=0.1, num_steps=20, eot_iter=16,
-                               loss="dlr-targeted")
+  config = apgd_lib.APGDConfig(
+    eps=0.1, num_steps=20, eot_iter=16, loss="dlr-targeted"
+  )
   x_adv = run_apgd(randomised, x, y, jax.random.key(42), config)
   exact = exact_linf_robust(w, b, x, y, 0.1)
   robust = robust_flags(lambda x: (x @ w + b, []), x_adv, y)
@@ -302,5 +365,6 @@ def test_config_rejects_bad_settings():
     apgd_lib.APGDConfig(num_restarts=0)
   assert apgd_lib.APGDConfig(loss="ce").loss == objectives.AttackLoss()
   with pytest.raises(ValueError):
-    apgd_lib.dlr_targeted_loss(jnp.zeros((2, 3)), jnp.zeros(2, int),
-                               jnp.ones(2, int))
+    apgd_lib.dlr_targeted_loss(
+      jnp.zeros((2, 3)), jnp.zeros(2, int), jnp.ones(2, int)
+    )

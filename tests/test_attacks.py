@@ -22,8 +22,9 @@ def _flat(x):
 
 
 def _uniform(seed, shape, low=0.0, high=1.0):
-  return jax.random.uniform(jax.random.key(seed), shape, minval=low,
-                            maxval=high)
+  return jax.random.uniform(
+    jax.random.key(seed), shape, minval=low, maxval=high
+  )
 
 
 def _binary_linear(seed):
@@ -33,14 +34,16 @@ def _binary_linear(seed):
   def logits_fn(x):
     score = _flat(x) @ w
     return jnp.stack([score, jnp.zeros_like(score)], axis=-1), []
+
   return w, logits_fn
 
 
 def _margin(logits, y):
   """z_y - max_{j != y} z_j, per example."""
   true_logit = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-  others = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool),
-                     -jnp.inf, logits)
+  others = jnp.where(
+    jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits
+  )
   return true_logit - jnp.max(others, axis=-1)
 
 
@@ -58,11 +61,13 @@ def _toy_cifs(seed, relevance_grad="stop", num_classes=5, hidden=8):
 
   def logits_fn(x):
     features = jnp.tanh(_flat(x) @ w1 - 2.0)
-    seen = features if relevance_grad == "full" else jax.lax.stop_gradient(
-        features)
+    seen = (
+      features if relevance_grad == "full" else jax.lax.stop_gradient(features)
+    )
     mask = jax.nn.softmax((seen @ probe) @ probe.T, axis=-1) * hidden
     masked = features * mask
     return masked @ w2, [features @ probe, masked @ probe2]
+
   return logits_fn
 
 
@@ -76,8 +81,11 @@ def _fooled(logits_fn, x_adv, y):
 
 
 def _jit_pgd(logits_fn, loss, config, **kwargs):
-  return jax.jit(functools.partial(attacks.pgd, logits_fn, loss_fn=loss,
-                                   config=config, **kwargs))
+  return jax.jit(
+    functools.partial(
+      attacks.pgd, logits_fn, loss_fn=loss, config=config, **kwargs
+    )
+  )
 
 
 # --- Closed forms. ---------------------------------------------------------
@@ -87,8 +95,9 @@ def test_fgsm_is_the_closed_form_optimum_of_a_binary_linear_model():
   w, logits_fn = _binary_linear(0)
   x = _uniform(1, (16,) + IMAGE_SHAPE)  # Box constraints are active.
   y = jnp.arange(16) % 2
-  x_adv = attacks.pgd(logits_fn, x, y, None, attacks.AttackLoss(),
-                      attacks.fgsm_config(EPS))
+  x_adv = attacks.pgd(
+    logits_fn, x, y, None, attacks.AttackLoss(), attacks.fgsm_config(EPS)
+  )
   # The margin of label 0 is x.w (of label 1, -x.w), separable over
   # coordinates: each moves by eps against the margin's sign, then the box.
   direction = jnp.where(y == 0, 1.0, -1.0)[:, None] * jnp.sign(w)
@@ -98,18 +107,22 @@ def test_fgsm_is_the_closed_form_optimum_of_a_binary_linear_model():
 
 @pytest.mark.parametrize("random_start", [False, True])
 def test_linf_pgd_reaches_the_worst_margin_of_a_binary_linear_model(
-    random_start):
+  random_start,
+):
   w, logits_fn = _binary_linear(2)
   x = _uniform(3, (16,) + IMAGE_SHAPE)
   y = jnp.arange(16) % 2
-  config = attacks.PGDConfig(eps=EPS, step_size=2 / 255, num_steps=10,
-                             random_start=random_start)
+  config = attacks.PGDConfig(
+    eps=EPS, step_size=2 / 255, num_steps=10, random_start=random_start
+  )
   x_adv = _jit_pgd(logits_fn, attacks.AttackLoss(), config)(
-      x, y, jax.random.key(4))
+    x, y, jax.random.key(4)
+  )
   sign = jnp.where(y == 0, 1.0, -1.0)
   worst = jnp.clip(_flat(x) - EPS * sign[:, None] * jnp.sign(w), 0.0, 1.0)
-  np.testing.assert_allclose(_margin(logits_fn(x_adv)[0], y),
-                             sign * (worst @ w), atol=1e-5)
+  np.testing.assert_allclose(
+    _margin(logits_fn(x_adv)[0], y), sign * (worst @ w), atol=1e-5
+  )
 
 
 def test_l2_pgd_reaches_the_worst_margin_of_a_binary_linear_model():
@@ -117,13 +130,17 @@ def test_l2_pgd_reaches_the_worst_margin_of_a_binary_linear_model():
   x = _uniform(6, (8,) + IMAGE_SHAPE, 0.3, 0.7)  # The box stays inactive.
   y = jnp.arange(8) % 2
   eps = 0.5
-  config = attacks.PGDConfig(eps=eps, step_size=eps / 4, num_steps=8,
-                             norm="l2", random_start=False)
+  config = attacks.PGDConfig(
+    eps=eps, step_size=eps / 4, num_steps=8, norm="l2", random_start=False
+  )
   x_adv = _jit_pgd(logits_fn, attacks.AttackLoss(), config)(x, y, None)
   clean_margin = _margin(logits_fn(x)[0], y)
-  np.testing.assert_allclose(_margin(logits_fn(x_adv)[0], y),
-                             clean_margin - eps * jnp.linalg.norm(w),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    _margin(logits_fn(x_adv)[0], y),
+    clean_margin - eps * jnp.linalg.norm(w),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_linf_pgd_reaches_the_worst_margin_of_a_two_layer_model():
@@ -143,17 +160,20 @@ def test_linf_pgd_reaches_the_worst_margin_of_a_two_layer_model():
 
   def logits_fn(x_in):
     hidden = jax.nn.relu(
-        jnp.einsum("nkd,kd->nk", _flat(x_in).reshape(blocks.shape), w) + b)
+      jnp.einsum("nkd,kd->nk", _flat(x_in).reshape(blocks.shape), w) + b
+    )
     margin = hidden @ v
     return jnp.stack([margin, jnp.zeros_like(margin)], axis=-1), []
 
   y = jnp.zeros(6, jnp.int32)
-  config = attacks.PGDConfig(eps=EPS, step_size=0.1 * EPS, num_steps=20,
-                             random_start=False)
+  config = attacks.PGDConfig(
+    eps=EPS, step_size=0.1 * EPS, num_steps=20, random_start=False
+  )
   x_adv = _jit_pgd(logits_fn, attacks.AttackLoss(), config)(x, y, None)
   expected = jax.nn.relu(clean_preactivation - reach) @ v
-  np.testing.assert_allclose(_margin(logits_fn(x_adv)[0], y),
-                             jnp.full(6, expected), atol=1e-5)
+  np.testing.assert_allclose(
+    _margin(logits_fn(x_adv)[0], y), jnp.full(6, expected), atol=1e-5
+  )
 
 
 # --- Invariants. -----------------------------------------------------------
@@ -161,23 +181,25 @@ def test_linf_pgd_reaches_the_worst_margin_of_a_two_layer_model():
 
 @pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
 @pytest.mark.parametrize("relevance_grad", ["stop", "full"])
-def test_every_iterate_stays_in_the_ball_and_the_box(norm, eps,
-                                                     relevance_grad):
+def test_every_iterate_stays_in_the_ball_and_the_box(norm, eps, relevance_grad):
   logits_fn = _toy_cifs(0, relevance_grad)
   x = _uniform(1, (8,) + IMAGE_SHAPE)
   x = x.at[:2].set(jnp.round(x[:2]))  # Pixels at 0 and 1: the box binds.
   y = jnp.arange(8) % 5
-  config = attacks.PGDConfig(eps=eps, step_size=eps / 2, num_steps=6,
-                             norm=norm, num_restarts=2)
+  config = attacks.PGDConfig(
+    eps=eps, step_size=eps / 2, num_steps=6, norm=norm, num_restarts=2
+  )
   x_adv, trajectory = _jit_pgd(
-      logits_fn, attacks.AttackLoss(beta=2.0), config,
-      return_trajectory=True)(x, y, jax.random.key(2))
+    logits_fn, attacks.AttackLoss(beta=2.0), config, return_trajectory=True
+  )(x, y, jax.random.key(2))
   assert trajectory.shape == (2, 6) + x.shape
-  iterates = np.concatenate([np.asarray(trajectory).reshape(-1, *x.shape),
-                             np.asarray(x_adv)[None]])
+  iterates = np.concatenate(
+    [np.asarray(trajectory).reshape(-1, *x.shape), np.asarray(x_adv)[None]]
+  )
   delta = (iterates - np.asarray(x)[None]).reshape(len(iterates), 8, -1)
-  size = (np.abs(delta).max(-1) if norm == "linf"
-          else np.linalg.norm(delta, axis=-1))
+  size = (
+    np.abs(delta).max(-1) if norm == "linf" else np.linalg.norm(delta, axis=-1)
+  )
   assert size.max() <= eps * (1 + 1e-5)
   assert size.max() > eps / 2  # The attack did move.
   assert iterates.min() >= 0.0 and iterates.max() <= 1.0
@@ -189,13 +211,16 @@ def test_restarts_are_never_weaker_than_one_run():
   y = _clean_labels(logits_fn, x)
   loss = attacks.AttackLoss(beta=2.0)
   single = attacks.PGDConfig(eps=EPS, step_size=2 / 255, num_steps=3)
-  multi = attacks.PGDConfig(eps=EPS, step_size=2 / 255, num_steps=3,
-                            num_restarts=4)
+  multi = attacks.PGDConfig(
+    eps=EPS, step_size=2 / 255, num_steps=3, num_restarts=4
+  )
   key = jax.random.key(5)
-  fooled_once = _fooled(logits_fn, _jit_pgd(logits_fn, loss, single)(
-      x, y, key), y)
-  fooled_restarts = _fooled(logits_fn, _jit_pgd(logits_fn, loss, multi)(
-      x, y, key), y)
+  fooled_once = _fooled(
+    logits_fn, _jit_pgd(logits_fn, loss, single)(x, y, key), y
+  )
+  fooled_restarts = _fooled(
+    logits_fn, _jit_pgd(logits_fn, loss, multi)(x, y, key), y
+  )
   assert np.all(fooled_restarts[fooled_once])
   assert fooled_restarts.sum() > fooled_once.sum()  # Restarts do help here.
 
@@ -205,8 +230,7 @@ def test_the_same_seed_gives_the_same_attack():
   x = _uniform(7, (8,) + IMAGE_SHAPE)
   y = jnp.arange(8) % 5
   config = attacks.PGDConfig(num_steps=3, num_restarts=2)
-  attack = _jit_pgd(logits_fn, attacks.AttackLoss(kind="cw", beta=1.0),
-                    config)
+  attack = _jit_pgd(logits_fn, attacks.AttackLoss(kind="cw", beta=1.0), config)
   first = attack(x, y, jax.random.key(8))
   np.testing.assert_array_equal(first, attack(x, y, jax.random.key(8)))
   assert not np.array_equal(first, attack(x, y, jax.random.key(9)))
@@ -220,17 +244,20 @@ def test_unrolling_the_step_loop_does_not_change_the_attack():
   rolled = attacks.PGDConfig(num_steps=6)
   unrolled = attacks.PGDConfig(num_steps=6, unroll=3)
   key = jax.random.key(12)
-  np.testing.assert_allclose(_jit_pgd(logits_fn, loss, rolled)(x, y, key),
-                             _jit_pgd(logits_fn, loss, unrolled)(x, y, key),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    _jit_pgd(logits_fn, loss, rolled)(x, y, key),
+    _jit_pgd(logits_fn, loss, unrolled)(x, y, key),
+    atol=1e-6,
+  )
 
 
 def test_a_trained_model_loses_more_accuracy_to_pgd_than_to_fgsm():
   # Three Gaussian classes in [0, 1]^48, a two-layer MLP, 150 Adam steps.
   num_classes, hidden = 3, 32
   keys = jax.random.split(jax.random.key(13), 5)
-  means = jax.random.uniform(keys[0], (num_classes, DIM), minval=0.3,
-                             maxval=0.7)
+  means = jax.random.uniform(
+    keys[0], (num_classes, DIM), minval=0.3, maxval=0.7
+  )
 
   def sample(key, n):
     label_key, noise_key = jax.random.split(key)
@@ -243,17 +270,22 @@ def test_a_trained_model_loses_more_accuracy_to_pgd_than_to_fgsm():
     hidden_units = jax.nn.relu(_flat(x) @ params["w1"] + params["b1"])
     return hidden_units @ params["w2"] + params["b2"], []
 
-  params = {"w1": jax.random.normal(keys[1], (DIM, hidden)) / np.sqrt(DIM),
-            "b1": jnp.zeros(hidden),
-            "w2": jax.random.normal(keys[2], (hidden, num_classes)) / 6,
-            "b2": jnp.zeros(num_classes)}
+  params = {
+    "w1": jax.random.normal(keys[1], (DIM, hidden)) / np.sqrt(DIM),
+    "b1": jnp.zeros(hidden),
+    "w2": jax.random.normal(keys[2], (hidden, num_classes)) / 6,
+    "b2": jnp.zeros(num_classes),
+  }
   optimizer = optax.adam(1e-2)
 
   @jax.jit
   def train_step(params, opt_state, key):
     images, labels = sample(key, 128)
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        apply(p, images)[0], labels).mean())(params)
+    grads = jax.grad(
+      lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        apply(p, images)[0], labels
+      ).mean()
+    )(params)
     updates, opt_state = optimizer.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state
 
@@ -269,8 +301,9 @@ def test_a_trained_model_loses_more_accuracy_to_pgd_than_to_fgsm():
   eps = 0.1
   loss = attacks.AttackLoss()
   fgsm = _jit_pgd(logits_fn, loss, attacks.fgsm_config(eps))(x, y, None)
-  pgd = _jit_pgd(logits_fn, loss, attacks.PGDConfig(
-      eps=eps, step_size=eps / 4, num_steps=20))(x, y, jax.random.key(14))
+  pgd = _jit_pgd(
+    logits_fn, loss, attacks.PGDConfig(eps=eps, step_size=eps / 4, num_steps=20)
+  )(x, y, jax.random.key(14))
   natural, under_fgsm, under_pgd = accuracy(x), accuracy(fgsm), accuracy(pgd)
   assert natural > 0.95
   assert under_pgd < under_fgsm < natural
@@ -301,18 +334,23 @@ def _cw(logits, labels, confidence):
 def test_attack_loss_mixes_heads_with_eq3_weights(kind):
   final, probes, labels = _random_heads(0)
   confidence = 5.0
-  head_loss = (_cross_entropy if kind == "ce" else
-               functools.partial(_cw, confidence=confidence))
+  head_loss = (
+    _cross_entropy
+    if kind == "ce"
+    else functools.partial(_cw, confidence=confidence)
+  )
   per_head = [head_loss(logits, labels) for logits in [final] + probes]
   probe_mean = (per_head[1] + per_head[2]) / 2
 
   def loss(beta, probe=None):
-    return attacks.AttackLoss(kind=kind, beta=beta, probe=probe,
-                              confidence=confidence)(final, probes, labels)
+    return attacks.AttackLoss(
+      kind=kind, beta=beta, probe=probe, confidence=confidence
+    )(final, probes, labels)
 
   np.testing.assert_allclose(loss(0.0), per_head[0], rtol=1e-5)
-  np.testing.assert_allclose(loss(2.0), (per_head[0] + 2 * probe_mean) / 3,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    loss(2.0), (per_head[0] + 2 * probe_mean) / 3, rtol=1e-5
+  )
   np.testing.assert_allclose(loss(math.inf), probe_mean, rtol=1e-5)
   np.testing.assert_allclose(loss(math.inf, probe=1), per_head[2], rtol=1e-5)
 
@@ -325,8 +363,9 @@ def test_beta_zero_attacks_the_final_head_alone():
   config = attacks.PGDConfig(num_steps=4)
   key = jax.random.key(22)
   np.testing.assert_array_equal(
-      _jit_pgd(logits_fn, attacks.AttackLoss(beta=0.0), config)(x, y, key),
-      _jit_pgd(final_only, attacks.AttackLoss(), config)(x, y, key))
+    _jit_pgd(logits_fn, attacks.AttackLoss(beta=0.0), config)(x, y, key),
+    _jit_pgd(final_only, attacks.AttackLoss(), config)(x, y, key),
+  )
 
 
 @pytest.mark.parametrize("probe", [None, 1])
@@ -339,8 +378,10 @@ def test_beta_inf_ignores_the_final_head(probe):
   loss = attacks.AttackLoss(beta=math.inf, probe=probe)
   config = attacks.PGDConfig(num_steps=4)
   key = jax.random.key(26)
-  np.testing.assert_array_equal(_jit_pgd(logits_fn, loss, config)(x, y, key),
-                                _jit_pgd(swapped, loss, config)(x, y, key))
+  np.testing.assert_array_equal(
+    _jit_pgd(logits_fn, loss, config)(x, y, key),
+    _jit_pgd(swapped, loss, config)(x, y, key),
+  )
 
 
 def test_attack_loss_rejects_inconsistent_settings():
@@ -375,12 +416,10 @@ def test_attack_runs_inside_pmap_with_per_example_keys():
   loss = attacks.AttackLoss(beta=2.0)
   config = attacks.PGDConfig(num_steps=3, num_restarts=2)
   whole = _jit_pgd(logits_fn, loss, config)(x, y, keys)
-  per_device = jax.pmap(functools.partial(
-      attacks.pgd, logits_fn, loss_fn=loss, config=config))(
-          x.reshape((2, 4) + IMAGE_SHAPE), y.reshape(2, 4),
-          keys.reshape(2, 4))
-  np.testing.assert_allclose(per_device.reshape(whole.shape), whole,
-                             atol=1e-6)
+  per_device = jax.pmap(
+    functools.partial(attacks.pgd, logits_fn, loss_fn=loss, config=config)
+  )(x.reshape((2, 4) + IMAGE_SHAPE), y.reshape(2, 4), keys.reshape(2, 4))
+  np.testing.assert_allclose(per_device.reshape(whole.shape), whole, atol=1e-6)
 
 
 def test_attack_on_a_batch_sharded_over_devices_matches_one_device():
@@ -390,8 +429,11 @@ def test_attack_on_a_batch_sharded_over_devices_matches_one_device():
   x = _uniform(34, (8,) + IMAGE_SHAPE)
   y = jnp.arange(8) % 5
   keys = jax.random.split(jax.random.key(35), 8)
-  attack = _jit_pgd(logits_fn, attacks.AttackLoss(kind="cw", beta=1.0),
-                    attacks.PGDConfig(num_steps=3))
+  attack = _jit_pgd(
+    logits_fn,
+    attacks.AttackLoss(kind="cw", beta=1.0),
+    attacks.PGDConfig(num_steps=3),
+  )
   x_adv = attack(*jax.device_put((x, y, keys), sharded))
   assert x_adv.sharding.is_equivalent_to(sharded, x_adv.ndim)
   np.testing.assert_allclose(x_adv, attack(x, y, keys), atol=1e-6)

@@ -11,8 +11,13 @@ import pytest
 
 from cifs_jax.attacks import autoattack as aa
 from cifs_jax.attacks.objectives import AttackLoss
-from tests.test_apgd import (LINEAR_CLASSES, LINEAR_DIM, exact_linf_robust,
-                             linear_model, robust_flags)
+from tests.test_apgd import (
+  LINEAR_CLASSES,
+  LINEAR_DIM,
+  exact_linf_robust,
+  linear_model,
+  robust_flags,
+)
 from tests.test_attacks import IMAGE_SHAPE, _toy_cifs, _uniform
 
 EPS = 0.1
@@ -24,8 +29,9 @@ def worst_for_class(logits_fn, x, y, key, target):
   ``target`` for the module's linear model (x unchanged where y == target)."""
   del logits_fn, key
   direction = jnp.sign(W.T[y] - W.T[target])  # (N, D): sign of w_y - w_t.
-  return jnp.where((y == target)[:, None], x,
-                   jnp.clip(x - EPS * direction, 0.0, 1.0))
+  return jnp.where(
+    (y == target)[:, None], x, jnp.clip(x - EPS * direction, 0.0, 1.0)
+  )
 
 
 def identity(logits_fn, x, y, key, config):
@@ -42,30 +48,47 @@ def overshoot(logits_fn, x, y, key, config):
 
 def class_components(attack=worst_for_class):
   """One stand-in per target class: {"class-j": factory}."""
-  return {f"class-{j}": (lambda s, j=j: (attack, j))
-          for j in range(LINEAR_CLASSES)}
+  return {
+    f"class-{j}": (lambda s, j=j: (attack, j)) for j in range(LINEAR_CLASSES)
+  }
 
 
 def linear_data(seed, n):
   x = jax.random.uniform(jax.random.key(seed), (n, LINEAR_DIM))
   y = jnp.argmax(LINEAR(x)[0], axis=-1)
-  return x, y.at[:n // 10].set((y[:n // 10] + 1) % LINEAR_CLASSES)
+  return x, y.at[: n // 10].set((y[: n // 10] + 1) % LINEAR_CLASSES)
 
 
 def test_stand_in_components_give_the_exact_robust_accuracy():
   x, y = linear_data(1, 120)
-  result = aa.autoattack(LINEAR, x, y, jax.random.key(2), eps=EPS,
-                         version="custom", attacks=list(class_components()),
-                         components=class_components(), batch_size=32)
+  result = aa.autoattack(
+    LINEAR,
+    x,
+    y,
+    jax.random.key(2),
+    eps=EPS,
+    version="custom",
+    attacks=list(class_components()),
+    components=class_components(),
+    batch_size=32,
+  )
   exact = exact_linf_robust(W, B, x, y, EPS)
   exact &= np.asarray(jnp.argmax(LINEAR(x)[0], -1) == y)
   assert 0.2 < exact.mean() < 0.8
   np.testing.assert_array_equal(result.robust, exact)
   # The ensemble is never weaker than any of its components alone.
   for name in class_components():
-    alone = aa.autoattack(LINEAR, x, y, jax.random.key(2), eps=EPS,
-                          version="custom", attacks=[name],
-                          components=class_components(), batch_size=32)
+    alone = aa.autoattack(
+      LINEAR,
+      x,
+      y,
+      jax.random.key(2),
+      eps=EPS,
+      version="custom",
+      attacks=[name],
+      components=class_components(),
+      batch_size=32,
+    )
     assert result.robust_accuracy <= alone.robust_accuracy
     assert np.all(alone.robust[result.robust])
 
@@ -75,37 +98,60 @@ def test_standard_version_on_a_linear_model():
   x, y = linear_data(3, 200)
   lines = []
   result = aa.autoattack(
-      LINEAR, x, y, jax.random.key(4), eps=EPS, log=lines.append,
-      components={"fab-t": lambda s: (identity, None),
-                  "square": lambda s: (identity, None)})
+    LINEAR,
+    x,
+    y,
+    jax.random.key(4),
+    eps=EPS,
+    log=lines.append,
+    components={
+      "fab-t": lambda s: (identity, None),
+      "square": lambda s: (identity, None),
+    },
+  )
   chex.assert_shape(result.x_adv, x.shape)
-  assert list(result.accuracy) == ["clean", "apgd-ce", "apgd-t", "fab-t",
-                                   "square"]
+  assert list(result.accuracy) == [
+    "clean",
+    "apgd-ce",
+    "apgd-t",
+    "fab-t",
+    "square",
+  ]
   stages = list(result.accuracy.values())
   assert stages == sorted(stages, reverse=True)
   assert stages[-1] == result.robust_accuracy
   assert lines[0].startswith("initial accuracy: ")
   assert lines[1].startswith(
-      f"robust accuracy after APGD-CE: {100 * stages[1]:.2f} % (total time")
+    f"robust accuracy after APGD-CE: {100 * stages[1]:.2f} % (total time"
+  )
   # Exact within a point; no provably robust point reported fooled.
   exact = exact_linf_robust(W, B, x, y, EPS)
   exact &= np.asarray(jnp.argmax(LINEAR(x)[0], -1) == y)
   assert np.all(result.robust[exact])
   assert result.robust_accuracy <= exact.mean() + 0.01
   # The flags agree with the model at the returned points, in ball and box.
-  np.testing.assert_array_equal(result.robust,
-                                robust_flags(LINEAR, result.x_adv, y))
+  np.testing.assert_array_equal(
+    result.robust, robust_flags(LINEAR, result.x_adv, y)
+  )
   assert np.abs(result.x_adv - np.asarray(x)).max() <= EPS * (1 + 1e-5)
   assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
-  np.testing.assert_array_equal(result.x_adv[result.robust],
-                                np.asarray(x)[result.robust])
+  np.testing.assert_array_equal(
+    result.x_adv[result.robust], np.asarray(x)[result.robust]
+  )
 
 
 def test_points_fooled_from_outside_the_ball_stay_robust():
   x, y = linear_data(5, 64)
-  result = aa.autoattack(LINEAR, x, y, jax.random.key(6), eps=EPS,
-                         version="custom", attacks=["overshoot"],
-                         components={"overshoot": lambda s: (overshoot, None)})
+  result = aa.autoattack(
+    LINEAR,
+    x,
+    y,
+    jax.random.key(6),
+    eps=EPS,
+    version="custom",
+    attacks=["overshoot"],
+    components={"overshoot": lambda s: (overshoot, None)},
+  )
   assert result.accuracy["overshoot"] == result.accuracy["clean"]
   assert not robust_flags(LINEAR, overshoot(None, x, y, None, None), y).all()
 
@@ -121,9 +167,17 @@ def test_a_shrinking_robust_set_reuses_a_few_compiled_sizes():
   subset_sizes = set()
   for seed, n in [(7, 45), (9, 61)]:
     x, y = linear_data(seed, n)
-    result = aa.autoattack(LINEAR, x, y, jax.random.key(seed), eps=EPS,
-                           version="custom", attacks=list(components),
-                           components=components, batch_size=16)
+    result = aa.autoattack(
+      LINEAR,
+      x,
+      y,
+      jax.random.key(seed),
+      eps=EPS,
+      version="custom",
+      attacks=list(components),
+      components=components,
+      batch_size=16,
+    )
     accuracies = np.array(list(result.accuracy.values()))
     subset_sizes |= {n % 16 for n in np.round(accuracies[:-1] * n).astype(int)}
   assert {size for _, size in traced} <= {1, 2, 4, 8, 16}
@@ -134,7 +188,13 @@ def test_a_shrinking_robust_set_reuses_a_few_compiled_sizes():
 
 def test_padded_sizes():
   assert [aa.padded_size(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [
-      1, 2, 4, 8, 16, 16]
+    1,
+    2,
+    4,
+    8,
+    16,
+    16,
+  ]
   assert aa.padded_size(200, 250) == 250
 
 
@@ -147,15 +207,20 @@ def test_versions_follow_the_reference_and_the_authors():
   names, settings = aa._plan("standard", None, eps=EPS, norm="l2", loss=None)
   assert names == ("apgd-ce", "apgd-t", "fab-t", "square")
   _, config = aa.COMPONENTS["apgd-t"](settings)
-  assert (config.num_target_classes, config.num_restarts,
-          config.norm) == (9, 1, "l2")
+  assert (config.num_target_classes, config.num_restarts, config.norm) == (
+    9,
+    1,
+    "l2",
+  )
   assert settings.square_queries == 5000
   names, settings = aa._plan("rand", None, eps=EPS, norm="linf", loss=None)
   assert names == ("apgd-ce", "apgd-dlr") and settings.eot_iter == 20
-  for version, attacks, loss in [("joint", None, None),
-                                 ("custom", None, None),
-                                 ("standard", ["apgd-ce"], None),
-                                 ("plus", None, None)]:
+  for version, attacks, loss in [
+    ("joint", None, None),
+    ("custom", None, None),
+    ("standard", ["apgd-ce"], None),
+    ("plus", None, None),
+  ]:
     with pytest.raises(ValueError):
       aa._plan(version, attacks, eps=EPS, norm="linf", loss=loss)
 
@@ -165,13 +230,21 @@ def test_joint_version_on_a_model_with_probes():
   logits_fn = _toy_cifs(6, "full")
   x = _uniform(4, (64,) + IMAGE_SHAPE)
   y = jnp.argmax(logits_fn(x)[0], axis=-1)
-  result = aa.autoattack(logits_fn, x, y, jax.random.key(5), eps=8 / 255,
-                         version="joint", loss=AttackLoss(beta=math.inf),
-                         components={"square": lambda s: (identity, None)})
+  result = aa.autoattack(
+    logits_fn,
+    x,
+    y,
+    jax.random.key(5),
+    eps=8 / 255,
+    version="joint",
+    loss=AttackLoss(beta=math.inf),
+    components={"square": lambda s: (identity, None)},
+  )
   assert list(result.accuracy) == ["clean", "apgd-ce", "square"]
   assert result.accuracy["apgd-ce"] < result.accuracy["clean"]
-  np.testing.assert_array_equal(result.robust,
-                                robust_flags(logits_fn, result.x_adv, y))
+  np.testing.assert_array_equal(
+    result.robust, robust_flags(logits_fn, result.x_adv, y)
+  )
 
 
 @pytest.mark.slow
@@ -183,8 +256,9 @@ def test_rand_version_on_a_model_with_a_random_gradient():
     return fixed + sign * (scores - fixed) + B, []
 
   x, y = linear_data(10, 100)
-  result = aa.autoattack(randomised, x, y, jax.random.key(11), eps=EPS,
-                         version="rand")
+  result = aa.autoattack(
+    randomised, x, y, jax.random.key(11), eps=EPS, version="rand"
+  )
   exact = exact_linf_robust(W, B, x, y, EPS)
   exact &= np.asarray(jnp.argmax(LINEAR(x)[0], -1) == y)
   assert list(result.accuracy) == ["clean", "apgd-ce", "apgd-dlr"]

@@ -23,7 +23,8 @@ def model_config(name, defense, **overrides):
 
 def param_count(model, image_shape):
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)))
+  )
   return sum(x.size for x in jax.tree.leaves(variables["params"]))
 
 
@@ -32,18 +33,37 @@ MLP = lambda c, h: c * h + h + h * 10 + 10
 LINEAR = lambda c: c * 10 + 10
 
 
-@pytest.mark.parametrize("name,image_shape,vanilla,cifs_extra,cas_extra", [
+@pytest.mark.parametrize(
+  "name,image_shape,vanilla,cifs_extra,cas_extra",
+  [
     # Standard counts: CIFAR ResNet-18 11.17 M, WRN-28-10 36.48 M.
-    ("resnet18", CIFAR, 11_173_962, MLP(512, 128) + LINEAR(512),
-     2 * LINEAR(512)),
-    ("wrn28_10", CIFAR, 36_479_194, MLP(640, 240) + LINEAR(640),
-     2 * LINEAR(640)),
-    ("resnet10", FMNIST, 4_902_090, MLP(256, 128) + LINEAR(512),
-     LINEAR(256) + LINEAR(512)),
-])
+    (
+      "resnet18",
+      CIFAR,
+      11_173_962,
+      MLP(512, 128) + LINEAR(512),
+      2 * LINEAR(512),
+    ),
+    (
+      "wrn28_10",
+      CIFAR,
+      36_479_194,
+      MLP(640, 240) + LINEAR(640),
+      2 * LINEAR(640),
+    ),
+    (
+      "resnet10",
+      FMNIST,
+      4_902_090,
+      MLP(256, 128) + LINEAR(512),
+      LINEAR(256) + LINEAR(512),
+    ),
+  ],
+)
 def test_parameter_counts(name, image_shape, vanilla, cifs_extra, cas_extra):
   count = lambda defense: param_count(
-      models.build_model(model_config(name, defense)), image_shape)
+    models.build_model(model_config(name, defense)), image_shape
+  )
   assert count("none") == vanilla
   assert count("cifs") == vanilla + cifs_extra
   assert count("cas") == vanilla + cas_extra
@@ -52,24 +72,31 @@ def test_parameter_counts(name, image_shape, vanilla, cifs_extra, cas_extra):
 def tiny(name, defense, **overrides):
   """Narrow versions of the backbones for compiled tests on CPU."""
   width = {"resnet18": 4, "resnet10": 4, "wrn28_10": 1}[name]
-  return models.build_model(model_config(name, defense, width=width,
-                                         **overrides))
+  return models.build_model(
+    model_config(name, defense, width=width, **overrides)
+  )
 
 
-@pytest.mark.parametrize("name,image_shape,defense,num_probes", [
+@pytest.mark.parametrize(
+  "name,image_shape,defense,num_probes",
+  [
     ("resnet18", CIFAR, "none", 0),
     ("resnet18", CIFAR, "cifs", 2),
     ("resnet18", CIFAR, "cas", 2),
     ("resnet10", FMNIST, "cifs", 2),
-])
+  ],
+)
 def test_shapes_and_modes_compile(name, image_shape, defense, num_probes):
   model = tiny(name, defense)
   images = jax.random.uniform(jax.random.key(0), (4, *image_shape))
   labels = jnp.array([0, 1, 2, 3])
   variables = jax.jit(model.init)(jax.random.key(1), images)
   eval_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  train_fn = jax.jit(lambda v, x, y: model.apply(
-      v, x, train=True, labels=y, mutable=["batch_stats"]))
+  train_fn = jax.jit(
+    lambda v, x, y: model.apply(
+      v, x, train=True, labels=y, mutable=["batch_stats"]
+    )
+  )
   logits, probes = eval_fn(variables, images)
   (train_logits, train_probes), updates = train_fn(variables, images, labels)
   assert logits.shape == train_logits.shape == (4, 10)
@@ -78,8 +105,11 @@ def test_shapes_and_modes_compile(name, image_shape, defense, num_probes):
   assert np.all(np.isfinite(logits)) and np.all(np.isfinite(train_logits))
   # Training mode uses batch statistics and updates the running ones.
   assert not np.allclose(logits, train_logits)
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b),
-                         updates["batch_stats"], variables["batch_stats"])
+  changed = jax.tree.map(
+    lambda a, b: not np.allclose(a, b),
+    updates["batch_stats"],
+    variables["batch_stats"],
+  )
   assert all(jax.tree.leaves(changed))
 
 
@@ -89,16 +119,24 @@ def test_wide_resnet_placement_and_compilation():
   assert model.defense.layers == ("block3.3", "final")
   assert set(model.defense.layers) <= set(model.insertion_points())
   small = models.WideResNet(
-      depth=10, widen_factor=1,
-      defense=models.Defense(kind="cifs", layers=("block3.0", "final"),
-                             probes=("mlp", "linear"), mlp_hidden=16))
+    depth=10,
+    widen_factor=1,
+    defense=models.Defense(
+      kind="cifs",
+      layers=("block3.0", "final"),
+      probes=("mlp", "linear"),
+      mlp_hidden=16,
+    ),
+  )
   images = jax.random.uniform(jax.random.key(0), (2, *CIFAR))
   variables = jax.jit(small.init)(jax.random.key(1), images)
   assert set(variables["params"]["block3_0"]) >= {"cifs_block3_0"}
   assert "cifs_final" in variables["params"]
-  (logits, probes), _ = jax.jit(lambda v, x: small.apply(
-      v, x, train=True, labels=jnp.array([1, 2]), mutable=["batch_stats"]))(
-          variables, images)
+  (logits, probes), _ = jax.jit(
+    lambda v, x: small.apply(
+      v, x, train=True, labels=jnp.array([1, 2]), mutable=["batch_stats"]
+    )
+  )(variables, images)
   assert logits.shape == (2, 10) and len(probes) == 2
 
 
@@ -110,21 +148,23 @@ def test_cas_reweights_by_class_weights():
   kernel = variables["params"]["classifier"]["kernel"]  # (C, K)
   masked, logits = layer.apply(variables, features, labels=labels, train=True)
   np.testing.assert_allclose(
-      logits, features.mean((1, 2)) @ kernel +
-      variables["params"]["classifier"]["bias"], rtol=1e-5)
-  np.testing.assert_allclose(masked, features * kernel.T[labels][:, None,
-                                                                 None, :],
-                             rtol=1e-6)
+    logits,
+    features.mean((1, 2)) @ kernel + variables["params"]["classifier"]["bias"],
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    masked, features * kernel.T[labels][:, None, None, :], rtol=1e-6
+  )
   masked_eval, _ = layer.apply(variables, features, labels=labels)
   predicted = jnp.argmax(logits, axis=-1)
   np.testing.assert_allclose(
-      masked_eval, features * kernel.T[predicted][:, None, None, :], rtol=1e-6)
+    masked_eval, features * kernel.T[predicted][:, None, None, :], rtol=1e-6
+  )
 
 
 def test_full_relevance_grad_of_model_matches_finite_differences(x64):
   model = models.build_model(model_config("resnet10", "cifs", width=4))
-  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1),
-                              jnp.float64)
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1), jnp.float64)
   variables = model.init(jax.random.key(1), images)
   weights = jax.random.normal(jax.random.key(2), (2, 10), jnp.float64)
 
@@ -135,13 +175,16 @@ def test_full_relevance_grad_of_model_matches_finite_differences(x64):
   assert full.defense.cifs.relevance_grad == "full"
   direction = jax.random.normal(jax.random.key(3), images.shape, jnp.float64)
   eps = 1e-6
-  finite_difference = (output(model)(images + eps * direction) -
-                       output(model)(images - eps * direction)) / (2 * eps)
+  finite_difference = (
+    output(model)(images + eps * direction)
+    - output(model)(images - eps * direction)
+  ) / (2 * eps)
   full_derivative = jnp.vdot(jax.grad(output(full))(images), direction)
   stop_derivative = jnp.vdot(jax.grad(output(model))(images), direction)
   np.testing.assert_allclose(full_derivative, finite_difference, rtol=1e-6)
-  assert (abs(stop_derivative - finite_difference) >
-          100 * abs(full_derivative - finite_difference))
+  assert abs(stop_derivative - finite_difference) > 100 * abs(
+    full_derivative - finite_difference
+  )
 
 
 def test_pmap_matches_single_device():
@@ -155,35 +198,53 @@ def test_pmap_matches_single_device():
   shard = lambda a: a.reshape(2, 4, *a.shape[1:])
 
   single_eval = model.apply(variables, images)
-  pmap_eval = jax.pmap(lambda v, x: model.apply(v, x))(replicated,
-                                                        shard(images))
-  jax.tree.map(lambda s, p: np.testing.assert_allclose(
-      s, p.reshape(s.shape), rtol=1e-5, atol=1e-6), single_eval, pmap_eval)
+  pmap_eval = jax.pmap(lambda v, x: model.apply(v, x))(
+    replicated, shard(images)
+  )
+  jax.tree.map(
+    lambda s, p: np.testing.assert_allclose(
+      s, p.reshape(s.shape), rtol=1e-5, atol=1e-6
+    ),
+    single_eval,
+    pmap_eval,
+  )
 
   single_train, single_state = model.apply(
-      variables, images, train=True, labels=labels, mutable=["batch_stats"])
+    variables, images, train=True, labels=labels, mutable=["batch_stats"]
+  )
   pmap_train, pmap_state = jax.pmap(
-      lambda v, x, y: synced.apply(v, x, train=True, labels=y,
-                                   mutable=["batch_stats"]),
-      axis_name="batch")(replicated, shard(images), shard(labels))
-  jax.tree.map(lambda s, p: np.testing.assert_allclose(
-      s, p.reshape(s.shape), rtol=1e-4, atol=1e-5), single_train, pmap_train)
-  jax.tree.map(lambda s, p: np.testing.assert_allclose(
-      s, p[0], rtol=1e-4, atol=1e-6), single_state, pmap_state)
-  jax.tree.map(lambda p: np.testing.assert_array_equal(p[0], p[1]),
-               pmap_state)
+    lambda v, x, y: synced.apply(
+      v, x, train=True, labels=y, mutable=["batch_stats"]
+    ),
+    axis_name="batch",
+  )(replicated, shard(images), shard(labels))
+  jax.tree.map(
+    lambda s, p: np.testing.assert_allclose(
+      s, p.reshape(s.shape), rtol=1e-4, atol=1e-5
+    ),
+    single_train,
+    pmap_train,
+  )
+  jax.tree.map(
+    lambda s, p: np.testing.assert_allclose(s, p[0], rtol=1e-4, atol=1e-6),
+    single_state,
+    pmap_state,
+  )
+  jax.tree.map(lambda p: np.testing.assert_array_equal(p[0], p[1]), pmap_state)
 
 
 def test_half_precision_keeps_float32_parameters():
-  model = models.build_model(model_config("resnet18", "cifs", width=8),
-                             dtype=jnp.bfloat16)
+  model = models.build_model(
+    model_config("resnet18", "cifs", width=8), dtype=jnp.bfloat16
+  )
   images = jax.random.uniform(jax.random.key(0), (2, *CIFAR))
   variables = model.init(jax.random.key(1), images)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   logits, probes = jax.jit(model.apply)(variables, images)
   assert logits.dtype == jnp.float32 and probes[0].dtype == jnp.float32
   full_precision = models.build_model(
-      model_config("resnet18", "cifs", width=8)).apply(variables, images)[0]
+    model_config("resnet18", "cifs", width=8)
+  ).apply(variables, images)[0]
   np.testing.assert_allclose(logits, full_precision, atol=0.1)
 
 

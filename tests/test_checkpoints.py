@@ -1,4 +1,5 @@
-"""Tests of cifs_jax.training.checkpoints (orbax-backed Checkpointer, config guard)."""
+"""cifs_jax.training.checkpoints (the Orbax Checkpointer) and the config
+guard of cifs_jax.run_directory."""
 
 import pathlib
 from typing import Any
@@ -26,25 +27,34 @@ def make_state(seed: int) -> TrainState:
   """A small train state after one SGD-momentum step, distinct per seed."""
   rng = np.random.default_rng(seed)
   params = {
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 8)), jnp.float32)},
-      "head": {"kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32),
-               "bias": jnp.zeros((10,), jnp.float32)},
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 8)), jnp.float32)},
+    "head": {
+      "kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32),
+      "bias": jnp.zeros((10,), jnp.float32),
+    },
   }
   state = TrainState.create(
-      apply_fn=None,
-      params=params,
-      tx=optax.sgd(0.1, momentum=0.9),
-      batch_stats={"bn": {"mean": jnp.full((8,), seed, jnp.float32),
-                          "var": jnp.ones((8,), jnp.float32)}},
-      key=jax.random.key_data(jax.random.key(seed)),
+    apply_fn=None,
+    params=params,
+    tx=optax.sgd(0.1, momentum=0.9),
+    batch_stats={
+      "bn": {
+        "mean": jnp.full((8,), seed, jnp.float32),
+        "var": jnp.ones((8,), jnp.float32),
+      }
+    },
+    key=jax.random.key_data(jax.random.key(seed)),
   )
   grads = jax.tree.map(jnp.ones_like, params)
   return jax.jit(lambda s: s.apply_gradients(grads=grads))(state)  # Array step.
 
 
 def assert_trees_equal(actual, expected):
-  """Same leaf paths, dtypes, shapes and bits (static fields like tx may differ)."""
-  actual, expected = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (actual, expected))
+  """Same leaf paths, dtypes, shapes and bits (static fields like tx may
+  differ)."""
+  actual, expected = (
+    jax.tree_util.tree_flatten_with_path(t)[0] for t in (actual, expected)
+  )
   assert [path for path, _ in actual] == [path for path, _ in expected]
   for (_, a), (_, e) in zip(actual, expected):
     assert a.dtype == e.dtype and a.shape == e.shape
@@ -89,7 +99,7 @@ def test_restore_takes_sharding_from_target(ckpt_dir):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("batch",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
   )
   with checkpoints.Checkpointer(ckpt_dir) as ckpt:
     ckpt.save(1, state)
@@ -101,7 +111,9 @@ def test_restore_takes_sharding_from_target(ckpt_dir):
 def test_keeps_last_n_and_best(ckpt_dir):
   with checkpoints.Checkpointer(ckpt_dir, max_to_keep=2) as ckpt:
     # Step 2 is the best; 3 and 5 have no metric (e.g. saved on SIGTERM).
-    save_all(ckpt, [(1, 0.5), (2, 0.9), (3, None), (4, 0.3), (5, None), (6, 0.4)])
+    save_all(
+      ckpt, [(1, 0.5), (2, 0.9), (3, None), (4, 0.3), (5, None), (6, 0.4)]
+    )
     assert ckpt.all_steps() == [2, 5, 6]
     assert ckpt.best_step() == 2
   assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [2, 5, 6]
@@ -144,7 +156,9 @@ def test_existing_step_is_not_overwritten(ckpt_dir):
     save_all(ckpt, [(1, 0.5), (2, 0.6), (4, None)])
     with pytest.raises(ValueError, match="already exists at step 2"):
       ckpt.save(2, make_state(99), metrics={"pgd_accuracy": 1.0})
-    with pytest.raises(ValueError, match="must increase.*latest checkpoint .* is step 4"):
+    with pytest.raises(
+      ValueError, match="must increase.*latest checkpoint .* is step 4"
+    ):
       ckpt.save(3, make_state(99))
     restored, meta = ckpt.restore(2, make_state(0))
   assert_trees_equal(restored, make_state(2))
@@ -155,7 +169,9 @@ def test_failed_save_keeps_previous_checkpoints(ckpt_dir):
   with checkpoints.Checkpointer(ckpt_dir, max_to_keep=1) as ckpt:
     save_all(ckpt, [(1, 0.5)])
     bad_state = {"params": make_state(2).params, "bad": object()}
-    with pytest.raises(checkpoints.CheckpointError, match=r"step 2 .*steps \[1\]"):
+    with pytest.raises(
+      checkpoints.CheckpointError, match=r"step 2 .*steps \[1\]"
+    ):
       ckpt.save(2, bad_state)
     with pytest.raises(ValueError, match="JSON"):
       ckpt.save(2, make_state(2), metadata={"not_json": object()})
@@ -185,14 +201,21 @@ def test_failed_async_commit_keeps_previous_checkpoints(ckpt_dir, monkeypatch):
 
 
 def _largest_file(directory: pathlib.Path) -> pathlib.Path:
-  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  return max(
+    (p for p in directory.rglob("*") if p.is_file()),
+    key=lambda p: p.stat().st_size,
+  )
 
 
-@pytest.mark.parametrize("damage", [
+@pytest.mark.parametrize(
+  "damage",
+  [
     lambda step_dir: _truncate(_largest_file(step_dir / "state")),
     lambda step_dir: (step_dir / "state" / "manifest.ocdbt").unlink(),
     lambda step_dir: _truncate(step_dir / "metadata" / "metadata"),
-], ids=["truncated_array_data", "deleted_manifest", "truncated_metadata"])
+  ],
+  ids=["truncated_array_data", "deleted_manifest", "truncated_metadata"],
+)
 def test_corrupt_checkpoint_raises_clear_error(ckpt_dir, damage):
   with checkpoints.Checkpointer(ckpt_dir) as ckpt:
     save_all(ckpt, [(1, 0.5), (2, 0.6)])
@@ -211,7 +234,10 @@ def test_corrupt_metrics_file_fails_on_open(ckpt_dir):
   with checkpoints.Checkpointer(ckpt_dir) as ckpt:
     save_all(ckpt, [(1, 0.5), (2, 0.6)])
   _truncate(ckpt_dir / "2" / "metrics" / "metrics")
-  with pytest.raises(checkpoints.CheckpointError, match=r"(?s)Cannot open checkpoint directory .*\['1', '2'\]"):
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=r"(?s)Cannot open checkpoint directory .*\['1', '2'\]",
+  ):
     checkpoints.Checkpointer(ckpt_dir)
 
 
@@ -221,11 +247,16 @@ def _truncate(path: pathlib.Path):
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({
-      "model": {"name": "resnet18", "cifs": {"topk": 2, "layers": ("b1", "b2")}},
+  config = ml_collections.ConfigDict(
+    {
+      "model": {
+        "name": "resnet18",
+        "cifs": {"topk": 2, "layers": ("b1", "b2")},
+      },
       "data": {"name": "cifar10", "batch_size": 128},
       "train": {"epochs": 120},
-  })
+    }
+  )
   for key, value in overrides.items():
     section, name = key.split("__")
     config[section][name] = value
@@ -242,7 +273,9 @@ def test_config_guard_allows_non_model_changes(tmp_path):
   run.check_compatible(longer)
   run.save_config(longer)
   run.check_compatible(longer)
-  with pytest.raises(ValueError, match="train.epochs: 200 .saved. -> 120 .new."):
+  with pytest.raises(
+    ValueError, match="train.epochs: 200 .saved. -> 120 .new."
+  ):
     run.check_compatible(make_config(), keys=("train",))
 
 

@@ -23,7 +23,7 @@ def _match(out, images, pad):
   found = [None] * len(images)
   for top in range(2 * pad + 1):
     for left in range(2 * pad + 1):
-      crop = padded[:, top:top + height, left:left + width]
+      crop = padded[:, top : top + height, left : left + width]
       for flipped, candidate in ((False, crop), (True, crop[:, :, ::-1])):
         equal = np.all(candidate == out, axis=(1, 2, 3))
         for i in np.flatnonzero(equal):
@@ -33,8 +33,7 @@ def _match(out, images, pad):
 
 def test_shapes_dtypes_and_range():
   images = _images(4, size=32)
-  augment = jax.jit(functools.partial(data.augment, crop_padding=4,
-                                      flip=True))
+  augment = jax.jit(functools.partial(data.augment, crop_padding=4, flip=True))
   out = augment(jax.random.key(0), images)
   assert out.shape == (4, 32, 32, 3) and out.dtype == jnp.float32
   assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
@@ -46,8 +45,9 @@ def test_to_float():
   images = np.array([0, 1, 128, 255], np.uint8).reshape(1, 2, 2, 1)
   out = data.to_float(images)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(out).ravel(),
-                             [0, 1 / 255, 128 / 255, 1], rtol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(out).ravel(), [0, 1 / 255, 128 / 255, 1], rtol=1e-7
+  )
 
 
 def test_crops_are_true_shifts_covering_every_offset():
@@ -92,17 +92,18 @@ def test_deterministic_per_key():
   np.testing.assert_array_equal(a, data.augment(jax.random.key(7), images))
   assert not np.array_equal(a, data.augment(jax.random.key(8), images))
   # A raw uint32 key is the same key.
-  np.testing.assert_array_equal(a, data.augment(jax.random.PRNGKey(7),
-                                                images))
+  np.testing.assert_array_equal(a, data.augment(jax.random.PRNGKey(7), images))
 
 
 def test_per_example_keys_do_not_depend_on_the_batch_split():
   images = _images(16)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(
-      jnp.arange(16))
+    jnp.arange(16)
+  )
   whole = data.augment(keys, images)
-  halves = jnp.concatenate([data.augment(keys[:8], images[:8]),
-                            data.augment(keys[8:], images[8:])])
+  halves = jnp.concatenate(
+    [data.augment(keys[:8], images[:8]), data.augment(keys[8:], images[8:])]
+  )
   np.testing.assert_array_equal(whole, halves)
   with pytest.raises(ValueError, match="one per image"):
     data.augment(keys[:3], images)

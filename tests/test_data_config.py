@@ -29,15 +29,20 @@ def test_augment_options_defaults_and_overrides():
   assert options("svhn") == {"crop_padding": 4, "flip": False}
   assert options("fashion_mnist") == {"crop_padding": 0, "flip": False}
   assert options("svhn", flip=True) == {"crop_padding": 4, "flip": True}
-  assert options("fashion_mnist", crop_padding=2) == {"crop_padding": 2,
-                                                      "flip": False}
+  assert options("fashion_mnist", crop_padding=2) == {
+    "crop_padding": 2,
+    "flip": False,
+  }
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("name", "mnist", r"name='mnist'.*\('cifar10', 'svhn', 'fashion_mnist'\)"),
     ("source", "npz", r"source='npz'.*\('tfds', 'files'\)"),
     ("data_dir", 3, "data_dir=3 must be a path"),
-])
+  ],
+)
 def test_bad_values_list_the_allowed_ones(key, value, message):
   config = data.default_config()
   config[key] = value
@@ -48,8 +53,9 @@ def test_bad_values_list_the_allowed_ones(key, value, message):
 def test_bad_augment_options():
   config = data.default_config()
   config.augment.crop_padding = -1
-  with pytest.raises(ValueError, match="crop_padding=-1 must be None or an "
-                     "int >= 0"):
+  with pytest.raises(
+    ValueError, match="crop_padding=-1 must be None or an int >= 0"
+  ):
     data.validate(config)
   config = data.default_config()
   config.augment.flip = "yes"
@@ -58,18 +64,23 @@ def test_bad_augment_options():
 
 
 def test_bad_split_and_unknown_keys():
-  with pytest.raises(ValueError, match=r"split='validation'.*\('train', "
-                     r"'test'\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"split='validation'.*\('train', "
+    r"'test'\)",
+  ):
     data.load_split(data.default_config(), "validation")
   config = data.default_config()
   config.batch_size = 128
   config.augment.mixup = True
-  with pytest.raises(KeyError, match="Unknown config key 'config.data."
-                     "augment.mixup'"):
+  with pytest.raises(
+    KeyError, match="Unknown config key 'config.data.augment.mixup'"
+  ):
     data.validate(config)
   del config.augment.mixup
-  with pytest.raises(KeyError, match="Unknown config key 'config.data."
-                     "batch_size'"):
+  with pytest.raises(
+    KeyError, match="Unknown config key 'config.data.batch_size'"
+  ):
     data.validate(config)
 
 

@@ -27,16 +27,19 @@ def _config(name, data_dir=None):
 
 def _random_images(n, shape, seed):
   rng = np.random.default_rng(seed)
-  return (rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-          rng.integers(0, 10, n).astype(np.int32))
+  return (
+    rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+    rng.integers(0, 10, n).astype(np.int32),
+  )
 
 
 # ------------------------------------------------------------ Fashion-MNIST
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DIR),
-                    reason=f"{FASHION_DIR} missing: apt-get install "
-                    "dataset-fashion-mnist")
+@pytest.mark.skipif(
+  not os.path.isdir(FASHION_DIR),
+  reason=f"{FASHION_DIR} missing: apt-get install dataset-fashion-mnist",
+)
 def test_real_fashion_mnist_from_debian_package():
   """Default path, no data_dir: the files of `dataset-fashion-mnist`."""
   for split in ("train", "test"):
@@ -46,23 +49,26 @@ def test_real_fashion_mnist_from_debian_package():
     assert s.images.shape == (total, 28, 28, 1)
     assert s.images.dtype == np.uint8 and s.labels.dtype == np.int32
     assert s.num_classes == 10
-    np.testing.assert_array_equal(np.bincount(s.labels, minlength=10),
-                                  [total // 10] * 10)
+    np.testing.assert_array_equal(
+      np.bincount(s.labels, minlength=10), [total // 10] * 10
+    )
     assert 0 < s.images.mean() < 255
 
 
 def _write_idx(path, array, count=None):
   dims = (len(array) if count is None else count,) + array.shape[1:]
-  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I",
-                                                         *dims)
+  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
+    f">{array.ndim}I", *dims
+  )
   with gzip.open(path, "wb") as f:
     f.write(header + array.tobytes())
 
 
 def _fashion_split(split, n=7):
   """The examples `_write_fashion` writes for ``split``: n + 1 for train."""
-  return _random_images(n + (split == "train"), (28, 28),
-                        seed=int(split == "train"))
+  return _random_images(
+    n + (split == "train"), (28, 28), seed=int(split == "train")
+  )
 
 
 def _write_fashion(directory):
@@ -70,8 +76,9 @@ def _write_fashion(directory):
   for split, prefix in (("train", "train"), ("test", "t10k")):
     images, labels = _fashion_split(split)
     _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
-    _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz",
-               labels.astype(np.uint8))
+    _write_idx(
+      directory / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8)
+    )
   return images, labels
 
 
@@ -97,8 +104,11 @@ def test_idx_file_shorter_than_its_header_says(tmp_path):
   images, labels = _write_fashion(tmp_path)
   path = tmp_path / "t10k-images-idx3-ubyte.gz"
   _write_idx(path, images, count=len(images) + 1)
-  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels.astype(np.uint8),
-             count=len(images) + 1)
+  _write_idx(
+    tmp_path / "t10k-labels-idx1-ubyte.gz",
+    labels.astype(np.uint8),
+    count=len(images) + 1,
+  )
   with pytest.raises(ValueError, match=r"t10k-images.*dims \(8, 28, 28\)"):
     data.load_split(_config("fashion_mnist", str(tmp_path)), "test")
 
@@ -106,8 +116,9 @@ def test_idx_file_shorter_than_its_header_says(tmp_path):
 def test_missing_file_names_file_and_how_to_get_it(tmp_path):
   _write_fashion(tmp_path)
   os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
-  with pytest.raises(FileNotFoundError,
-                     match="t10k-labels-idx1-ubyte.gz.*dataset-fashion-mnist"):
+  with pytest.raises(
+    FileNotFoundError, match="t10k-labels-idx1-ubyte.gz.*dataset-fashion-mnist"
+  ):
     data.load_split(_config("fashion_mnist", str(tmp_path)), "test")
 
 
@@ -137,32 +148,43 @@ def _cifar_batches(n_per_batch=3):
 
 
 def _binary_batch(images, labels):
-  return np.concatenate([labels.astype(np.uint8)[:, None],
-                         _cifar_rows(images)], axis=1).tobytes()
+  return np.concatenate(
+    [labels.astype(np.uint8)[:, None], _cifar_rows(images)], axis=1
+  ).tobytes()
 
 
 def _pickled_batch(images, labels):
   """A batch like the python version's: a protocol-2 pickle whose arrays
   name numpy.core, as the original (numpy < 2) files do."""
-  batch = {b"batch_label": b"test batch", b"labels": labels.tolist(),
-           b"data": _cifar_rows(images),
-           b"filenames": [b"x_%d.png" % i for i in range(len(labels))]}
+  batch = {
+    b"batch_label": b"test batch",
+    b"labels": labels.tolist(),
+    b"data": _cifar_rows(images),
+    b"filenames": [b"x_%d.png" % i for i in range(len(labels))],
+  }
   blob = pickle.dumps(batch, protocol=2)
   return blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
 
 
-_BINARY = ("cifar-10-binary.tar.gz", "cifar-10-batches-bin",
-           [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"],
-           _binary_batch)
-_PYTHON = ("cifar-10-python.tar.gz", "cifar-10-batches-py",
-           [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-           _pickled_batch)
+_BINARY = (
+  "cifar-10-binary.tar.gz",
+  "cifar-10-batches-bin",
+  [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"],
+  _binary_batch,
+)
+_PYTHON = (
+  "cifar-10-python.tar.gz",
+  "cifar-10-batches-py",
+  [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+  _pickled_batch,
+)
 
 
 def _write_cifar(directory, fmt, batches, extracted=False):
   archive, folder, members, encode = fmt
-  blobs = {f"{folder}/{m}": encode(*b)
-           for m, b in zip(members, batches, strict=True)}
+  blobs = {
+    f"{folder}/{m}": encode(*b) for m, b in zip(members, batches, strict=True)
+  }
   blobs[f"{folder}/readme.html"] = b"<html></html>"
   if extracted:
     for name, blob in blobs.items():
@@ -177,16 +199,19 @@ def _write_cifar(directory, fmt, batches, extracted=False):
 
 
 @pytest.mark.parametrize("fmt", [_BINARY, _PYTHON], ids=["binary", "python"])
-@pytest.mark.parametrize("extracted", [False, True],
-                         ids=["archive", "extracted"])
+@pytest.mark.parametrize(
+  "extracted", [False, True], ids=["archive", "extracted"]
+)
 def test_tiny_cifar10(tmp_path, fmt, extracted):
   batches = _cifar_batches()
   _write_cifar(tmp_path, fmt, batches, extracted)
   train = data.load_split(_config("cifar10", str(tmp_path)), "train")
   np.testing.assert_array_equal(
-      train.images, np.concatenate([b[0] for b in batches[:5]]))
+    train.images, np.concatenate([b[0] for b in batches[:5]])
+  )
   np.testing.assert_array_equal(
-      train.labels, np.concatenate([b[1] for b in batches[:5]]))
+    train.labels, np.concatenate([b[1] for b in batches[:5]])
+  )
   test = data.load_split(_config("cifar10", str(tmp_path)), "test")
   np.testing.assert_array_equal(test.images, batches[5][0])
   np.testing.assert_array_equal(test.labels, batches[5][1])
@@ -194,9 +219,10 @@ def test_tiny_cifar10(tmp_path, fmt, extracted):
 
 
 def test_cifar10_missing_files(tmp_path):
-  with pytest.raises(FileNotFoundError,
-                     match="cifar-10-binary.tar.gz.*cifar-10-python.tar.gz"
-                           ".*www.cs.toronto.edu"):
+  with pytest.raises(
+    FileNotFoundError,
+    match="cifar-10-binary.tar.gz.*cifar-10-python.tar.gz.*www.cs.toronto.edu",
+  ):
     data.load_split(_config("cifar10", str(tmp_path)), "test")
   _write_cifar(tmp_path, _BINARY, _cifar_batches(), extracted=True)
   os.remove(tmp_path / "cifar-10-batches-bin" / "data_batch_3.bin")
@@ -207,7 +233,7 @@ def test_cifar10_missing_files(tmp_path):
 def test_truncated_cifar10_archive(tmp_path):
   _write_cifar(tmp_path, _BINARY, _cifar_batches())
   path = tmp_path / "cifar-10-binary.tar.gz"
-  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
   with pytest.raises(ValueError, match=f"{path} is malformed.*gzipped tar"):
     data.load_split(_config("cifar10", str(tmp_path)), "test")
 
@@ -246,8 +272,10 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 
 def test_restricted_unpickler_loads_plain_data():
-  value = {b"a": [1, 2.5, "s", b"b", (None, True)],
-           "arr": np.arange(6, dtype=np.int16).reshape(2, 3)}
+  value = {
+    b"a": [1, 2.5, "s", b"b", (None, True)],
+    "arr": np.arange(6, dtype=np.int16).reshape(2, 3),
+  }
   for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
     loaded = restricted_pickle.loads(pickle.dumps(value, protocol=protocol))
     assert loaded[b"a"] == value[b"a"]
@@ -259,8 +287,9 @@ def test_restricted_unpickler_loads_plain_data():
 
 def _svhn_split(split, n=5):
   """The examples `_write_svhn` writes for ``split``: n + 1 for train."""
-  images, labels = _random_images(n + (split == "train"), (32, 32, 3),
-                                  seed=1 + (split == "train"))
+  images, labels = _random_images(
+    n + (split == "train"), (32, 32, 3), seed=1 + (split == "train")
+  )
   labels[0] = 0  # Written as 10 in the file.
   return images, labels
 
@@ -269,8 +298,10 @@ def _write_svhn(directory):
   for split in ("train", "test"):
     images, labels = _svhn_split(split)
     mat_labels = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]
-    scipy.io.savemat(directory / f"{split}_32x32.mat",
-                     {"X": images.transpose(1, 2, 3, 0), "y": mat_labels})
+    scipy.io.savemat(
+      directory / f"{split}_32x32.mat",
+      {"X": images.transpose(1, 2, 3, 0), "y": mat_labels},
+    )
 
 
 def test_tiny_svhn(tmp_path):
@@ -292,6 +323,7 @@ def test_truncated_svhn_file(tmp_path):
 
 
 def test_svhn_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError,
-                     match="train_32x32.mat.*ufldl.stanford.edu"):
+  with pytest.raises(
+    FileNotFoundError, match="train_32x32.mat.*ufldl.stanford.edu"
+  ):
     data.load_split(_config("svhn", str(tmp_path)), "train")

@@ -18,16 +18,16 @@ import scipy.io
 from cifs_jax import data
 from cifs_jax.data import restricted_pickle
 from tests.test_data_files import (
-    _BINARY,
-    _PYTHON,
-    _binary_batch,
-    _cifar_batches,
-    _config,
-    _pickled_batch,
-    _write_cifar,
-    _write_fashion,
-    _write_idx,
-    _write_svhn,
+  _BINARY,
+  _PYTHON,
+  _binary_batch,
+  _cifar_batches,
+  _config,
+  _pickled_batch,
+  _write_cifar,
+  _write_fashion,
+  _write_idx,
+  _write_svhn,
 )
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,78 +75,142 @@ def test_object_array_from_bytes_does_not_crash(tmp_path):
   """Before the fix, np.asarray on these labels segfaulted the process."""
   batch = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [_object_array()]}
   blob = pickle.dumps(batch, protocol=2)
-  members = {m: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8),
-                              b"labels": [0]}) for m in _PYTHON[2]}
+  members = {
+    m: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+    for m in _PYTHON[2]
+  }
   members["test_batch"] = blob
   with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
     for member, content in members.items():
       info = tarfile.TarInfo(f"cifar-10-batches-py/{member}")
       info.size = len(content)
       tar.addfile(info, io.BytesIO(content))
-  code = ("import sys; from cifs_jax import data\n"
-          "config = data.default_config('cifar10')\n"
-          "config.source, config.data_dir = 'files', sys.argv[1]\n"
-          "data.load_split(config, 'test')\n")
-  run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=_REPO,
-                       capture_output=True, text=True, timeout=300,
-                       check=False)
+  code = (
+    "import sys; from cifs_jax import data\n"
+    "config = data.default_config('cifar10')\n"
+    "config.source, config.data_dir = 'files', sys.argv[1]\n"
+    "data.load_split(config, 'test')\n"
+  )
+  run = subprocess.run(
+    [sys.executable, "-c", code, str(tmp_path)],
+    cwd=_REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
   assert "ValueError" in run.stderr
-  assert "cifar-10-python.tar.gz:cifar-10-batches-py/test_batch is " \
-         "malformed" in run.stderr
+  assert (
+    "cifar-10-python.tar.gz:cifar-10-batches-py/test_batch is "
+    "malformed" in run.stderr
+  )
 
 
-@pytest.mark.parametrize("value, match", [
+@pytest.mark.parametrize(
+  "value, match",
+  [
     (_object_array(), "refusing dtype 'O8'"),
-    (_Reduce(np.ndarray, ((1,), np.dtype("u8"), b"A" * 8)),
-     "refusing numpy.ndarray"),
+    (
+      _Reduce(np.ndarray, ((1,), np.dtype("u8"), b"A" * 8)),
+      "refusing numpy.ndarray",
+    ),
     # 300,000 images from one byte: a zero-stride array.
-    (_Reduce(np.ndarray, ((300_000, 3072), np.dtype("u1"), b"\0", 0, (0, 0))),
-     "refusing numpy.ndarray"),
+    (
+      _Reduce(np.ndarray, ((300_000, 3072), np.dtype("u1"), b"\0", 0, (0, 0))),
+      "refusing numpy.ndarray",
+    ),
     # A uint8 dtype whose state adds a field past its size.
-    (_Reduce(np.dtype, ("u1", False, True),
-             (3, "|", None, ("a",), {"a": (np.dtype("u8"), 8)}, 16, 1, 0)),
-     "refusing dtype state"),
+    (
+      _Reduce(
+        np.dtype,
+        ("u1", False, True),
+        (3, "|", None, ("a",), {"a": (np.dtype("u8"), 8)}, 16, 1, 0),
+      ),
+      "refusing dtype state",
+    ),
     (np.zeros(2, object), "refusing dtype 'O8'"),
     (np.zeros(2, "u1,f4"), "refusing dtype 'V5'"),
     (np.array(["ab"]), "refusing dtype 'U2'"),
-    (_Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b"),
-             (1, (4,), np.dtype("u1"), False, b"\0" * 3)),
-     "3 data bytes for shape \\(4,\\)"),
-    (_Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b"),
-             (1, (-1,), np.dtype("u1"), False, b"")), "shape \\(-1,\\)"),
-    (_Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (2,), "u1", False,
-                                                     b"ab")), "dtype 'u1'"),
-    (_Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b")),
-     "array without its state"),
-    (_Reduce(codecs.encode, ("x", "zlib_codec")),
-     "refusing _codecs.encode"),
-], ids=["object-from-bytes", "from-bytes", "zero-stride", "forged-dtype-state",
-        "object-dtype", "structured-dtype", "str-dtype", "short-data",
-        "negative-dim", "str-for-dtype", "no-state", "codec"])
+    (
+      _Reduce(
+        _RECONSTRUCT,
+        (np.ndarray, (0,), b"b"),
+        (1, (4,), np.dtype("u1"), False, b"\0" * 3),
+      ),
+      "3 data bytes for shape \\(4,\\)",
+    ),
+    (
+      _Reduce(
+        _RECONSTRUCT,
+        (np.ndarray, (0,), b"b"),
+        (1, (-1,), np.dtype("u1"), False, b""),
+      ),
+      "shape \\(-1,\\)",
+    ),
+    (
+      _Reduce(
+        _RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (2,), "u1", False, b"ab")
+      ),
+      "dtype 'u1'",
+    ),
+    (
+      _Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b")),
+      "array without its state",
+    ),
+    (_Reduce(codecs.encode, ("x", "zlib_codec")), "refusing _codecs.encode"),
+  ],
+  ids=[
+    "object-from-bytes",
+    "from-bytes",
+    "zero-stride",
+    "forged-dtype-state",
+    "object-dtype",
+    "structured-dtype",
+    "str-dtype",
+    "short-data",
+    "negative-dim",
+    "str-for-dtype",
+    "no-state",
+    "codec",
+  ],
+)
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_restricted_unpickler_refuses_unsafe_arrays(value, match, protocol):
   with pytest.raises(pickle.UnpicklingError, match=match):
     restricted_pickle.loads(pickle.dumps({b"x": [value]}, protocol=protocol))
 
 
-@pytest.mark.parametrize("blob", [
+@pytest.mark.parametrize(
+  "blob",
+  [
     # BINBYTES8 declaring 8 GiB; LONG_BINPUT at memo index 2**27.
     b"\x80\x04\x8e" + (2**33).to_bytes(8, "little") + b"ab.",
     b"\x80\x02]r" + (2**27).to_bytes(4, "little") + b".",
-], ids=["bytes-length", "memo-index"])
+  ],
+  ids=["bytes-length", "memo-index"],
+)
 def test_restricted_unpickler_bounds_memory(blob):
   """Before the fix: 8 GiB traced and 2 GB resident for a few bytes."""
-  _refused_within(10, lambda: restricted_pickle.loads(blob),
-                  "but only 3 remain|memo index 134217728", pickle.UnpicklingError)
+  _refused_within(
+    10,
+    lambda: restricted_pickle.loads(blob),
+    "but only 3 remain|memo index 134217728",
+    pickle.UnpicklingError,
+  )
 
 
 def test_restricted_unpickler_keeps_byte_order_and_types():
-  value = {"be": np.arange(5, dtype=">u4"), "f": np.eye(3, dtype=np.float32),
-           "fortran": np.asfortranarray(np.arange(6.).reshape(2, 3)),
-           "c": np.array([1 + 2j]), "b": np.array([True, False]),
-           "shared": (np.arange(2),) * 2, "dtype": np.dtype("<i2"),
-           "empty": np.zeros((0, 3), np.uint8)}
+  value = {
+    "be": np.arange(5, dtype=">u4"),
+    "f": np.eye(3, dtype=np.float32),
+    "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+    "c": np.array([1 + 2j]),
+    "b": np.array([True, False]),
+    "shared": (np.arange(2),) * 2,
+    "dtype": np.dtype("<i2"),
+    "empty": np.zeros((0, 3), np.uint8),
+  }
   for protocol in (0, 2, 4, 5):
     loaded = restricted_pickle.loads(pickle.dumps(value, protocol=protocol))
     for key in ("be", "f", "fortran", "c", "b", "empty"):
@@ -159,8 +223,12 @@ def test_restricted_unpickler_keeps_byte_order_and_types():
 def test_real_size_cifar_python_batch(tmp_path):
   """A batch as numpy pickles the real ones (10,000 images, file names)."""
   batches = _cifar_batches()
-  batches[5] = (np.random.default_rng(5).integers(
-      0, 256, (10_000, 32, 32, 3), dtype=np.uint8), np.arange(10_000) % 10)
+  batches[5] = (
+    np.random.default_rng(5).integers(
+      0, 256, (10_000, 32, 32, 3), dtype=np.uint8
+    ),
+    np.arange(10_000) % 10,
+  )
   _write_cifar(tmp_path, _PYTHON, batches, extracted=True)
   test = data.load_split(_config("cifar10", str(tmp_path)), "test")
   np.testing.assert_array_equal(test.images, batches[5][0])
@@ -176,38 +244,63 @@ def _cifar_with_test_batch(directory, blob):
   (directory / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
 
 
-@pytest.mark.parametrize("batch, match", [
+@pytest.mark.parametrize(
+  "batch, match",
+  [
     ({b"data": np.zeros((2, 3072), np.uint8)}, "no b'labels'"),
     ({b"labels": [1, 2]}, "no b'data'"),
     ([1, 2], "not a dict"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]},
-     "labels outside 0..9"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, -1]},
-     "labels outside 0..9"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2.5]},
-     "labels that are not integers"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]},
-     r"1 labels for 2 images"),
-    ({b"data": np.zeros((2, 3071), np.uint8), b"labels": [1, 2]},
-     r"b'data' of uint8 \(2, 3071\)"),
-], ids=["no-labels", "no-data", "list", "label-10", "label-neg", "float",
-        "count", "width"])
+    (
+      {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]},
+      "labels outside 0..9",
+    ),
+    (
+      {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, -1]},
+      "labels outside 0..9",
+    ),
+    (
+      {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2.5]},
+      "labels that are not integers",
+    ),
+    (
+      {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]},
+      r"1 labels for 2 images",
+    ),
+    (
+      {b"data": np.zeros((2, 3071), np.uint8), b"labels": [1, 2]},
+      r"b'data' of uint8 \(2, 3071\)",
+    ),
+  ],
+  ids=[
+    "no-labels",
+    "no-data",
+    "list",
+    "label-10",
+    "label-neg",
+    "float",
+    "count",
+    "width",
+  ],
+)
 def test_bad_cifar_python_batch(tmp_path, batch, match):
   _cifar_with_test_batch(tmp_path, pickle.dumps(batch, protocol=2))
   with pytest.raises(ValueError, match=f"test_batch is malformed.*{match}"):
     data.load_split(_config("cifar10", str(tmp_path)), "test")
 
 
-@pytest.mark.parametrize("fmt, encode", [(_BINARY, _binary_batch),
-                                         (_PYTHON, _pickled_batch)],
-                         ids=["binary", "python"])
+@pytest.mark.parametrize(
+  "fmt, encode",
+  [(_BINARY, _binary_batch), (_PYTHON, _pickled_batch)],
+  ids=["binary", "python"],
+)
 def test_cifar_label_out_of_range(tmp_path, fmt, encode):
   _write_cifar(tmp_path, fmt, _cifar_batches(), extracted=True)
   path = tmp_path / fmt[1] / fmt[2][-1]
   images, labels = _cifar_batches()[5]
   path.write_bytes(encode(images, labels + 10))
-  with pytest.raises(ValueError,
-                     match=f"{path} is malformed.*labels outside 0..9"):
+  with pytest.raises(
+    ValueError, match=f"{path} is malformed.*labels outside 0..9"
+  ):
     data.load_split(_config("cifar10", str(tmp_path)), "test")
 
 
@@ -219,8 +312,9 @@ class _Zeros(io.RawIOBase):
     return len(buffer)
 
 
-@pytest.mark.parametrize("extracted", [False, True],
-                         ids=["archive", "extracted"])
+@pytest.mark.parametrize(
+  "extracted", [False, True], ids=["archive", "extracted"]
+)
 def test_oversized_cifar_member_is_not_read(tmp_path, extracted):
   """A 200 MB member compresses to 0.2 MB: refused before it is read."""
   _write_cifar(tmp_path, _PYTHON, _cifar_batches(), extracted=extracted)
@@ -239,8 +333,10 @@ def test_oversized_cifar_member_is_not_read(tmp_path, extracted):
       info.size = 200 * _MB
       tar.addfile(info, _Zeros())
   _refused_within(
-      100, lambda: data.load_split(_config("cifar10", str(tmp_path)), "test"),
-      "test_batch is malformed.*209715200 bytes, more than")
+    100,
+    lambda: data.load_split(_config("cifar10", str(tmp_path)), "test"),
+    "test_batch is malformed.*209715200 bytes, more than",
+  )
 
 
 # ------------------------------------------------------------ Fashion-MNIST
@@ -256,26 +352,34 @@ def test_idx_trailing_data_is_not_read(tmp_path):
   path.write_bytes(gzip.compress(header + one.tobytes()) + _zeros_gzip(200))
   _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(1, np.uint8))
   _refused_within(
-      100, lambda: data.load_split(_config("fashion_mnist", str(tmp_path)),
-                                   "test"),
-      f"{path} is malformed.*more data after the 1 declared")
+    100,
+    lambda: data.load_split(_config("fashion_mnist", str(tmp_path)), "test"),
+    f"{path} is malformed.*more data after the 1 declared",
+  )
 
 
 def test_idx_count_beyond_the_split_is_not_read(tmp_path):
   _write_fashion(tmp_path)
   path = tmp_path / "train-labels-idx1-ubyte.gz"
   _write_idx(path, np.zeros(5, np.uint8), count=1_000_000)
-  with pytest.raises(ValueError, match=f"{path} is malformed.*declares "
-                     "1000000 examples, more than the 66000"):
+  with pytest.raises(
+    ValueError,
+    match=f"{path} is malformed.*declares "
+    "1000000 examples, more than the 66000",
+  ):
     data.load_split(_config("fashion_mnist", str(tmp_path)), "train")
 
 
-@pytest.mark.parametrize("kind, content, match", [
+@pytest.mark.parametrize(
+  "kind, content, match",
+  [
     ("images-idx3", b"\0\0\x08\x01" + b"\0" * 100, "bad magic number 00000801"),
     ("images-idx3", b"\x1f\x8b" + b"\0" * 30, "gzip"),
     ("labels-idx1", None, r"5 labels\); expected 7 labels, one per image"),
     ("labels-idx1", "label-11", "labels outside 0..9"),
-], ids=["magic", "not-gzip", "count-mismatch", "label-range"])
+  ],
+  ids=["magic", "not-gzip", "count-mismatch", "label-range"],
+)
 def test_bad_idx_file(tmp_path, kind, content, match):
   images, labels = _write_fashion(tmp_path)
   path = tmp_path / f"t10k-{kind}-ubyte.gz"
@@ -308,30 +412,57 @@ def test_svhn_float_images_are_not_loaded(tmp_path):
   """X of float64 (201 MB, 0.2 MB compressed): refused from its header."""
   _write_svhn(tmp_path)
   path = tmp_path / "test_32x32.mat"
-  scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 8192)),
-                          "y": np.ones((8192, 1), np.uint8)},
-                   do_compression=True)
+  scipy.io.savemat(
+    path,
+    {"X": np.zeros((32, 32, 3, 8192)), "y": np.ones((8192, 1), np.uint8)},
+    do_compression=True,
+  )
   _refused_within(
-      100, lambda: data.load_split(_config("svhn", str(tmp_path)), "test"),
-      f"{path} is malformed.*X is double")
+    100,
+    lambda: data.load_split(_config("svhn", str(tmp_path)), "test"),
+    f"{path} is malformed.*X is double",
+  )
 
 
-@pytest.mark.parametrize("variables, match", [
-    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1], [11]])},
-     "labels outside 1..10"),
-    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [1]])},
-     "labels outside 1..10"),
-    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1.5], [1]])},
-     "labels that are not integers"),
-    ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((3, 1), np.uint8)},
-     "3 labels for 2 images"),
-    ({"X": np.zeros((32, 32, 2, 2), np.uint8), "y": np.ones((2, 1))},
-     r"X of shape \(32, 32, 2, 2\)"),
+@pytest.mark.parametrize(
+  "variables, match",
+  [
+    (
+      {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1], [11]])},
+      "labels outside 1..10",
+    ),
+    (
+      {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [1]])},
+      "labels outside 1..10",
+    ),
+    (
+      {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1.5], [1]])},
+      "labels that are not integers",
+    ),
+    (
+      {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((3, 1), np.uint8)},
+      "3 labels for 2 images",
+    ),
+    (
+      {"X": np.zeros((32, 32, 2, 2), np.uint8), "y": np.ones((2, 1))},
+      r"X of shape \(32, 32, 2, 2\)",
+    ),
     ({"X": np.zeros((32, 32, 3, 2), np.uint8)}, "no variable y"),
-    ({"X": np.zeros((32, 32, 3, 30_000), np.uint8),
-      "y": np.ones((30_000, 1))}, "30000 examples, more than the 28636"),
-], ids=["label-11", "label-0", "float-label", "count", "shape", "no-y",
-        "too-many"])
+    (
+      {"X": np.zeros((32, 32, 3, 30_000), np.uint8), "y": np.ones((30_000, 1))},
+      "30000 examples, more than the 28636",
+    ),
+  ],
+  ids=[
+    "label-11",
+    "label-0",
+    "float-label",
+    "count",
+    "shape",
+    "no-y",
+    "too-many",
+  ],
+)
 def test_bad_svhn_file(tmp_path, variables, match):
   _write_svhn(tmp_path)
   path = tmp_path / "test_32x32.mat"

@@ -30,8 +30,10 @@ def mock_tfds(monkeypatch):
   (the mock's examples are unchanged).
   """
   monkeypatch.setattr(
-      mocking, "_getitems",
-      lambda keys, generator, serialized=False: [generator[k] for k in keys])
+    mocking,
+    "_getitems",
+    lambda keys, generator, serialized=False: [generator[k] for k in keys],
+  )
   return tfds.testing.mock_data
 
 
@@ -40,15 +42,14 @@ def test_mock_data(mock_tfds, name):
   info = data.get_info(name)
   with mock_tfds(num_examples=9):
     split = data.load_split(_config(name), "train")
-    expected = [tfds.data_source(info.tfds_name, split="train")[i]
-                for i in range(9)]
+    expected = [
+      tfds.data_source(info.tfds_name, split="train")[i] for i in range(9)
+    ]
   assert split.images.shape == (9, *info.image_shape)
   assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
   assert split.num_classes == 10
-  np.testing.assert_array_equal(split.images,
-                                [e["image"] for e in expected])
-  np.testing.assert_array_equal(split.labels,
-                                [e["label"] for e in expected])
+  np.testing.assert_array_equal(split.images, [e["image"] for e in expected])
+  np.testing.assert_array_equal(split.labels, [e["label"] for e in expected])
 
 
 def test_reads_in_chunks(mock_tfds, monkeypatch):
@@ -65,13 +66,12 @@ def test_reads_in_chunks(mock_tfds, monkeypatch):
   with mock_tfds(num_examples=10):
     split = data.load_split(_config("cifar10"), "train")
     reads_by_loader = list(reads)
-    expected = [tfds.data_source("cifar10", split="train")[i]
-                for i in range(10)]
+    expected = [
+      tfds.data_source("cifar10", split="train")[i] for i in range(10)
+    ]
   assert reads_by_loader == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-  np.testing.assert_array_equal(split.images,
-                                [e["image"] for e in expected])
-  np.testing.assert_array_equal(split.labels,
-                                [e["label"] for e in expected])
+  np.testing.assert_array_equal(split.images, [e["image"] for e in expected])
+  np.testing.assert_array_equal(split.labels, [e["label"] for e in expected])
 
 
 def _prepare_tiny(data_dir, name, images, labels):
@@ -90,13 +90,15 @@ def _prepare_tiny(data_dir, name, images, labels):
     VERSION = tfds.builder_cls(builder_name).VERSION
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features
-                                   .FeaturesDict({
-                                       "image": tfds.features.Image(
-                                           shape=info.image_shape),
-                                       "label": tfds.features.ClassLabel(
-                                           names=info.class_names),
-                                   }))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=info.image_shape),
+            "label": tfds.features.ClassLabel(names=info.class_names),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -105,8 +107,9 @@ def _prepare_tiny(data_dir, name, images, labels):
     def _generate_examples(self):
       for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         png = io.BytesIO()
-        PIL.Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1
-                            else image).save(png, format="png")
+        PIL.Image.fromarray(
+          image.squeeze(-1) if image.shape[-1] == 1 else image
+        ).save(png, format="png")
         yield i, {"image": png.getvalue(), "label": label}
 
   Tiny(data_dir=data_dir, file_format="array_record").download_and_prepare()
@@ -123,13 +126,17 @@ def test_prepared_array_record_files(tmp_path, name):
   # TFDS stores the examples in its own order.
   order = np.argsort(split.labels)
   np.testing.assert_array_equal(split.labels[order], np.arange(10))
-  np.testing.assert_array_equal(split.images[order],
-                                images[np.argsort(labels)])
+  np.testing.assert_array_equal(split.images[order], images[np.argsort(labels)])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
-                    reason="with TensorFlow, TFDS would try to download")
+@pytest.mark.skipif(
+  importlib.util.find_spec("tensorflow") is not None,
+  reason="with TensorFlow, TFDS would try to download",
+)
 def test_unprepared_dataset_says_how_to_prepare(tmp_path):
-  with pytest.raises(RuntimeError, match="not prepared.*requirements-prepare"
-                     ".*cifs_jax.data.prepare --name=svhn"):
+  with pytest.raises(
+    RuntimeError,
+    match="not prepared.*requirements-prepare"
+    ".*cifs_jax.data.prepare --name=svhn",
+  ):
     data.load_split(_config("svhn", str(tmp_path)), "test")

@@ -27,8 +27,9 @@ def _mlp_with_probes(params, x, relevance_grad="stop"):
   ("full"), so the two modes differ only in their gradients.
   """
   features = jnp.tanh(x.reshape(x.shape[0], -1) @ params["w1"])
-  seen = features if relevance_grad == "full" else jax.lax.stop_gradient(
-      features)
+  seen = (
+    features if relevance_grad == "full" else jax.lax.stop_gradient(features)
+  )
   probe0 = features @ params["probe0"]
   mask = jax.nn.softmax((seen @ params["probe0"]) @ params["probe0"].T) * 8
   masked = features * mask
@@ -39,13 +40,18 @@ def _model(seed=0):
   """(params, {"stop": logits_fn, "full": logits_fn}) of a random model."""
   keys = jax.random.split(jax.random.key(seed), 4)
   dim = int(np.prod(IMAGE_SHAPE))
-  params = {"w1": 3 * jax.random.normal(keys[0], (dim, 8)) / np.sqrt(dim),
-            "w2": jax.random.normal(keys[1], (8, NUM_CLASSES)),
-            "probe0": jax.random.normal(keys[2], (8, NUM_CLASSES)),
-            "probe1": jax.random.normal(keys[3], (8, NUM_CLASSES))}
-  fns = {mode: jax.tree_util.Partial(
-      functools.partial(_mlp_with_probes, relevance_grad=mode), params)
-         for mode in evaluation.protocols.GRADIENT_MODES}
+  params = {
+    "w1": 3 * jax.random.normal(keys[0], (dim, 8)) / np.sqrt(dim),
+    "w2": jax.random.normal(keys[1], (8, NUM_CLASSES)),
+    "probe0": jax.random.normal(keys[2], (8, NUM_CLASSES)),
+    "probe1": jax.random.normal(keys[3], (8, NUM_CLASSES)),
+  }
+  fns = {
+    mode: jax.tree_util.Partial(
+      functools.partial(_mlp_with_probes, relevance_grad=mode), params
+    )
+    for mode in evaluation.protocols.GRADIENT_MODES
+  }
   return params, fns
 
 
@@ -61,30 +67,45 @@ def _batches(images, labels, batch_size):
   for start in range(0, len(labels), batch_size):
     stop = min(start + batch_size, len(labels))
     padding = batch_size - (stop - start)
-    pad = lambda a: np.concatenate(  # noqa: E731
-        [a[start:stop], np.zeros((padding,) + a.shape[1:], a.dtype)])
-    yield data.Batch(pad(images), pad(labels),
-                     pad(np.ones(len(labels), bool)))
+    pad = (
+      lambda a: np.concatenate(  # noqa: E731
+        [a[start:stop], np.zeros((padding,) + a.shape[1:], a.dtype)]
+      )
+    )
+    yield data.Batch(pad(images), pad(labels), pad(np.ones(len(labels), bool)))
 
 
 def _protocol(random_start, betas=(0.0, 1.0, math.inf)):
-  pgd = attacks.PGDConfig(eps=0.1, step_size=0.03, num_steps=4,
-                          random_start=random_start,
-                          num_restarts=2 if random_start else 1)
+  pgd = attacks.PGDConfig(
+    eps=0.1,
+    step_size=0.03,
+    num_steps=4,
+    random_start=random_start,
+    num_restarts=2 if random_start else 1,
+  )
   return evaluation.Protocol(
-      name="test",
-      attacks=(evaluation.GradientAttack("fgsm", "FGSM",
-                                         attacks.fgsm_config(0.1)),
-               evaluation.GradientAttack("pgd", "PGD", pgd, loss_kind="cw",
-                                         confidence=1.0)),
-      gradient_modes=("stop", "full"), betas=betas)
+    name="test",
+    attacks=(
+      evaluation.GradientAttack("fgsm", "FGSM", attacks.fgsm_config(0.1)),
+      evaluation.GradientAttack(
+        "pgd", "PGD", pgd, loss_kind="cw", confidence=1.0
+      ),
+    ),
+    gradient_modes=("stop", "full"),
+    betas=betas,
+  )
 
 
 def _evaluate(fns, protocol, batch_size, **kwargs):
   images, labels = _dataset()
-  return evaluation.evaluate(fns, _batches(images, labels, batch_size),
-                             protocol, jax.random.key(0), progress=False,
-                             **kwargs)
+  return evaluation.evaluate(
+    fns,
+    _batches(images, labels, batch_size),
+    protocol,
+    jax.random.key(0),
+    progress=False,
+    **kwargs,
+  )
 
 
 def _correct(logits, labels, k=1):
@@ -101,12 +122,15 @@ def test_natural_top_k_and_per_class_match_numpy():
   natural = results["natural"]
   for k in (1, 2, 3):
     assert natural[f"top{k}"] == pytest.approx(
-        100 * _correct(final, labels, k).mean())
+      100 * _correct(final, labels, k).mean()
+    )
   assert natural["probes_top1"] == pytest.approx(
-      [100 * _correct(p, labels).mean() for p in probes])
+    [100 * _correct(p, labels).mean() for p in probes]
+  )
   correct = _correct(final, labels)
   assert natural["per_class"] == pytest.approx(
-      [100 * correct[labels == c].mean() for c in range(NUM_CLASSES)])
+    [100 * correct[labels == c].mean() for c in range(NUM_CLASSES)]
+  )
   assert results["num_examples"] == NUM_EXAMPLES
 
 
@@ -120,15 +144,25 @@ def test_worst_case_is_the_per_example_and_of_independent_runs():
   # Each run of the protocol, attacked and scored here independently.
   survived = {}  # (attack, target, mode) -> (N, 3) correct: final, probes.
   for attack in protocol.attacks:
-    for beta, probe in [(0.0, None), (1.0, None), (math.inf, None),
-                        (math.inf, 0), (math.inf, 1)]:
+    for beta, probe in [
+      (0.0, None),
+      (1.0, None),
+      (math.inf, None),
+      (math.inf, 0),
+      (math.inf, 1),
+    ]:
       for mode, fn in fns.items():
-        loss = attacks.AttackLoss(kind=attack.loss_kind, beta=beta,
-                                  probe=probe, confidence=attack.confidence)
+        loss = attacks.AttackLoss(
+          kind=attack.loss_kind,
+          beta=beta,
+          probe=probe,
+          confidence=attack.confidence,
+        )
         final, probes = fn(attacks.pgd(fn, x, y, None, loss, attack.config))
         target = evaluation.protocols.beta_label(beta, probe)
         survived[attack.name, target, mode] = np.stack(
-            [_correct(logits, labels) for logits in [final, *probes]], -1)
+          [_correct(logits, labels) for logits in [final, *probes]], -1
+        )
 
   def accuracy(keys, head=0):
     return 100 * np.mean(np.all([survived[k][:, head] for k in keys], axis=0))
@@ -140,19 +174,23 @@ def test_worst_case_is_the_per_example_and_of_independent_runs():
     assert len(summary["runs"]) == len(own) == 10
     assert summary["worst_case"]["top1"] == pytest.approx(accuracy(own))
     assert summary["worst_case"]["top1"] <= min(
-        run["top1"] for run in summary["runs"])
+      run["top1"] for run in summary["runs"]
+    )
     for target, value in summary["per_beta"].items():
       assert value == pytest.approx(
-          accuracy([k for k in own if k[1] == target]))
+        accuracy([k for k in own if k[1] == target])
+      )
     for mode, value in summary["per_gradient"].items():
       assert value == pytest.approx(accuracy([k for k in own if k[2] == mode]))
     table5 = summary["table5"]
     assert table5["final"]["final"] == summary["per_beta"]["0"]
     assert table5["adaptive"]["final"] == summary["worst_case"]["top1"]
     assert table5["probes"]["probe1"] == pytest.approx(
-        accuracy([k for k in own if k[1] == "inf"], head=2))
+      accuracy([k for k in own if k[1] == "inf"], head=2)
+    )
     assert table5["probe0"]["probe0"] == pytest.approx(
-        accuracy([k for k in own if k[1] == "inf/probe0"], head=1))
+      accuracy([k for k in own if k[1] == "inf/probe0"], head=1)
+    )
   assert results["worst_case"]["top1"] == pytest.approx(accuracy(everything))
   assert results["worst_case"]["top1"] < results["natural"]["top1"]
 
@@ -163,8 +201,9 @@ def test_results_do_not_depend_on_batch_size_or_device_count():
   protocol = dataclasses.replace(protocol, attacks=protocol.attacks[1:])
   reference = _evaluate(fns, protocol, batch_size=8)
   assert reference == _evaluate(fns, protocol, batch_size=5)
-  assert reference == _evaluate(fns, protocol, batch_size=8,
-                                devices=jax.local_devices()[:1])
+  assert reference == _evaluate(
+    fns, protocol, batch_size=8, devices=jax.local_devices()[:1]
+  )
 
 
 def test_the_same_seed_gives_the_same_results_and_another_seed_differs():
@@ -174,8 +213,12 @@ def test_the_same_seed_gives_the_same_results_and_another_seed_differs():
 
   def run(seed):
     return evaluation.evaluate(
-        fns, _batches(images, labels, 8), protocol, jax.random.key(seed),
-        progress=False)
+      fns,
+      _batches(images, labels, 8),
+      protocol,
+      jax.random.key(seed),
+      progress=False,
+    )
 
   first = run(3)
   assert first == run(3)
@@ -186,7 +229,8 @@ def test_the_same_seed_gives_the_same_results_and_another_seed_differs():
 def test_a_model_without_probes_has_one_target_per_attack():
   params, _ = _model()
   plain = jax.tree_util.Partial(
-      lambda p, x: (_mlp_with_probes(p, x)[0], []), params)
+    lambda p, x: (_mlp_with_probes(p, x)[0], []), params
+  )
   protocol = dataclasses.replace(_protocol(False), gradient_modes=("stop",))
   results = _evaluate({"stop": plain}, protocol, batch_size=8)
   assert results["num_probes"] == 0
@@ -205,11 +249,16 @@ def test_paper_and_strong_protocols_follow_design_section_6():
   paper = evaluation.paper_protocol()
   strong = evaluation.strong_protocol()
   assert [a.label for a in paper.attacks] == [
-      "FGSM", "PGD-20", "C&W-inf", "PGD-100"]
+    "FGSM",
+    "PGD-20",
+    "C&W-inf",
+    "PGD-100",
+  ]
   assert paper.gradient_modes == ("stop",)
   assert strong.gradient_modes == ("stop", "full")
-  assert paper.betas == strong.betas == (0.0, 0.1, 1.0, 2.0, 10.0, 100.0,
-                                         math.inf)
+  assert (
+    paper.betas == strong.betas == (0.0, 0.1, 1.0, 2.0, 10.0, 100.0, math.inf)
+  )
   eps = 8 / 255
   for attack in paper.attacks[1:]:
     assert attack.config.step_size == pytest.approx(0.1 * eps)
@@ -224,10 +273,10 @@ def test_paper_and_strong_protocols_follow_design_section_6():
 
 def test_publish_writes_json_markdown_and_a_console_table(tmp_path, capsys):
   _, fns = _model()
-  results = _evaluate(fns, _protocol(False, betas=(0.0, math.inf)),
-                      batch_size=8)
-  json_path, markdown_path = evaluation.publish(results, str(tmp_path),
-                                                "paper")
+  results = _evaluate(
+    fns, _protocol(False, betas=(0.0, math.inf)), batch_size=8
+  )
+  json_path, markdown_path = evaluation.publish(results, str(tmp_path), "paper")
   with open(json_path) as f:
     assert json.load(f) == results
   markdown = open(markdown_path).read()
@@ -235,8 +284,13 @@ def test_publish_writes_json_markdown_and_a_console_table(tmp_path, capsys):
   natural = f"{results['natural']['top1']:.2f}"
   fgsm = f"{results['attacks']['fgsm']['worst_case']['top1']:.2f}"
   assert f"| final head | {natural} | {fgsm} |" in table1
-  for title in ("Per beta_atk", "Per gradient mode", "Table 4", "Table 5",
-                "Per class"):
+  for title in (
+    "Per beta_atk",
+    "Per gradient mode",
+    "Table 4",
+    "Table 5",
+    "Per class",
+  ):
     assert f"## {title}" in markdown
   console = capsys.readouterr().out
   assert "Natural" in console and natural in console and "inf/probe1" in console
@@ -245,19 +299,28 @@ def test_publish_writes_json_markdown_and_a_console_table(tmp_path, capsys):
 @pytest.mark.slow
 def test_evaluates_a_cifs_resnet_in_both_gradient_modes():
   from cifs_jax import models  # pylint: disable=g-import-not-at-top
+
   config = models.default_config()
   config.name, config.width, config.num_classes = "resnet10", 4, NUM_CLASSES
   model = models.build_model(config)
   images, labels = _dataset()
-  variables = model.init(jax.random.key(0), jnp.zeros((1,) + IMAGE_SHAPE),
-                         train=False)
-  fns = {mode: jax.tree_util.Partial(
-      lambda v, x, m=models.with_relevance_grad(model, mode): m.apply(
-          v, x, train=False), variables)
-         for mode in ("stop", "full")}
+  variables = model.init(
+    jax.random.key(0), jnp.zeros((1,) + IMAGE_SHAPE), train=False
+  )
+  fns = {
+    mode: jax.tree_util.Partial(
+      models.with_relevance_grad(model, mode).apply, variables
+    )
+    for mode in ("stop", "full")
+  }
   protocol = dataclasses.replace(_protocol(True), betas=(2.0, math.inf))
-  results = evaluation.evaluate(fns, _batches(images, labels, 8), protocol,
-                                jax.random.key(1), progress=False)
+  results = evaluation.evaluate(
+    fns,
+    _batches(images, labels, 8),
+    protocol,
+    jax.random.key(1),
+    progress=False,
+  )
   assert results["num_probes"] == 2
   pgd = results["attacks"]["pgd"]
   assert {run["gradient"] for run in pgd["runs"]} == {"stop", "full"}
@@ -266,8 +329,7 @@ def test_evaluates_a_cifs_resnet_in_both_gradient_modes():
 
 def test_non_finite_logits_never_count_as_correct():
   """A NaN or infinite head is wrong at every k (not rank 0 = correct)."""
-  final = jnp.array([[2.0, 1.0, 0.0], [jnp.nan, 0.0, 0.0],
-                     [jnp.inf, 0.0, 0.0]])
+  final = jnp.array([[2.0, 1.0, 0.0], [jnp.nan, 0.0, 0.0], [jnp.inf, 0.0, 0.0]])
   probe = jnp.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
   ranks = metrics.true_class_ranks(final, [probe], jnp.array([0, 0, 0]))
   np.testing.assert_array_equal(ranks, [[0, 2], [3, 2], [3, 2]])

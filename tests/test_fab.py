@@ -1,6 +1,5 @@
 """FAB-T against closed-form answers: projections and linear models."""
 
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,10 +10,12 @@ from scipy import optimize
 from cifs_jax.attacks import fab
 from tests import linear_classifier
 
-fab_minimal = jax.jit(fab.fab_minimal_perturbations, static_argnums=0,
-                      static_argnames="config")
-fab_targeted = jax.jit(fab.fab_targeted, static_argnums=0,
-                       static_argnames="config")
+fab_minimal = jax.jit(
+  fab.fab_minimal_perturbations, static_argnums=0, static_argnames="config"
+)
+fab_targeted = jax.jit(
+  fab.fab_targeted, static_argnums=0, static_argnames="config"
+)
 
 
 def random_hyperplanes(seed, rows=60, dim=10):
@@ -42,9 +43,14 @@ def linf_projection_by_linprog(t, w, b):
   eye = np.eye(dim)
   bound = np.c_[np.r_[eye, -eye], -np.ones(2 * dim)]  # +-d - lam <= 0
   result = optimize.linprog(
-      cost, A_ub=bound, b_ub=np.zeros(2 * dim),
-      A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ t],
-      bounds=[(-ti, 1 - ti) for ti in t] + [(0, None)], method="highs")
+    cost,
+    A_ub=bound,
+    b_ub=np.zeros(2 * dim),
+    A_eq=np.r_[w, 0.0][None],
+    b_eq=[b - w @ t],
+    bounds=[(-ti, 1 - ti) for ti in t] + [(0, None)],
+    method="highs",
+  )
   assert result.status == 0
   return result.fun
 
@@ -69,23 +75,27 @@ def test_projection_is_the_box_constrained_minimum(x64, norm):
   # Some feasible rows have the box binding.
   assert np.any(np.isclose(t + d, 0) | np.isclose(t + d, 1))
   assert np.all((t + d >= -1e-12) & (t + d <= 1 + 1e-12))
-  np.testing.assert_allclose((w * (t + d)).sum(1)[feasible], b[feasible],
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    (w * (t + d)).sum(1)[feasible], b[feasible], atol=1e-9
+  )
   for row in np.flatnonzero(feasible):
     if norm == "linf":
       np.testing.assert_allclose(
-          np.abs(d[row]).max(),
-          linf_projection_by_linprog(t[row], w[row], b[row]), rtol=1e-7)
+        np.abs(d[row]).max(),
+        linf_projection_by_linprog(t[row], w[row], b[row]),
+        rtol=1e-7,
+      )
     else:
       np.testing.assert_allclose(
-          d[row], l2_projection_by_bisection(t[row], w[row], b[row]),
-          atol=1e-8)
+        d[row], l2_projection_by_bisection(t[row], w[row], b[row]), atol=1e-8
+      )
   # Infeasible: every moving coordinate at the box edge nearest the plane.
   infeasible = ~feasible
   towards = np.sign(w * (b - (w * t).sum(1))[:, None])
   corner = np.where(towards > 0, 1.0, np.where(towards < 0, 0.0, t))
-  np.testing.assert_allclose((t + d)[infeasible], corner[infeasible],
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    (t + d)[infeasible], corner[infeasible], atol=1e-12
+  )
 
 
 NUM_CLASSES, DIM, NUM_POINTS = 4, 12, 300
@@ -96,7 +106,8 @@ def linear_problem(norm):
   boundary distances per FAB target; whether the box is inactive there."""
   model = linear_classifier.random_classifier(0, NUM_CLASSES, DIM)
   x, y = linear_classifier.correctly_labelled_points(
-      model, 1, (NUM_POINTS, DIM), 0.3, 0.7)
+    model, 1, (NUM_POINTS, DIM), 0.3, 0.7
+  )
   targets = np.argsort(-model.logits(x), axis=-1)[:, 1:]  # FAB's order
   exact = model.boundary_distances(x, y, targets, norm)
   closest = model.closest_boundary_points(x, y, targets, norm)
@@ -109,17 +120,26 @@ def test_minimal_norms_match_the_exact_ones_on_a_linear_model(norm):
   model, x, y, exact, inside = linear_problem(norm)
   assert inside.mean() > 0.5
   config = fab.FABConfig(eps=0.1, norm=norm)
-  points, norms = fab_minimal(model.logits_fn, jnp.asarray(x, jnp.float32),
-                              jnp.asarray(y), None, config=config)
+  points, norms = fab_minimal(
+    model.logits_fn,
+    jnp.asarray(x, jnp.float32),
+    jnp.asarray(y),
+    None,
+    config=config,
+  )
   chex.assert_shape(points, (NUM_CLASSES - 1, NUM_POINTS, DIM))
   norms = np.asarray(norms).T  # (N, T)
   # Every point found is adversarial, at the distance stated.
   points = np.asarray(points).transpose(1, 0, 2)
-  logits = model.logits(points.reshape(-1, DIM)).reshape(NUM_POINTS, -1,
-                                                         NUM_CLASSES)
+  logits = model.logits(points.reshape(-1, DIM)).reshape(
+    NUM_POINTS, -1, NUM_CLASSES
+  )
   assert np.all(np.argmax(logits, -1) != y[:, None])
-  distance = (np.abs(points - x[:, None]).max(-1) if norm == "linf" else
-              np.linalg.norm(points - x[:, None], axis=-1))
+  distance = (
+    np.abs(points - x[:, None]).max(-1)
+    if norm == "linf"
+    else np.linalg.norm(points - x[:, None], axis=-1)
+  )
   np.testing.assert_allclose(norms, distance, rtol=1e-5)
   # Nothing beats the exact minimum over all classes (a lower bound) ...
   assert np.all(norms >= exact.min(-1, keepdims=True) * (1 - 1e-5))
@@ -128,8 +148,9 @@ def test_minimal_norms_match_the_exact_ones_on_a_linear_model(norm):
   # Over the targets tried: the robustness radius within 2 %.
   nearest = exact.argmin(-1)
   rows = inside[np.arange(NUM_POINTS), nearest]
-  np.testing.assert_allclose(norms.min(-1)[rows], exact.min(-1)[rows],
-                             rtol=0.02)
+  np.testing.assert_allclose(
+    norms.min(-1)[rows], exact.min(-1)[rows], rtol=0.02
+  )
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -142,11 +163,15 @@ def test_fab_targeted_keeps_successes_within_eps_and_in_the_box(norm):
   x_adv = fab_targeted(model.logits_fn, x, jnp.asarray(y), key, config=config)
   chex.assert_shape(x_adv, x.shape)
   chex.assert_trees_all_close(
-      x_adv, fab_targeted(model.logits_fn, x, jnp.asarray(y), key,
-                          config=config), atol=0, rtol=0)
+    x_adv,
+    fab_targeted(model.logits_fn, x, jnp.asarray(y), key, config=config),
+    atol=0,
+    rtol=0,
+  )
   delta = np.asarray(x_adv - x).reshape(NUM_POINTS, -1)
-  size = (np.abs(delta).max(-1) if norm == "linf" else
-          np.linalg.norm(delta, axis=-1))
+  size = (
+    np.abs(delta).max(-1) if norm == "linf" else np.linalg.norm(delta, axis=-1)
+  )
   assert np.all(size <= eps * (1 + 1e-6))
   assert np.all((np.asarray(x_adv) >= 0) & (np.asarray(x_adv) <= 1))
   fooled = np.argmax(model.logits(np.asarray(x_adv)), -1) != y
@@ -162,13 +187,14 @@ def test_misclassified_points_are_returned_unchanged():
   wrong = (y + 1) % NUM_CLASSES
   config = fab.FABConfig(eps=1.0, num_steps=5)
   x = jnp.asarray(x, jnp.float32)
-  points, norms = fab_minimal(model.logits_fn, x, jnp.asarray(wrong), None,
-                              config=config)
+  points, norms = fab_minimal(
+    model.logits_fn, x, jnp.asarray(wrong), None, config=config
+  )
   np.testing.assert_array_equal(norms, 0.0)
   np.testing.assert_array_equal(points, jnp.broadcast_to(x, points.shape))
   np.testing.assert_array_equal(
-      fab_targeted(model.logits_fn, x, jnp.asarray(wrong), None,
-                   config=config), x)
+    fab_targeted(model.logits_fn, x, jnp.asarray(wrong), None, config=config), x
+  )
 
 
 def test_config_is_validated():

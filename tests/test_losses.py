@@ -27,8 +27,9 @@ def hand_joint(beta, scale):
     if math.isinf(beta):
       values.append(scale * probes)
     else:
-      values.append(scale * (ce(FINAL[i], y) / (1 + beta) + beta /
-                             (1 + beta) * probes))
+      values.append(
+        scale * (ce(FINAL[i], y) / (1 + beta) + beta / (1 + beta) * probes)
+      )
   return values
 
 
@@ -36,43 +37,58 @@ def hand_joint(beta, scale):
 @pytest.mark.parametrize("scale", [1.0, losses.REFERENCE_SCALE])
 def test_joint_loss_by_hand(beta, scale):
   probes = [jnp.array(PROBE_1), jnp.array(PROBE_2)]
-  per_example = losses.joint_loss_per_example(jnp.array(FINAL), probes,
-                                              jnp.array(LABELS), beta, scale)
+  per_example = losses.joint_loss_per_example(
+    jnp.array(FINAL), probes, jnp.array(LABELS), beta, scale
+  )
   np.testing.assert_allclose(per_example, hand_joint(beta, scale), rtol=1e-6)
 
 
 def test_reference_default_is_sum_of_three_cross_entropies():
   value = losses.joint_loss_per_example(
-      jnp.array(FINAL), [jnp.array(PROBE_1), jnp.array(PROBE_2)],
-      jnp.array(LABELS))
-  by_hand = np.array([ce(FINAL[i], y) + ce(PROBE_1[i], y) + ce(PROBE_2[i], y)
-                     for i, y in enumerate(LABELS)])
+    jnp.array(FINAL),
+    [jnp.array(PROBE_1), jnp.array(PROBE_2)],
+    jnp.array(LABELS),
+  )
+  by_hand = np.array(
+    [
+      ce(FINAL[i], y) + ce(PROBE_1[i], y) + ce(PROBE_2[i], y)
+      for i, y in enumerate(LABELS)
+    ]
+  )
   np.testing.assert_allclose(value, by_hand, rtol=1e-6)
 
 
 def test_vanilla_model_gets_plain_cross_entropy():
-  value = losses.joint_loss_per_example(jnp.array(FINAL), [],
-                                        jnp.array(LABELS))
-  np.testing.assert_allclose(value, [ce(FINAL[i], y)
-                                     for i, y in enumerate(LABELS)],
-                             rtol=1e-6)
+  value = losses.joint_loss_per_example(jnp.array(FINAL), [], jnp.array(LABELS))
+  np.testing.assert_allclose(
+    value, [ce(FINAL[i], y) for i, y in enumerate(LABELS)], rtol=1e-6
+  )
   with pytest.raises(ValueError, match="no probes"):
-    losses.joint_loss_per_example(jnp.array(FINAL), [], jnp.array(LABELS),
-                                  math.inf)
+    losses.joint_loss_per_example(
+      jnp.array(FINAL), [], jnp.array(LABELS), math.inf
+    )
   with pytest.raises(ValueError, match="beta must be"):
-    losses.joint_loss_per_example(jnp.array(FINAL), [], jnp.array(LABELS),
-                                  -1.0)
+    losses.joint_loss_per_example(jnp.array(FINAL), [], jnp.array(LABELS), -1.0)
 
 
 def test_cas_loss_by_hand():
   """CAS's CE + beta * mean CE_l is the joint loss with scale 1 + beta."""
   beta = 2.0
   value = losses.joint_loss_per_example(
-      jnp.array(FINAL), [jnp.array(PROBE_1), jnp.array(PROBE_2)],
-      jnp.array(LABELS), beta=beta, scale=1 + beta)
+    jnp.array(FINAL),
+    [jnp.array(PROBE_1), jnp.array(PROBE_2)],
+    jnp.array(LABELS),
+    beta=beta,
+    scale=1 + beta,
+  )
   np.testing.assert_allclose(
-      value, [ce(FINAL[i], y) + (ce(PROBE_1[i], y) + ce(PROBE_2[i], y))
-              for i, y in enumerate(LABELS)], rtol=1e-6)
+    value,
+    [
+      ce(FINAL[i], y) + (ce(PROBE_1[i], y) + ce(PROBE_2[i], y))
+      for i, y in enumerate(LABELS)
+    ],
+    rtol=1e-6,
+  )
 
 
 def test_trades_kl_by_hand():
@@ -80,12 +96,15 @@ def test_trades_kl_by_hand():
   softmax = lambda z: [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
   p, q = softmax(natural), softmax(adversarial)
   by_hand = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-  value = losses.trades_kl_per_example(jnp.array([adversarial]),
-                                       jnp.array([natural]))
+  value = losses.trades_kl_per_example(
+    jnp.array([adversarial]), jnp.array([natural])
+  )
   np.testing.assert_allclose(value, [by_hand], rtol=1e-6)
   np.testing.assert_allclose(
-      losses.trades_kl_per_example(jnp.array([natural]),
-                                   jnp.array([natural])), [0.0], atol=1e-7)
+    losses.trades_kl_per_example(jnp.array([natural]), jnp.array([natural])),
+    [0.0],
+    atol=1e-7,
+  )
 
 
 def test_cw_margin_by_hand():
@@ -93,8 +112,10 @@ def test_cw_margin_by_hand():
   labels = jnp.array([0, 2, 2])
   # z_y - max_other + kappa, clamped at zero, negated.
   np.testing.assert_allclose(
-      losses.cw_margin_per_example(logits, labels, confidence=50.0),
-      [-(3 - 2 + 50), -(1 - 5 + 50), -0.0])
+    losses.cw_margin_per_example(logits, labels, confidence=50.0),
+    [-(3 - 2 + 50), -(1 - 5 + 50), -0.0],
+  )
   np.testing.assert_allclose(
-      losses.cw_margin_per_example(logits, labels, confidence=0.0),
-      [-1.0, 0.0, 0.0])
+    losses.cw_margin_per_example(logits, labels, confidence=0.0),
+    [-1.0, 0.0, 0.0],
+  )

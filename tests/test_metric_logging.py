@@ -17,14 +17,14 @@ def test_scalars_round_trip_through_jsonl_and_tensorboard(tmp_path):
 
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line) for line in lines] == [
-      {"step": 1, "train/loss": 2.5, "train/acc": 0.25},
-      {"step": 2, "eval/pgd_accuracy": 0.5125},
+    {"step": 1, "train/loss": 2.5, "train/acc": 0.25},
+    {"step": 2, "eval/pgd_accuracy": 0.5125},
   ]
   events = read_scalar_events(tmp_path / "tensorboard")
   assert events == [
-      (1, "train/loss", 2.5),
-      (1, "train/acc", 0.25),
-      (2, "eval/pgd_accuracy", pytest.approx(0.5125)),  # Stored as float32.
+    (1, "train/loss", 2.5),
+    (1, "train/acc", 0.25),
+    (2, "eval/pgd_accuracy", pytest.approx(0.5125)),  # Stored as float32.
   ]
 
 
@@ -34,7 +34,10 @@ def test_appends_across_restarts(tmp_path):
       logger.write_scalars(step, {"loss": float(step)})
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2]
-  assert sorted(e[0] for e in read_scalar_events(tmp_path / "tensorboard")) == [1, 2]
+  assert sorted(e[0] for e in read_scalar_events(tmp_path / "tensorboard")) == [
+    1,
+    2,
+  ]
 
 
 def test_step_is_reserved(tmp_path):

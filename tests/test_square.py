@@ -11,8 +11,9 @@ from cifs_jax.attacks.objectives import AttackLoss
 from cifs_jax.attacks.pgd import PGDConfig, pgd
 from tests import linear_classifier
 
-square_with_queries = jax.jit(square.square_with_queries, static_argnums=0,
-                              static_argnames="config")
+square_with_queries = jax.jit(
+  square.square_with_queries, static_argnums=0, static_argnames="config"
+)
 IMAGE = (4, 4, 2)  # H, W, C: 32 input values
 NUM_CLASSES, NUM_POINTS = 4, 300
 MODEL = linear_classifier.random_classifier(0, NUM_CLASSES, int(np.prod(IMAGE)))
@@ -39,13 +40,15 @@ def linear_run():
   """Square where about half the points are robust: x, y, x_adv, queries,
   config; the first 10 points start misclassified."""
   x, y = linear_classifier.correctly_labelled_points(
-      MODEL, 1, (NUM_POINTS,) + IMAGE)
+    MODEL, 1, (NUM_POINTS,) + IMAGE
+  )
   y[:10] = (y[:10] + 1) % NUM_CLASSES  # misclassified from the start
   eps = 0.06
   config = square.SquareConfig(eps=eps, num_queries=500, num_restarts=2)
   x = jnp.asarray(x, jnp.float32)
-  x_adv, queries = square_with_queries(MODEL.logits_fn, x, jnp.asarray(y),
-                                       jax.random.key(0), config=config)
+  x_adv, queries = square_with_queries(
+    MODEL.logits_fn, x, jnp.asarray(y), jax.random.key(0), config=config
+  )
   return np.asarray(x), y, np.asarray(x_adv), np.asarray(queries), config
 
 
@@ -65,8 +68,7 @@ def test_stays_in_the_ball_and_box_and_never_raises_the_margin(linear_run):
   chex.assert_shape(x_adv, x.shape)
   assert np.abs(x_adv - x).max() <= config.eps * (1 + 1e-6)
   assert np.all((x_adv >= 0) & (x_adv <= 1))
-  assert np.all(margins(MODEL.logits(x_adv), y) <=
-                margins(MODEL.logits(x), y))
+  assert np.all(margins(MODEL.logits(x_adv), y) <= margins(MODEL.logits(x), y))
   unchanged = np.argmax(MODEL.logits(x_adv), -1) == y
   np.testing.assert_array_equal(x_adv[unchanged], x[unchanged])
 
@@ -85,17 +87,28 @@ def test_queries_stop_for_fooled_points(linear_run):
 def test_same_key_same_result_and_per_example_keys(linear_run):
   x, y, x_adv, queries, config = linear_run
   again, again_queries = square_with_queries(
-      MODEL.logits_fn, jnp.asarray(x), jnp.asarray(y), jax.random.key(0),
-      config=config)
-  chex.assert_trees_all_close((again, again_queries), (x_adv, queries),
-                              atol=0, rtol=0)
+    MODEL.logits_fn,
+    jnp.asarray(x),
+    jnp.asarray(y),
+    jax.random.key(0),
+    config=config,
+  )
+  chex.assert_trees_all_close(
+    (again, again_queries), (x_adv, queries), atol=0, rtol=0
+  )
   # With one key per example, a point's run ignores the rest of the batch.
   keys = jax.random.split(jax.random.key(1), NUM_POINTS)
   small = square.SquareConfig(eps=config.eps, num_queries=50)
-  full, _ = square_with_queries(MODEL.logits_fn, jnp.asarray(x),
-                                jnp.asarray(y), keys, config=small)
-  part, _ = square_with_queries(MODEL.logits_fn, jnp.asarray(x[:7]),
-                                jnp.asarray(y[:7]), keys[:7], config=small)
+  full, _ = square_with_queries(
+    MODEL.logits_fn, jnp.asarray(x), jnp.asarray(y), keys, config=small
+  )
+  part, _ = square_with_queries(
+    MODEL.logits_fn,
+    jnp.asarray(x[:7]),
+    jnp.asarray(y[:7]),
+    keys[:7],
+    config=small,
+  )
   chex.assert_trees_all_close(part, full[:7], atol=0, rtol=0)
 
 
@@ -105,21 +118,29 @@ def quantised_logits_fn(x):
 
 
 def test_succeeds_without_gradients_where_pgd_fails():
-  x, y = linear_classifier.correctly_labelled_points(
-      MODEL, 2, (64,) + IMAGE)
+  x, y = linear_classifier.correctly_labelled_points(MODEL, 2, (64,) + IMAGE)
   x = jnp.asarray(x, jnp.float32)
   y = jnp.argmax(quantised_logits_fn(x)[0], -1)
   eps = 0.3
   gradient = jax.grad(lambda v: quantised_logits_fn(v)[0].sum())(x)
   np.testing.assert_array_equal(gradient, 0.0)
-  pgd_adv = pgd(quantised_logits_fn, x, y, None, AttackLoss(kind="cw"),
-                PGDConfig(eps=eps, step_size=eps / 4, num_steps=20,
-                          random_start=False))
+  pgd_adv = pgd(
+    quantised_logits_fn,
+    x,
+    y,
+    None,
+    AttackLoss(kind="cw"),
+    PGDConfig(eps=eps, step_size=eps / 4, num_steps=20, random_start=False),
+  )
   fooled = lambda adv: jnp.argmax(quantised_logits_fn(adv)[0], -1) != y
   assert not np.any(fooled(pgd_adv))
   square_adv, _ = square_with_queries(
-      quantised_logits_fn, x, y, jax.random.key(0),
-      config=square.SquareConfig(eps=eps, num_queries=300))
+    quantised_logits_fn,
+    x,
+    y,
+    jax.random.key(0),
+    config=square.SquareConfig(eps=eps, num_queries=300),
+  )
   assert np.mean(fooled(square_adv)) > 0.9
 
 
@@ -127,5 +148,10 @@ def test_config_and_input_shape_are_validated():
   with pytest.raises(ValueError, match="norm"):
     square.SquareConfig(eps=0.1, norm="l1")
   with pytest.raises(ValueError, match="images"):
-    square.square(MODEL.logits_fn, jnp.zeros((2, 32)), jnp.zeros(2, int),
-                  jax.random.key(0), square.SquareConfig(eps=0.1))
+    square.square(
+      MODEL.logits_fn,
+      jnp.zeros((2, 32)),
+      jnp.zeros(2, int),
+      jax.random.key(0),
+      square.SquareConfig(eps=0.1),
+    )

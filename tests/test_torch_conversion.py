@@ -10,8 +10,9 @@ import pytest
 from cifs_jax import models
 
 torch = pytest.importorskip(
-    "torch", reason="requirements-test.txt installs torch (CPU) for this test")
-from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  "torch", reason="requirements-test.txt installs torch (CPU) for this test"
+)
+from tests import torch_reference  # noqa: E402
 
 
 def randomised_torch_model(seed=0):
@@ -36,7 +37,8 @@ def converted():
   flax_model = models.build_model(models.default_config())
   with jax.enable_x64(True):
     template = jax.eval_shape(
-        lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+      lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    )
   variables = models.convert_torch_state_dict(state_dict, template=template)
   return torch_model, flax_model, variables
 
@@ -49,18 +51,24 @@ def test_same_outputs_as_the_pytorch_model(x64, converted, train):
   labels = np.array([3, 1, 4, 1])
   torch_model.train(train)
   torch_logits, torch_probes = torch_model(
-      torch.from_numpy(images.transpose(0, 3, 1, 2)),
-      torch.from_numpy(labels))
+    torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(labels)
+  )
   (logits, probes), _ = flax_model.apply(
-      variables, jnp.asarray(images), train=train, labels=jnp.asarray(labels),
-      mutable=["batch_stats"])
+    variables,
+    jnp.asarray(images),
+    train=train,
+    labels=jnp.asarray(labels),
+    mutable=["batch_stats"],
+  )
   assert logits.dtype == jnp.float64
-  np.testing.assert_allclose(logits, torch_logits.detach().numpy(), rtol=1e-9,
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    logits, torch_logits.detach().numpy(), rtol=1e-9, atol=1e-9
+  )
   assert len(probes) == len(torch_probes) == 2
   for ours, theirs in zip(probes, torch_probes):
-    np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-9,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+      ours, theirs.detach().numpy(), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_layout_of_converted_arrays(converted):
@@ -70,17 +78,19 @@ def test_layout_of_converted_arrays(converted):
   np.testing.assert_array_equal(kernel[1, 2, 5, 7], conv[7, 5, 1, 2])
   head = torch_model.layer4[1].Probe.Probe[1].weight.detach().numpy()
   np.testing.assert_array_equal(
-      variables["params"]["cifs_layer4_1"]["probe"]["head"]["kernel"], head.T)
+    variables["params"]["cifs_layer4_1"]["probe"]["head"]["kernel"], head.T
+  )
   np.testing.assert_array_equal(
-      variables["batch_stats"]["bn1"]["var"],
-      torch_model.bn1.running_var.numpy())
+    variables["batch_stats"]["bn1"]["var"], torch_model.bn1.running_var.numpy()
+  )
 
 
 def test_mismatched_state_dict_is_refused(converted):
   torch_model, flax_model, _ = converted
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   template = jax.eval_shape(
-      lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  )
   del state_dict["linear.bias"]
   with pytest.raises(ValueError, match="missing params/linear/bias"):
     models.convert_torch_state_dict(state_dict, template=template)
@@ -95,8 +105,11 @@ def randomised_flax_variables(name, width=None, seed=0):
   config = models.default_config()
   config.name, config.width = name, width
   channels = 3 if name == "resnet18" else 1
-  shapes = jax.eval_shape(lambda: models.build_model(config).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, channels))))
+  shapes = jax.eval_shape(
+    lambda: models.build_model(config).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, channels))
+    )
+  )
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -116,7 +129,8 @@ def test_export_inverts_convert_exactly():
   torch_model = randomised_torch_model(seed=1)
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   exported = models.export_torch_state_dict(
-      models.convert_torch_state_dict(state_dict))
+    models.convert_torch_state_dict(state_dict)
+  )
   assert list(exported) == list(state_dict)  # same names, same order
   for name, value in state_dict.items():
     assert exported[name].dtype == value.dtype, name
@@ -135,22 +149,29 @@ def test_convert_inverts_export_exactly(name):
 
 
 def test_pytorch_model_loads_exported_weights_and_agrees(x64):
-  variables = jax.tree.map(lambda v: np.asarray(v, np.float64),
-                           randomised_flax_variables("resnet18"))
+  variables = jax.tree.map(
+    lambda v: np.asarray(v, np.float64), randomised_flax_variables("resnet18")
+  )
   torch_model = torch_reference.ResNet18CIFS().double().eval()
   torch_model.load_state_dict(
-      {k: torch.from_numpy(v)
-       for k, v in models.export_torch_state_dict(variables).items()},
-      strict=True)
+    {
+      k: torch.from_numpy(v)
+      for k, v in models.export_torch_state_dict(variables).items()
+    },
+    strict=True,
+  )
   images = np.random.default_rng(1).uniform(0, 1, (4, 32, 32, 3))
   torch_logits, torch_probes = torch_model(
-      torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    torch.from_numpy(images.transpose(0, 3, 1, 2))
+  )
   apply = jax.jit(models.build_model(models.default_config()).apply)
   logits, probes = apply(variables, jnp.asarray(images))
   chex.assert_trees_all_close(
-      (logits, *probes),
-      tuple(t.detach().numpy() for t in (torch_logits, *torch_probes)),
-      rtol=1e-9, atol=1e-9)
+    (logits, *probes),
+    tuple(t.detach().numpy() for t in (torch_logits, *torch_probes)),
+    rtol=1e-9,
+    atol=1e-9,
+  )
 
 
 def test_export_refuses_unknown_modules_and_backbones():

@@ -13,8 +13,9 @@ from cifs_jax.training import step as step_lib, train_state
 
 def smoke_config(*variants):
   """The smoke variant on a ResNet-10 of width 4: quick to compile."""
-  config = experiment_config.apply_variants(experiment_config.base_config(),
-                                            ",".join(("smoke",) + variants))
+  config = experiment_config.apply_variants(
+    experiment_config.base_config(), ",".join(("smoke",) + variants)
+  )
   config.model.name = "resnet10"
   config.model.width = 4
   return config
@@ -23,18 +24,21 @@ def smoke_config(*variants):
 def random_split(num_examples=48, seed=0):
   rng = np.random.default_rng(seed)
   return data.Split(
-      rng.integers(0, 256, (num_examples, 32, 32, 3), dtype=np.uint8),
-      rng.integers(0, 10, num_examples).astype(np.int32), 10)
+    rng.integers(0, 256, (num_examples, 32, 32, 3), dtype=np.uint8),
+    rng.integers(0, 10, num_examples).astype(np.int32),
+    10,
+  )
 
 
-def run_steps(config, state, split, parallel_mode, num_devices, num_steps=3,
-              batch_size=16):
+def run_steps(
+  config, state, split, parallel_mode, num_devices, num_steps=3, batch_size=16
+):
   model = models.build_model(config.model, bn_axis_name=BATCH_AXIS)
   parallel = Parallel.create(parallel_mode, jax.local_devices()[:num_devices])
   step = parallel.compile(
-      step_lib.make_train_step(model, config,
-                               data.augment_options(config.data)),
-      sharded_args=(False, False, True))
+    step_lib.make_train_step(model, config, data.augment_options(config.data)),
+    sharded_args=(False, False, True),
+  )
   state = parallel.replicate(state)
   device_split = parallel.replicate(split)
   for i in range(num_steps):
@@ -52,19 +56,22 @@ def test_two_devices_equal_one_device(x64, method):
   model = models.build_model(config.model)
   state = train_state.create_train_state(model, (32, 32, 3), config, 3)
   to64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-  state = state.replace(params=to64(state.params),
-                        batch_stats=to64(state.batch_stats))
+  state = state.replace(
+    params=to64(state.params), batch_stats=to64(state.batch_stats)
+  )
   single = run_steps(config, state, split, "pmap", 1)
   assert int(single.step) == 3
-  changed = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), single.params,
-                         state.params)
+  changed = jax.tree.map(
+    lambda a, b: np.max(np.abs(a - b)), single.params, state.params
+  )
   assert min(jax.tree.leaves(changed)) > 0  # every parameter was trained
   for mode in ("pmap", "shard_map"):
     sharded = run_steps(config, state, split, mode, 2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9,
-                                                         atol=1e-12),
-                 (sharded.params, sharded.batch_stats),
-                 (single.params, single.batch_stats))
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+      (sharded.params, sharded.batch_stats),
+      (single.params, single.batch_stats),
+    )
 
 
 def test_learning_rate_schedule_and_weight_decay_match_reference():
@@ -105,28 +112,33 @@ def test_friendly_pgd_freezes_misclassified_examples():
   weights = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
   x = jnp.asarray(rng.uniform(0.2, 0.8, (32, 12)), jnp.float32)
   predicted = np.argmax(np.asarray(x @ weights), axis=1)
-  labels = jnp.asarray(np.where(np.arange(32) % 2 == 0, predicted,
-                                (predicted + 1) % 3))
-  config = attacks.PGDConfig(eps=0.1, step_size=0.02, num_steps=10,
-                             random_start=False)
+  labels = jnp.asarray(
+    np.where(np.arange(32) % 2 == 0, predicted, (predicted + 1) % 3)
+  )
+  config = attacks.PGDConfig(
+    eps=0.1, step_size=0.02, num_steps=10, random_start=False
+  )
   loss = step_lib.defense_loss("none", beta=2.0)
-  x_fat = attacks.friendly_pgd(linear_logits_fn(weights), x, labels, None,
-                                loss, config, tau=0)
-  x_pgd = attacks.pgd(linear_logits_fn(weights), x, labels, None, loss,
-                      config)
+  x_fat = attacks.friendly_pgd(
+    linear_logits_fn(weights), x, labels, None, loss, config, tau=0
+  )
+  x_pgd = attacks.pgd(linear_logits_fn(weights), x, labels, None, loss, config)
   wrong_at_start = predicted != np.asarray(labels)
   np.testing.assert_array_equal(x_fat[wrong_at_start], x[wrong_at_start])
   assert np.all(np.abs(x_fat - x) <= 0.1 + 1e-6)
   assert np.all((x_fat >= 0) & (x_fat <= 1))
   # An example that PGD never fools is never stopped: FAT equals PGD there.
   never_fooled = ~wrong_at_start & (
-      np.argmax(np.asarray(x_pgd @ weights), 1) == np.asarray(labels))
-  np.testing.assert_allclose(x_fat[never_fooled], x_pgd[never_fooled],
-                             atol=1e-6)
+    np.argmax(np.asarray(x_pgd @ weights), 1) == np.asarray(labels)
+  )
+  np.testing.assert_allclose(
+    x_fat[never_fooled], x_pgd[never_fooled], atol=1e-6
+  )
   # A larger tau perturbs at least as far on average.
-  x_tau = attacks.friendly_pgd(linear_logits_fn(weights), x, labels, None,
-                                loss, config, tau=3)
-  assert (np.abs(x_tau - x).sum() >= np.abs(x_fat - x).sum())
+  x_tau = attacks.friendly_pgd(
+    linear_logits_fn(weights), x, labels, None, loss, config, tau=3
+  )
+  assert np.abs(x_tau - x).sum() >= np.abs(x_fat - x).sum()
 
 
 @pytest.mark.parametrize("method", ["natural", "fat", "trades"])

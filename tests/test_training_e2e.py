@@ -44,13 +44,19 @@ from tests.event_files import read_scalar_events
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(
-    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="needs Debian's dataset-fashion-mnist")
+  not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+  reason="needs Debian's dataset-fashion-mnist",
+)
 
 # At least these (the step may add more, e.g. train_grad_norm).
 TRAIN_KEYS = {"step", "train_loss", "train_accuracy", "images_per_second"}
-EVAL_KEYS = {"step", "epoch", "natural_accuracy", "pgd_accuracy",
-             "eval_examples"}
+EVAL_KEYS = {
+  "step",
+  "epoch",
+  "natural_accuracy",
+  "pgd_accuracy",
+  "eval_examples",
+}
 SMOKE_FMNIST_STEPS = 256 // 32  # smoke: train.max_examples / batch_size.
 # The final robustness evaluation (several PGD-20 attacks on 64 examples)
 # takes longer than the smoke training itself; tests that are about training
@@ -79,15 +85,20 @@ def load_config(name: str, variants: str = "smoke", *overrides: str):
   parses it: a locked ConfigDict."""
   argv = ["test", f"--config={REPO}/configs/{name}.py:{variants}", *overrides]
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
   flag_values(argv)
   return flag_values.config
 
 
 def read_jsonl(workdir) -> list[dict]:
-  return [json.loads(line) for line in
-          (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [
+    json.loads(line)
+    for line in (pathlib.Path(workdir) / "metrics.jsonl")
+    .read_text()
+    .splitlines()
+  ]
 
 
 def read_checkpoint(workdir, which="last"):
@@ -104,8 +115,9 @@ def best_step(workdir):
 
 def assert_states_equal(actual, expected):
   """Same leaves (paths, dtypes, shapes) and the same bits."""
-  actual, expected = (jax.tree_util.tree_flatten_with_path(t)[0]
-                      for t in (actual, expected))
+  actual, expected = (
+    jax.tree_util.tree_flatten_with_path(t)[0] for t in (actual, expected)
+  )
   assert [p for p, _ in actual] == [p for p, _ in expected]
   for (path, a), (_, e) in zip(actual, expected):
     a, e = np.asarray(a), np.asarray(e)
@@ -115,8 +127,11 @@ def assert_states_equal(actual, expected):
 
 def snapshot(directory: pathlib.Path) -> dict[str, bytes]:
   """Every file under ``directory`` with its contents."""
-  return {str(p.relative_to(directory)): p.read_bytes()
-          for p in sorted(directory.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(directory)): p.read_bytes()
+    for p in sorted(directory.rglob("*"))
+    if p.is_file()
+  }
 
 
 def interrupt_after(monkeypatch, steps: int, signum=signal.SIGINT):
@@ -135,8 +150,9 @@ def interrupt_after(monkeypatch, steps: int, signum=signal.SIGINT):
         # Without the trainer's handler the default SIGINT handler would
         # raise KeyboardInterrupt and end the whole pytest session.
         assert signal.getsignal(signum) not in (
-            signal.default_int_handler, signal.SIG_DFL), (
-                f"no handler for {signum!r} during training")
+          signal.default_int_handler,
+          signal.SIG_DFL,
+        ), f"no handler for {signum!r} during training"
         signal.raise_signal(signum)
       return result
 
@@ -147,16 +163,26 @@ def interrupt_after(monkeypatch, steps: int, signum=signal.SIGINT):
 
 def subprocess_env(cache_dir: str) -> dict[str, str]:
   env = dict(os.environ)
-  env.update(JAX_NUM_CPU_DEVICES="2", JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.update(
+    JAX_NUM_CPU_DEVICES="2",
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+  )
   env.pop("XLA_FLAGS", None)
   return env
 
 
 def main_command(workdir, *args: str) -> list[str]:
-  return [sys.executable, "-m", "cifs_jax.main",
-          "--config=configs/fmnist_resnet10.py:smoke", f"--workdir={workdir}",
-          NO_FINAL_EVAL, *args]
+  return [
+    sys.executable,
+    "-m",
+    "cifs_jax.main",
+    "--config=configs/fmnist_resnet10.py:smoke",
+    f"--workdir={workdir}",
+    NO_FINAL_EVAL,
+    *args,
+  ]
 
 
 # --------------------------------------------------------------- tiny data
@@ -164,8 +190,10 @@ def main_command(workdir, *args: str) -> list[str]:
 
 def _random_split(n, shape, seed):
   rng = np.random.default_rng(seed)
-  return (rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-          rng.integers(0, 10, n).astype(np.uint8))
+  return (
+    rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+    rng.integers(0, 10, n).astype(np.uint8),
+  )
 
 
 def write_tiny_cifar10(directory: pathlib.Path, num_train=64, num_test=80):
@@ -173,8 +201,10 @@ def write_tiny_cifar10(directory: pathlib.Path, num_train=64, num_test=80):
   of records (label byte, then the R, G, B planes)."""
   folder = directory / "cifar-10-batches-bin"
   folder.mkdir(parents=True)
-  train, test = (_random_split(n, (32, 32, 3), seed)
-                 for seed, n in ((0, num_train), (1, num_test)))
+  train, test = (
+    _random_split(n, (32, 32, 3), seed)
+    for seed, n in ((0, num_train), (1, num_test))
+  )
 
   def records(images, labels):
     planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
@@ -184,7 +214,8 @@ def write_tiny_cifar10(directory: pathlib.Path, num_train=64, num_test=80):
   for i in range(5):
     part = slice(bounds[i], bounds[i + 1])
     (folder / f"data_batch_{i + 1}.bin").write_bytes(
-        records(train[0][part], train[1][part]))
+      records(train[0][part], train[1][part])
+    )
   (folder / "test_batch.bin").write_bytes(records(*test))
 
 
@@ -193,16 +224,21 @@ def write_tiny_svhn(directory: pathlib.Path, num_train=64, num_test=80):
   directory.mkdir(parents=True)
   for split, n, seed in (("train", num_train, 2), ("test", num_test, 3)):
     images, labels = _random_split(n, (32, 32, 3), seed)
-    scipy.io.savemat(directory / f"{split}_32x32.mat",
-                     {"X": images.transpose(1, 2, 3, 0),
-                      "y": np.where(labels == 0, 10, labels)[:, None]})
+    scipy.io.savemat(
+      directory / f"{split}_32x32.mat",
+      {
+        "X": images.transpose(1, 2, 3, 0),
+        "y": np.where(labels == 0, 10, labels)[:, None],
+      },
+    )
 
 
 # ------------------------------------------------------------ smoke runs
 
 
-def check_workdir(workdir: pathlib.Path, config, results, *,
-                  steps_per_epoch: int, num_test: int):
+def check_workdir(
+  workdir: pathlib.Path, config, results, *, steps_per_epoch: int, num_test: int
+):
   """What a finished run leaves in its workdir."""
   epochs = config.train.epochs
   total_steps = epochs * steps_per_epoch
@@ -221,8 +257,10 @@ def check_workdir(workdir: pathlib.Path, config, results, *,
   assert len(train_lines) + len(eval_lines) == len(lines)
   every = config.train.log_every_steps
   assert [l["step"] for l in train_lines] == [
-      e * steps_per_epoch + s for e in range(epochs)
-      for s in range(every, steps_per_epoch + 1, every)]
+    e * steps_per_epoch + s
+    for e in range(epochs)
+    for s in range(every, steps_per_epoch + 1, every)
+  ]
   for line in train_lines:
     assert set(line) >= TRAIN_KEYS
     assert all(math.isfinite(v) for v in line.values())
@@ -230,7 +268,8 @@ def check_workdir(workdir: pathlib.Path, config, results, *,
     assert 0 <= line["train_accuracy"] <= 1
     assert line["images_per_second"] > 0
   assert [l["step"] for l in eval_lines] == [
-      (e + 1) * steps_per_epoch for e in range(epochs)]
+    (e + 1) * steps_per_epoch for e in range(epochs)
+  ]
   for epoch, line in enumerate(eval_lines, 1):
     assert set(line) == EVAL_KEYS
     assert line["epoch"] == epoch and line["eval_examples"] == eval_examples
@@ -238,33 +277,39 @@ def check_workdir(workdir: pathlib.Path, config, results, *,
       # A count of correct examples, in percent.
       count = line[key] * eval_examples / 100
       assert 0 <= count <= eval_examples and count == pytest.approx(
-          round(count), abs=1e-6)
+        round(count), abs=1e-6
+      )
 
   # TensorBoard has the same scalars.
   events = sorted(read_scalar_events(workdir / "tensorboard"))
-  expected = sorted((l["step"], k, v) for l in lines for k, v in l.items()
-                    if k != "step")
+  expected = sorted(
+    (l["step"], k, v) for l in lines for k, v in l.items() if k != "step"
+  )
   assert [e[:2] for e in events] == [e[:2] for e in expected]
   # Stored as float32.
-  assert [e[2] for e in events] == pytest.approx([e[2] for e in expected],
-                                                 rel=1e-6)
+  assert [e[2] for e in events] == pytest.approx(
+    [e[2] for e in expected], rel=1e-6
+  )
 
   # A checkpoint at the end of each epoch (the last ``keep``); the best is
   # one with the highest PGD accuracy.
   state, metadata, steps = read_checkpoint(workdir)
-  assert steps == [l["step"] for l in eval_lines][-config.checkpoint.keep:]
+  assert steps == [l["step"] for l in eval_lines][-config.checkpoint.keep :]
   assert int(state["step"]) == total_steps
-  assert metadata == {"epoch": epochs, "step_in_epoch": 0,
-                      "metrics": {k: v for k, v in eval_lines[-1].items()
-                                  if k not in ("step", "epoch")}}
+  assert metadata == {
+    "epoch": epochs,
+    "step_in_epoch": 0,
+    "metrics": {
+      k: v for k, v in eval_lines[-1].items() if k not in ("step", "epoch")
+    },
+  }
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
   pgd = {l["step"]: l["pgd_accuracy"] for l in eval_lines}
   assert pgd[best_step(workdir)] == max(pgd[s] for s in steps)
 
   # The final evaluation.
   final_examples = min(config.eval.final_num_examples, num_test)
-  assert set(results) == {"natural_accuracy", "pgd_accuracy",
-                          "eval_examples"}
+  assert set(results) == {"natural_accuracy", "pgd_accuracy", "eval_examples"}
   assert results["eval_examples"] == final_examples
   assert 0 <= results["pgd_accuracy"] <= 100
   assert 0 <= results["natural_accuracy"] <= 100
@@ -293,20 +338,31 @@ def fmnist_smoke(tmp_path_factory):
 def test_smoke_fmnist_resnet10(fmnist_smoke):
   workdir, config, results, seconds = fmnist_smoke
   print(f"fmnist_resnet10:smoke took {seconds:.1f} s")
-  check_workdir(workdir, config, results, steps_per_epoch=SMOKE_FMNIST_STEPS,
-                num_test=10_000)
+  check_workdir(
+    workdir,
+    config,
+    results,
+    steps_per_epoch=SMOKE_FMNIST_STEPS,
+    num_test=10_000,
+  )
 
 
-@pytest.mark.parametrize("final_eval", [
-    False, pytest.param(True, marks=pytest.mark.slow)],
-    ids=["no_final_eval", "final_eval"])
-@pytest.mark.parametrize("name,data", [
+@pytest.mark.parametrize(
+  "final_eval",
+  [False, pytest.param(True, marks=pytest.mark.slow)],
+  ids=["no_final_eval", "final_eval"],
+)
+@pytest.mark.parametrize(
+  "name,data",
+  [
     ("cifar_resnet18", "tfds_mock"),
     ("cifar_wrn28_10", "files"),
     ("svhn_resnet18", "files"),
-])
-def test_smoke_config_trains_evaluates_and_checkpoints(tmp_path, monkeypatch,
-                                                       name, data, final_eval):
+  ],
+)
+def test_smoke_config_trains_evaluates_and_checkpoints(
+  tmp_path, monkeypatch, name, data, final_eval
+):
   config = load_config(name, "smoke", *([] if final_eval else [NO_FINAL_EVAL]))
   num_train, num_test = 64, 80
   source = contextlib.nullcontext()
@@ -320,17 +376,23 @@ def test_smoke_config_trains_evaluates_and_checkpoints(tmp_path, monkeypatch,
   else:
     # TFDS 4.9.10's mock leaves ``self`` unbound in batched reads.
     monkeypatch.setattr(
-        mocking, "_getitems",
-        lambda keys, generator, serialized=False: [generator[k] for k in keys])
+      mocking,
+      "_getitems",
+      lambda keys, generator, serialized=False: [generator[k] for k in keys],
+    )
     num_test = num_train
     source = tfds.testing.mock_data(num_examples=num_train)
   start = time.perf_counter()
   with source:
     results = trainer_lib.train_and_evaluate(config, str(tmp_path / "run"))
   print(f"{name}:smoke took {time.perf_counter() - start:.1f} s")
-  check_workdir(tmp_path / "run", config, results,
-                steps_per_epoch=num_train // config.train.batch_size,
-                num_test=num_test)
+  check_workdir(
+    tmp_path / "run",
+    config,
+    results,
+    steps_per_epoch=num_train // config.train.batch_size,
+    num_test=num_test,
+  )
 
 
 # ----------------------------------------------------------- exact resume
@@ -341,20 +403,27 @@ def two_epochs(tmp_path_factory, fmnist_smoke):
   """The fmnist smoke config for 2 epochs (16 steps), uninterrupted."""
   del fmnist_smoke  # Compiles the same programs first.
   workdir = tmp_path_factory.mktemp("two_epochs")
-  config = load_config("fmnist_resnet10", "smoke", "--config.train.epochs=2",
-                       NO_FINAL_EVAL)
+  config = load_config(
+    "fmnist_resnet10", "smoke", "--config.train.epochs=2", NO_FINAL_EVAL
+  )
   results = trainer_lib.train_and_evaluate(config, str(workdir))
   return workdir, config, results
 
 
 def test_two_epoch_run(two_epochs):
   workdir, config, results = two_epochs
-  check_workdir(workdir, config, results, steps_per_epoch=SMOKE_FMNIST_STEPS,
-                num_test=10_000)
+  check_workdir(
+    workdir,
+    config,
+    results,
+    steps_per_epoch=SMOKE_FMNIST_STEPS,
+    num_test=10_000,
+  )
 
 
-def test_resume_after_mid_epoch_stop_is_exact(tmp_path, monkeypatch,
-                                              two_epochs):
+def test_resume_after_mid_epoch_stop_is_exact(
+  tmp_path, monkeypatch, two_epochs
+):
   """Stopped 3 steps into the second epoch, then resumed: the same final
   state, bit for bit, as the uninterrupted run (data order, augmentation
   and attack randomness, optimiser state and schedule all resume)."""
@@ -380,14 +449,16 @@ def test_resume_after_mid_epoch_stop_is_exact(tmp_path, monkeypatch,
   assert metadata == expected_metadata
   assert_states_equal(state, expected_state)
   # The resumed steps logged the same losses as the uninterrupted run.
-  last = lambda lines: {l["step"]: {k: v for k, v in l.items()
-                                    if k != "images_per_second"}
-                        for l in lines}
+  last = lambda lines: {
+    l["step"]: {k: v for k, v in l.items() if k != "images_per_second"}
+    for l in lines
+  }
   assert last(read_jsonl(workdir)) == last(read_jsonl(reference))
 
 
-def test_sigterm_mid_epoch_saves_and_rerun_resumes(tmp_path, compile_cache,
-                                                   fmnist_smoke):
+def test_sigterm_mid_epoch_saves_and_rerun_resumes(
+  tmp_path, compile_cache, fmnist_smoke
+):
   """``python -m cifs_jax.main`` gets SIGTERM while training: it saves the
   mid-epoch position and exits 0; run again, it resumes and finishes with
   the state of the uninterrupted in-process run."""
@@ -396,8 +467,13 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(tmp_path, compile_cache,
   env = subprocess_env(compile_cache)
   log_path = tmp_path / "first.log"
   with open(log_path, "w") as log:
-    process = subprocess.Popen(main_command(workdir), cwd=REPO, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+      main_command(workdir),
+      cwd=REPO,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
     try:
       deadline = time.monotonic() + 300
       metrics = workdir / "metrics.jsonl"
@@ -420,11 +496,19 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(tmp_path, compile_cache,
   assert f"Stop requested: saved at epoch 0, step {stopped_at}." in first_log
   assert "Final evaluation" not in first_log
 
-  second = subprocess.run(main_command(workdir), check=False, cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+  second = subprocess.run(
+    main_command(workdir),
+    check=False,
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert second.returncode == 0, second.stderr[-3000:]
-  assert (f"Resuming from {workdir} at epoch 0, step {stopped_at}."
-          in second.stderr)
+  assert (
+    f"Resuming from {workdir} at epoch 0, step {stopped_at}." in second.stderr
+  )
   assert "Final evaluation" in second.stderr
   state, metadata, steps = read_checkpoint(workdir)
   expected_state, expected_metadata, _ = read_checkpoint(reference)
@@ -437,25 +521,38 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(tmp_path, compile_cache,
 
 
 def _largest_file(directory: pathlib.Path) -> pathlib.Path:
-  return max((p for p in directory.rglob("*") if p.is_file()),
-             key=lambda p: p.stat().st_size)
+  return max(
+    (p for p in directory.rglob("*") if p.is_file()),
+    key=lambda p: p.stat().st_size,
+  )
 
 
 def _truncate(path: pathlib.Path):
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda step: _truncate(_largest_file(step / "state")),
-     r"Cannot restore checkpoint {step}:(?s:.*)Not starting from scratch"),
-    (lambda step: (step / "metadata" / "metadata").write_text("{garbage"),
-     r"Cannot restore checkpoint {step}:(?s:.*)Not starting from scratch"),
-    (lambda step: _truncate(step / "metrics" / "metrics"),
-     r"Cannot open checkpoint directory (?s:.*)Not starting from scratch"),
-], ids=["truncated_array_data", "garbage_metadata", "truncated_metrics"])
-def test_corrupt_latest_checkpoint_refuses_to_start(tmp_path, two_epochs,
-                                                    damage, message):
+@pytest.mark.parametrize(
+  "damage,message",
+  [
+    (
+      lambda step: _truncate(_largest_file(step / "state")),
+      r"Cannot restore checkpoint {step}:(?s:.*)Not starting from scratch",
+    ),
+    (
+      lambda step: (step / "metadata" / "metadata").write_text("{garbage"),
+      r"Cannot restore checkpoint {step}:(?s:.*)Not starting from scratch",
+    ),
+    (
+      lambda step: _truncate(step / "metrics" / "metrics"),
+      r"Cannot open checkpoint directory (?s:.*)Not starting from scratch",
+    ),
+  ],
+  ids=["truncated_array_data", "garbage_metadata", "truncated_metrics"],
+)
+def test_corrupt_latest_checkpoint_refuses_to_start(
+  tmp_path, two_epochs, damage, message
+):
   source, config, _ = two_epochs
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
@@ -463,8 +560,9 @@ def test_corrupt_latest_checkpoint_refuses_to_start(tmp_path, two_epochs,
   damage(latest)
   before = snapshot(workdir / "checkpoints")
   metrics_before = (workdir / "metrics.jsonl").read_text()
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=message.format(step=latest)):
+  with pytest.raises(
+    checkpoints.CheckpointError, match=message.format(step=latest)
+  ):
     trainer_lib.train_and_evaluate(config, str(workdir))
   # Nothing trained, nothing saved or deleted.
   assert snapshot(workdir / "checkpoints") == before
@@ -474,16 +572,21 @@ def test_corrupt_latest_checkpoint_refuses_to_start(tmp_path, two_epochs,
 def _flip_bytes(path: pathlib.Path, count: int = 64):
   data = bytearray(path.read_bytes())
   middle = len(data) // 2
-  data[middle:middle + count] = bytes(b ^ 0xFF for b in
-                                      data[middle:middle + count])
+  data[middle : middle + count] = bytes(
+    b ^ 0xFF for b in data[middle : middle + count]
+  )
   path.write_bytes(bytes(data))
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+@pytest.mark.xfail(
+  strict=True,
+  raises=pytest.fail.Exception,
+  reason=(
     "Orbax/TensorStore store no checksum of the array data: flipped bytes "
-    "of the same length restore silently (here as NaN parameters)."))
-def test_bit_flips_in_the_latest_checkpoint_are_detected(tmp_path,
-                                                         two_epochs):
+    "of the same length restore silently (here as NaN parameters)."
+  ),
+)
+def test_bit_flips_in_the_latest_checkpoint_are_detected(tmp_path, two_epochs):
   source, config, _ = two_epochs
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
@@ -496,7 +599,8 @@ def test_bit_flips_in_the_latest_checkpoint_are_detected(tmp_path,
 
 
 def test_moving_the_corrupt_checkpoint_out_resumes_from_the_previous(
-    tmp_path, two_epochs):
+  tmp_path, two_epochs
+):
   """The recovery the error message suggests, and an exact resume from an
   end-of-epoch checkpoint."""
   source, config, expected_results = two_epochs
@@ -508,27 +612,37 @@ def test_moving_the_corrupt_checkpoint_out_resumes_from_the_previous(
     trainer_lib.train_and_evaluate(config, str(workdir))
   latest.rename(tmp_path / "damaged")
   assert trainer_lib.train_and_evaluate(config, str(workdir)) == (
-      expected_results)
+    expected_results
+  )
   state, _, steps = read_checkpoint(workdir)
   assert steps == [SMOKE_FMNIST_STEPS, 2 * SMOKE_FMNIST_STEPS]
   assert_states_equal(state, read_checkpoint(source)[0])
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path,
-                                                              fmnist_smoke):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+  tmp_path, fmnist_smoke
+):
   """One good epoch, then a second with a learning rate of 1e6."""
   source = fmnist_smoke[0]
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
-  config = load_config("fmnist_resnet10", "smoke", "--config.train.epochs=2",
-                       "--config.train.learning_rate=1e6", NO_FINAL_EVAL)
-  with pytest.raises(trainer_lib.NonFiniteLossError,
-                     match=r"Non-finite training metrics .*(nan|inf).* at "
-                           r"epoch 2, step \d+.*learning_rate"):
+  config = load_config(
+    "fmnist_resnet10",
+    "smoke",
+    "--config.train.epochs=2",
+    "--config.train.learning_rate=1e6",
+    NO_FINAL_EVAL,
+  )
+  with pytest.raises(
+    trainer_lib.NonFiniteLossError,
+    match=r"Non-finite training metrics .*(nan|inf).* at "
+    r"epoch 2, step \d+.*learning_rate",
+  ):
     trainer_lib.train_and_evaluate(config, str(workdir))
   # The good checkpoint is the only one, and it restores to the good state.
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
-      str(SMOKE_FMNIST_STEPS)]
+    str(SMOKE_FMNIST_STEPS)
+  ]
   state, metadata, steps = read_checkpoint(workdir)
   assert steps == [SMOKE_FMNIST_STEPS] and metadata["epoch"] == 1
   assert_states_equal(state, read_checkpoint(source)[0])
@@ -540,57 +654,85 @@ def test_unknown_config_key_is_named(tmp_path):
   config = load_config("fmnist_resnet10")
   config.unlock()
   config.train.epoch = 3
-  with pytest.raises(KeyError, match=r"Unknown config key 'config\.train"
-                                     r"\.epoch'.*'epochs'"):
+  with pytest.raises(
+    KeyError,
+    match=r"Unknown config key 'config\.train"
+    r"\.epoch'.*'epochs'",
+  ):
     trainer_lib.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
-def test_unknown_config_key_on_the_command_line_is_named(tmp_path,
-                                                         compile_cache):
+def test_unknown_config_key_on_the_command_line_is_named(
+  tmp_path, compile_cache
+):
   result = subprocess.run(
-      main_command(tmp_path / "run", "--config.train.epoch=3"), check=False,
-      cwd=REPO,
-      env=subprocess_env(compile_cache), capture_output=True, text=True,
-      timeout=120)
+    main_command(tmp_path / "run", "--config.train.epoch=3"),
+    check=False,
+    cwd=REPO,
+    env=subprocess_env(compile_cache),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "config.train.epoch" in result.stderr, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("override,key", [
+@pytest.mark.parametrize(
+  "override,key",
+  [
     ("--config.model.defense=cas", "model.defense"),
     ("--config.model.width=16", "model.width"),
     # Not the model, but it changes the data order and the epoch's length.
     ("--config.train.batch_size=64", "train.batch_size"),
-])
-def test_workdir_of_another_model_is_refused(tmp_path, fmnist_smoke, override,
-                                             key):
+  ],
+)
+def test_workdir_of_another_model_is_refused(
+  tmp_path, fmnist_smoke, override, key
+):
   source = fmnist_smoke[0]
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   before = snapshot(workdir)
   config = load_config("fmnist_resnet10", "smoke", override)
-  with pytest.raises(ValueError, match=rf"(?s)differs from the one saved"
-                                       rf".*\n  {key}: .* \(saved\) -> "):
+  with pytest.raises(
+    ValueError,
+    match=rf"(?s)differs from the one saved"
+    rf".*\n  {key}: .* \(saved\) -> ",
+  ):
     trainer_lib.train_and_evaluate(config, str(workdir))
   assert snapshot(workdir) == before
 
 
-def test_evaluate_command_on_a_trained_run(tmp_path, fmnist_smoke,
-                                           compile_cache):
+def test_evaluate_command_on_a_trained_run(
+  tmp_path, fmnist_smoke, compile_cache
+):
   """``python -m cifs_jax.evaluate`` restores the run's last checkpoint and
   writes JSON and Markdown; its natural accuracy on the first 64 test
   examples is the one the trainer measured on the same state."""
   workdir = tmp_path / "run"
   shutil.copytree(fmnist_smoke[0], workdir)
   result = subprocess.run(
-      [sys.executable, "-m", "cifs_jax.evaluate", f"--workdir={workdir}",
-       "--checkpoint=last", "--protocol=paper", "--attacks=fgsm,pgd20",
-       "--num_examples=64"],
-      check=False, cwd=REPO, env=subprocess_env(compile_cache),
-      capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "cifs_jax.evaluate",
+      f"--workdir={workdir}",
+      "--checkpoint=last",
+      "--protocol=paper",
+      "--attacks=fgsm,pgd20",
+      "--num_examples=64",
+    ],
+    check=False,
+    cwd=REPO,
+    env=subprocess_env(compile_cache),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Table 1" in result.stdout
   results = json.loads((workdir / "eval_paper_last.json").read_text())
@@ -599,7 +741,8 @@ def test_evaluate_command_on_a_trained_run(tmp_path, fmnist_smoke,
   assert sorted(results["attacks"]) == ["fgsm", "pgd20"]
   trainer_eval = [r for r in read_jsonl(workdir) if "natural_accuracy" in r]
   assert results["natural"]["top1"] == pytest.approx(
-      trainer_eval[-1]["natural_accuracy"])
+    trainer_eval[-1]["natural_accuracy"]
+  )
   assert results["worst_case"]["top1"] <= results["natural"]["top1"]
 
 
@@ -615,12 +758,18 @@ def test_pgd_at_on_fashion_mnist_beats_chance(tmp_path):
   (seed 0), 71.0 / 40.1 (seed 1), 75.1 / 53.7 (seed 2); chance is 10 %.
   About 85 s on a 2-core CPU."""
   config = load_config(
-      "fmnist_resnet10", "smoke", "--config.train.max_examples=12000",
-      "--config.train.batch_size=128", "--config.train.epochs=2",
-      "--config.train.log_every_steps=16", "--config.eval.batch_size=250",
-      "--config.eval.num_examples=1000",
-      "--config.eval.final_num_examples=1000", "--config.eval.pgd_steps=10",
-      NO_FINAL_EVAL)
+    "fmnist_resnet10",
+    "smoke",
+    "--config.train.max_examples=12000",
+    "--config.train.batch_size=128",
+    "--config.train.epochs=2",
+    "--config.train.log_every_steps=16",
+    "--config.eval.batch_size=250",
+    "--config.eval.num_examples=1000",
+    "--config.eval.final_num_examples=1000",
+    "--config.eval.pgd_steps=10",
+    NO_FINAL_EVAL,
+  )
   results = trainer_lib.train_and_evaluate(config, str(tmp_path))
   print("Fashion-MNIST PGD-AT smoke:", results)
   assert results["eval_examples"] == 1000

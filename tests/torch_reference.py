@@ -13,7 +13,6 @@ from torch.nn import functional as F
 
 
 class GlobalAverage(nn.Module):
-
   def forward(self, x):
     return x.mean(dim=(2, 3))
 
@@ -31,13 +30,12 @@ class MLPHidden(nn.Module):
 
 
 class CIFSModule(nn.Module):
-
   def __init__(self, channels, num_classes, mlp):
     super().__init__()
     first = MLPHidden(channels, 128) if mlp else GlobalAverage()
-    self.Probe = nn.Sequential(first,
-                               nn.Linear(128 if mlp else channels,
-                                         num_classes))
+    self.Probe = nn.Sequential(
+      first, nn.Linear(128 if mlp else channels, num_classes)
+    )
 
   def forward(self, features, labels):
     detached = features.detach().clone().requires_grad_(True)
@@ -47,14 +45,14 @@ class CIFSModule(nn.Module):
       first = labels if self.training else top2[:, 0]
       rows = torch.arange(len(features))
       objective = (logits[rows, first] + logits[rows, top2[:, 1]]).sum()
-      grad, = torch.autograd.grad(objective, detached,
-                                  create_graph=self.training)
+      (grad,) = torch.autograd.grad(
+        objective, detached, create_graph=self.training
+      )
     mask = F.softmax(grad.sum(dim=(2, 3)), dim=1)
     return features * mask[:, :, None, None], self.Probe(features)
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, in_planes, planes, stride):
     super().__init__()
     self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -64,8 +62,9 @@ class BasicBlock(nn.Module):
     self.shortcut = nn.Sequential()
     if stride != 1 or in_planes != planes:
       self.shortcut = nn.Sequential(
-          nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-          nn.BatchNorm2d(planes))
+        nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+        nn.BatchNorm2d(planes),
+      )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -74,7 +73,6 @@ class BasicBlock(nn.Module):
 
 
 class CIFSBlock(BasicBlock):
-
   def __init__(self, in_planes, planes, stride, mlp):
     super().__init__(in_planes, planes, stride)
     self.Probe = CIFSModule(planes, 10, mlp)
@@ -84,7 +82,6 @@ class CIFSBlock(BasicBlock):
 
 
 class ResNet18CIFS(nn.Module):
-
   def __init__(self):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -93,12 +90,16 @@ class ResNet18CIFS(nn.Module):
     in_planes = 64
     for stage, planes in enumerate((64, 128, 256)):
       stride = 1 if stage == 0 else 2
-      blocks.append(nn.Sequential(BasicBlock(in_planes, planes, stride),
-                                  BasicBlock(planes, planes, 1)))
+      blocks.append(
+        nn.Sequential(
+          BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)
+        )
+      )
       in_planes = planes
     self.layer1, self.layer2, self.layer3 = blocks
     self.layer4 = nn.ModuleList(
-        [CIFSBlock(256, 512, 2, mlp=True), CIFSBlock(512, 512, 1, mlp=False)])
+      [CIFSBlock(256, 512, 2, mlp=True), CIFSBlock(512, 512, 1, mlp=False)]
+    )
     self.linear = nn.Linear(512, 10)
 
   def forward(self, x, labels=None):

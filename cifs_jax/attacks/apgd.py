@@ -45,13 +45,14 @@ import numpy as np
 from jax import lax
 
 from cifs_jax.attacks.objectives import AttackLoss, LogitsFn
+
 # pgd's helpers, shared rather than rewritten (the package re-exports the
 # function ``pgd`` under the module's name, hence the names).
-from cifs_jax.attacks.pgd import NORMS
-from cifs_jax.attacks.pgd import _ascent_direction as ascent_direction
-from cifs_jax.attacks.pgd import _keep_stronger as keep_stronger
-from cifs_jax.attacks.pgd import _per_example_norm as per_example_norm
-from cifs_jax.attacks.pgd import _project as project
+from cifs_jax.attacks.geometry import NORMS
+from cifs_jax.attacks.geometry import ascent_direction
+from cifs_jax.attacks.geometry import keep_stronger
+from cifs_jax.attacks.geometry import per_example_norm
+from cifs_jax.attacks.geometry import project
 
 Array = jax.Array
 
@@ -81,6 +82,7 @@ class APGDConfig:
     eot_iter: gradient draws per step; above 1 ``logits_fn`` takes a key.
     unroll: steps per iteration of the compiled loop (``lax.scan``'s unroll).
   """
+
   eps: float = 8 / 255
   norm: str = "linf"
   num_steps: int = 100
@@ -95,16 +97,28 @@ class APGDConfig:
     if self.loss == "ce":
       object.__setattr__(self, "loss", AttackLoss())
     if not (isinstance(self.loss, AttackLoss) or self.loss in DLR_LOSSES):
-      raise ValueError("loss must be an AttackLoss, 'ce' or one of "
-                       f"{DLR_LOSSES}, got {self.loss!r}.")
+      raise ValueError(
+        "loss must be an AttackLoss, 'ce' or one of "
+        f"{DLR_LOSSES}, got {self.loss!r}."
+      )
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
     if self.eps < 0 or not 0 < self.rho <= 1:
       raise ValueError("eps must be >= 0 and rho in (0, 1].")
-    if min(self.num_steps, self.num_restarts, self.num_target_classes,
-           self.eot_iter, self.unroll) < 1:
-      raise ValueError("num_steps, num_restarts, num_target_classes, eot_iter "
-                       "and unroll must be >= 1.")
+    if (
+      min(
+        self.num_steps,
+        self.num_restarts,
+        self.num_target_classes,
+        self.eot_iter,
+        self.unroll,
+      )
+      < 1
+    ):
+      raise ValueError(
+        "num_steps, num_restarts, num_target_classes, eot_iter "
+        "and unroll must be >= 1."
+      )
 
   @property
   def targeted(self) -> bool:
@@ -118,8 +132,9 @@ class APGDConfig:
     return "APGD-DLR" if self.loss == "dlr" else "APGD-CE"
 
 
-def apgd(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
-         config: APGDConfig) -> Array:
+def apgd(
+  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: APGDConfig
+) -> Array:
   """APGD on ``config.loss`` within the eps-ball around ``x`` and [0, 1].
 
   Args:
@@ -145,22 +160,31 @@ def apgd(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
 
   def one_run(best, run):
     def attack(_):
-      candidate = _run(draw, loss_fn, x, y, targets[run],
-                       jax.random.fold_in(runs_key, run), config)
+      candidate = _run(
+        draw,
+        loss_fn,
+        x,
+        y,
+        targets[run],
+        jax.random.fold_in(runs_key, run),
+        config,
+      )
       return keep_stronger(best, candidate)
+
     return lax.cond(jnp.all(best[1]), lambda _: best, attack, None), None
 
   no_attack = (x, clean_fooled, jnp.full(y.shape, -jnp.inf))
-  (x_adv, _, _), _ = lax.scan(one_run, no_attack,
-                              jnp.arange(targets.shape[0]))
+  (x_adv, _, _), _ = lax.scan(one_run, no_attack, jnp.arange(targets.shape[0]))
   return x_adv
 
 
-def apgd_targeted(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
-                  config: APGDConfig) -> Array:
+def apgd_targeted(
+  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: APGDConfig
+) -> Array:
   """APGD-T: ``apgd`` on the targeted DLR loss, whatever ``config.loss``."""
-  return apgd(logits_fn, x, y, key,
-              dataclasses.replace(config, loss="dlr-targeted"))
+  return apgd(
+    logits_fn, x, y, key, dataclasses.replace(config, loss="dlr-targeted")
+  )
 
 
 def dlr_loss(logits: Array, y: Array) -> Array:
@@ -186,7 +210,8 @@ def dlr_targeted_loss(logits: Array, y: Array, target: Array) -> Array:
   _check_classes(logits, 4, "dlr-targeted")
   top, _ = lax.top_k(logits, 4)
   return -(_take(logits, y) - _take(logits, target)) / (
-      top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _TINY)
+    top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _TINY
+  )
 
 
 def checkpoint_lengths(num_steps: int) -> np.ndarray:
@@ -212,8 +237,10 @@ def checkpoint_lengths(num_steps: int) -> np.ndarray:
 
 def _check_classes(logits: Array, needed: int, loss: str) -> None:
   if logits.shape[-1] < needed:
-    raise ValueError(f"The {loss} loss needs at least {needed} classes, got "
-                     f"logits of shape {logits.shape}.")
+    raise ValueError(
+      f"The {loss} loss needs at least {needed} classes, got "
+      f"logits of shape {logits.shape}."
+    )
 
 
 def _take(logits: Array, index: Array) -> Array:
@@ -256,6 +283,7 @@ def _loss_and_grad(draw, loss_fn, x_adv, y, target, key, eot_iter):
 
   Also returns the final logits (N, K) of the last draw (the reference's).
   """
+
   def total(x_in, draw_key):
     final, probes = draw(x_in, draw_key)
     loss = loss_fn(final, probes, y, target).astype(jnp.float32)
@@ -271,8 +299,9 @@ def _loss_and_grad(draw, loss_fn, x_adv, y, target, key, eot_iter):
     return (sums[0] + loss, sums[1] + grad), final
 
   zeros = (jnp.zeros(y.shape, jnp.float32), jnp.zeros_like(x_adv))
-  (loss, grad), finals = lax.scan(one_draw, zeros,
-                                  jax.random.split(key, eot_iter))
+  (loss, grad), finals = lax.scan(
+    one_draw, zeros, jax.random.split(key, eot_iter)
+  )
   return loss / eot_iter, grad / eot_iter, finals[-1]
 
 
@@ -303,33 +332,46 @@ def _run(draw, loss_fn, x, y, target, key, config):
   final head, else the point of the highest loss.
   """
   start_key, eot_key = jax.random.split(key)
-  evaluate = functools.partial(_loss_and_grad, draw, loss_fn, y=y,
-                               target=target, eot_iter=config.eot_iter)
+  evaluate = functools.partial(
+    _loss_and_grad, draw, loss_fn, y=y, target=target, eot_iter=config.eot_iter
+  )
   x_start = _random_start(start_key, x, config)
   loss, grad, final = evaluate(x_start, key=jax.random.fold_in(eot_key, 0))
   fooled = jnp.argmax(final, axis=-1) != y
   state = dict(
-      x_adv=x_start, x_prev=x_start, grad=grad, loss=loss,
-      step_size=jnp.full(y.shape, INITIAL_STEP * config.eps, x.dtype),
-      x_best=x_start, grad_best=grad, loss_best=loss,
-      x_fooled=x_start, fooled=fooled,
-      increases=jnp.zeros(y.shape, jnp.int32),
-      loss_best_at_check=loss, reduced_at_check=jnp.ones(y.shape, bool))
+    x_adv=x_start,
+    x_prev=x_start,
+    grad=grad,
+    loss=loss,
+    step_size=jnp.full(y.shape, INITIAL_STEP * config.eps, x.dtype),
+    x_best=x_start,
+    grad_best=grad,
+    loss_best=loss,
+    x_fooled=x_start,
+    fooled=fooled,
+    increases=jnp.zeros(y.shape, jnp.int32),
+    loss_best_at_check=loss,
+    reduced_at_check=jnp.ones(y.shape, bool),
+  )
 
   def step(state, schedule):
     index, interval = schedule
     momentum = jnp.where(index == 0, 1.0, MOMENTUM)
     state = _ascend(state, x, momentum, config)
-    loss, grad, final = evaluate(state["x_adv"],
-                                 key=jax.random.fold_in(eot_key, index + 1))
+    loss, grad, final = evaluate(
+      state["x_adv"], key=jax.random.fold_in(eot_key, index + 1)
+    )
     state = _record(state, loss, grad, jnp.argmax(final, axis=-1) != y)
     return _checkpoint(state, interval, config.rho), None
 
-  schedule = (jnp.arange(config.num_steps),
-              jnp.asarray(checkpoint_lengths(config.num_steps)))
+  schedule = (
+    jnp.arange(config.num_steps),
+    jnp.asarray(checkpoint_lengths(config.num_steps)),
+  )
   state, _ = lax.scan(step, state, schedule, unroll=config.unroll)
-  point = jnp.where(_per_example(state["fooled"], x), state["x_fooled"],
-                    state["x_best"])
+  point = jnp.where(
+    _per_example(state["fooled"], x), state["x_fooled"], state["x_best"]
+  )
   return point, state["fooled"], state["loss_best"]
 
 
@@ -338,9 +380,15 @@ def _ascend(state, x, momentum, config):
   x_adv = state["x_adv"]
   direction = ascent_direction(state["grad"], config.norm)
   z = project(
-      x_adv + _per_example(state["step_size"], x) * direction, x, config)
-  x_next = project(x_adv + momentum * (z - x_adv) +
-                        (1.0 - momentum) * (x_adv - state["x_prev"]), x, config)
+    x_adv + _per_example(state["step_size"], x) * direction, x, config
+  )
+  x_next = project(
+    x_adv
+    + momentum * (z - x_adv)
+    + (1.0 - momentum) * (x_adv - state["x_prev"]),
+    x,
+    config,
+  )
   return {**state, "x_adv": x_next, "x_prev": x_adv}
 
 
@@ -349,16 +397,19 @@ def _record(state, loss, grad, fooled_now):
   x_adv = state["x_adv"]
   improved = loss > state["loss_best"]
   return {
-      **state, "loss": loss, "grad": grad,
-      "x_fooled": jnp.where(_per_example(fooled_now, x_adv), x_adv,
-                            state["x_fooled"]),
-      "fooled": state["fooled"] | fooled_now,
-      "increases": state["increases"] + (loss > state["loss"]),
-      "x_best": jnp.where(_per_example(improved, x_adv), x_adv,
-                          state["x_best"]),
-      "grad_best": jnp.where(_per_example(improved, x_adv), grad,
-                             state["grad_best"]),
-      "loss_best": jnp.maximum(loss, state["loss_best"]),
+    **state,
+    "loss": loss,
+    "grad": grad,
+    "x_fooled": jnp.where(
+      _per_example(fooled_now, x_adv), x_adv, state["x_fooled"]
+    ),
+    "fooled": state["fooled"] | fooled_now,
+    "increases": state["increases"] + (loss > state["loss"]),
+    "x_best": jnp.where(_per_example(improved, x_adv), x_adv, state["x_best"]),
+    "grad_best": jnp.where(
+      _per_example(improved, x_adv), grad, state["grad_best"]
+    ),
+    "loss_best": jnp.maximum(loss, state["loss_best"]),
   }
 
 
@@ -368,18 +419,18 @@ def _checkpoint(state, interval, rho):
   at_check = interval > 0
   oscillating = state["increases"] <= rho * interval
   stalled = ~state["reduced_at_check"] & (
-      state["loss_best_at_check"] >= state["loss_best"])
+    state["loss_best_at_check"] >= state["loss_best"]
+  )
   reduce = at_check & (oscillating | stalled)
   back = _per_example(reduce, state["x_adv"])
   return {
-      **state,
-      "step_size": jnp.where(reduce, state["step_size"] / 2,
-                             state["step_size"]),
-      "x_adv": jnp.where(back, state["x_best"], state["x_adv"]),
-      "grad": jnp.where(back, state["grad_best"], state["grad"]),
-      "increases": jnp.where(at_check, 0, state["increases"]),
-      "reduced_at_check": jnp.where(at_check, reduce,
-                                    state["reduced_at_check"]),
-      "loss_best_at_check": jnp.where(at_check, state["loss_best"],
-                                      state["loss_best_at_check"]),
+    **state,
+    "step_size": jnp.where(reduce, state["step_size"] / 2, state["step_size"]),
+    "x_adv": jnp.where(back, state["x_best"], state["x_adv"]),
+    "grad": jnp.where(back, state["grad_best"], state["grad"]),
+    "increases": jnp.where(at_check, 0, state["increases"]),
+    "reduced_at_check": jnp.where(at_check, reduce, state["reduced_at_check"]),
+    "loss_best_at_check": jnp.where(
+      at_check, state["loss_best"], state["loss_best_at_check"]
+    ),
   }

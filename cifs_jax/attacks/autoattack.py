@@ -41,8 +41,8 @@ import numpy as np
 
 from cifs_jax.attacks.apgd import APGDConfig, apgd
 from cifs_jax.attacks.objectives import AttackLoss, LogitsFn
-from cifs_jax.attacks.pgd import NORMS
-from cifs_jax.attacks.pgd import _per_example_norm as per_example_norm
+from cifs_jax.attacks.geometry import NORMS
+from cifs_jax.attacks.geometry import per_example_norm
 
 Array = jax.Array
 # (logits_fn, x (N, ...), y (N,), key, config) -> x_adv (N, ...).
@@ -65,6 +65,7 @@ class Settings:
     num_target_classes: targets of APGD-T and FAB-T.
     square_queries: queries of Square.
   """
+
   eps: float
   norm: str = "linf"
   loss: AttackLoss = AttackLoss()
@@ -79,46 +80,64 @@ Component = Callable[[Settings], tuple[Attack, Any]]
 
 
 def _apgd_ce(s: Settings):
-  return apgd, APGDConfig(eps=s.eps, norm=s.norm, loss=s.loss,
-                          num_restarts=s.apgd_restarts, eot_iter=s.eot_iter)
+  return apgd, APGDConfig(
+    eps=s.eps,
+    norm=s.norm,
+    loss=s.loss,
+    num_restarts=s.apgd_restarts,
+    eot_iter=s.eot_iter,
+  )
 
 
 def _apgd_dlr(s: Settings):
-  return apgd, APGDConfig(eps=s.eps, norm=s.norm, loss="dlr",
-                          num_restarts=s.apgd_restarts, eot_iter=s.eot_iter)
+  return apgd, APGDConfig(
+    eps=s.eps,
+    norm=s.norm,
+    loss="dlr",
+    num_restarts=s.apgd_restarts,
+    eot_iter=s.eot_iter,
+  )
 
 
 def _apgd_t(s: Settings):
-  return apgd, APGDConfig(eps=s.eps, norm=s.norm, loss="dlr-targeted",
-                          num_target_classes=s.num_target_classes,
-                          eot_iter=s.eot_iter)
+  return apgd, APGDConfig(
+    eps=s.eps,
+    norm=s.norm,
+    loss="dlr-targeted",
+    num_target_classes=s.num_target_classes,
+    eot_iter=s.eot_iter,
+  )
 
 
 def _fab_t(s: Settings):
   from cifs_jax.attacks import fab  # pylint: disable=g-import-not-at-top
+
   return fab.fab_targeted, fab.FABConfig(
-      eps=s.eps, norm=s.norm, num_target_classes=s.num_target_classes)
+    eps=s.eps, norm=s.norm, num_target_classes=s.num_target_classes
+  )
 
 
 def _square(s: Settings):
   from cifs_jax.attacks import square  # pylint: disable=g-import-not-at-top
-  return square.square, square.SquareConfig(eps=s.eps, norm=s.norm,
-                                            num_queries=s.square_queries)
+
+  return square.square, square.SquareConfig(
+    eps=s.eps, norm=s.norm, num_queries=s.square_queries
+  )
 
 
 COMPONENTS: dict[str, Component] = {
-    "apgd-ce": _apgd_ce,
-    "apgd-dlr": _apgd_dlr,
-    "apgd-t": _apgd_t,
-    "fab-t": _fab_t,
-    "square": _square,
+  "apgd-ce": _apgd_ce,
+  "apgd-dlr": _apgd_dlr,
+  "apgd-t": _apgd_t,
+  "fab-t": _fab_t,
+  "square": _square,
 }
 
 # version -> (components in order, Settings fields it sets).
 VERSIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "standard": (("apgd-ce", "apgd-t", "fab-t", "square"), {}),
-    "rand": (("apgd-ce", "apgd-dlr"), {"eot_iter": 20}),
-    "joint": (("apgd-ce", "square"), {"apgd_restarts": 5}),
+  "standard": (("apgd-ce", "apgd-t", "fab-t", "square"), {}),
+  "rand": (("apgd-ce", "apgd-dlr"), {"eot_iter": 20}),
+  "joint": (("apgd-ce", "square"), {"apgd_restarts": 5}),
 }
 
 
@@ -134,6 +153,7 @@ class AutoAttackResult:
     accuracy: robust accuracy (fraction) after each stage, in order:
       "clean" first, then each component's name.
   """
+
   x_adv: np.ndarray
   robust: np.ndarray
   accuracy: dict[str, float]
@@ -143,20 +163,21 @@ class AutoAttackResult:
     return float(np.mean(self.robust))
 
 
-def autoattack(logits_fn: LogitsFn,
-               x: Array,
-               y: Array,
-               key: Array,
-               *,
-               eps: float,
-               norm: str = "linf",
-               version: str = "standard",
-               attacks: Sequence[str] | None = None,
-               loss: AttackLoss | None = None,
-               batch_size: int = 256,
-               log: Callable[[str], None] | None = None,
-               components: Mapping[str, Component] | None = None
-               ) -> AutoAttackResult:
+def autoattack(
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  key: Array,
+  *,
+  eps: float,
+  norm: str = "linf",
+  version: str = "standard",
+  attacks: Sequence[str] | None = None,
+  loss: AttackLoss | None = None,
+  batch_size: int = 256,
+  log: Callable[[str], None] | None = None,
+  components: Mapping[str, Component] | None = None,
+) -> AutoAttackResult:
   """Runs AutoAttack's components in turn on the points still robust.
 
   Args:
@@ -182,13 +203,15 @@ def autoattack(logits_fn: LogitsFn,
   registry = {**COMPONENTS, **(components or {})}
   unknown = [name for name in names if name not in registry]
   if unknown:
-    raise ValueError(f"Unknown components {unknown}; known: "
-                     f"{sorted(registry)}.")
+    raise ValueError(
+      f"Unknown components {unknown}; known: {sorted(registry)}."
+    )
   log = log or logging.getLogger(__name__).info
   x, y = np.asarray(x), np.asarray(y)
   randomized = version == "rand"
-  check = functools.partial(_check_chunks, logits_fn, randomized, norm, eps,
-                            batch_size)
+  check = functools.partial(
+    _check_chunks, logits_fn, randomized, norm, eps, batch_size
+  )
 
   robust = ~check(x, y, x, jax.random.fold_in(key, 0), np.arange(len(y)))
   accuracy = {"clean": float(np.mean(robust))}
@@ -199,15 +222,23 @@ def autoattack(logits_fn: LogitsFn,
     attack, config = registry[name](settings)
     stage_key, check_key = jax.random.split(jax.random.fold_in(key, stage))
     to_attack = np.flatnonzero(robust)
-    candidates = _attack_chunks(_jitted(attack), logits_fn, config, x, y,
-                                stage_key, to_attack, batch_size)
-    fooled = check(x[to_attack], y[to_attack], candidates, check_key,
-                   np.arange(len(to_attack)))
+    candidates = _attack_chunks(
+      _jitted(attack), logits_fn, config, x, y, stage_key, to_attack, batch_size
+    )
+    fooled = check(
+      x[to_attack],
+      y[to_attack],
+      candidates,
+      check_key,
+      np.arange(len(to_attack)),
+    )
     robust[to_attack[fooled]] = False
     x_adv[to_attack[fooled]] = candidates[fooled]
     accuracy[name] = float(np.mean(robust))
-    log(f"robust accuracy after {name.upper()}: {100 * accuracy[name]:.2f} "
-        f"% (total time {time.time() - start:.1f} s)")
+    log(
+      f"robust accuracy after {name.upper()}: {100 * accuracy[name]:.2f} "
+      f"% (total time {time.time() - start:.1f} s)"
+    )
   return AutoAttackResult(x_adv=x_adv, robust=robust, accuracy=accuracy)
 
 
@@ -223,11 +254,14 @@ def _plan(version, attacks, *, eps, norm, loss):
       raise ValueError("version 'custom' needs the attacks to run.")
     return tuple(attacks), settings
   if attacks is not None:
-    raise ValueError(f"version {version!r} sets its own attacks; use "
-                     "version='custom' to choose them.")
+    raise ValueError(
+      f"version {version!r} sets its own attacks; use "
+      "version='custom' to choose them."
+    )
   if version not in VERSIONS:
-    raise ValueError(f"version must be one of {sorted(VERSIONS)} or "
-                     f"'custom', got {version!r}.")
+    raise ValueError(
+      f"version must be one of {sorted(VERSIONS)} or 'custom', got {version!r}."
+    )
   names, fields = VERSIONS[version]
   return names, dataclasses.replace(settings, **fields)
 
@@ -251,28 +285,52 @@ def _chunks(indices: np.ndarray, batch_size: int):
   Padding repeats the chunk's first index; its results are dropped.
   """
   for begin in range(0, len(indices), batch_size):
-    chunk = indices[begin:begin + batch_size]
+    chunk = indices[begin : begin + batch_size]
     size = padded_size(len(chunk), batch_size)
-    yield len(chunk), np.concatenate(
-        [chunk, np.full(size - len(chunk), chunk[0], chunk.dtype)])
+    yield (
+      len(chunk),
+      np.concatenate(
+        [chunk, np.full(size - len(chunk), chunk[0], chunk.dtype)]
+      ),
+    )
 
 
 def _attack_chunks(attack, logits_fn, config, x, y, key, indices, batch_size):
   """The attack's outputs on x[indices], chunk by chunk: (len(indices), ...)."""
-  outputs = [np.asarray(attack(logits_fn, x[padded], y[padded],
-                               jax.random.fold_in(key, chunk), config))[:n]
-             for chunk, (n, padded) in enumerate(_chunks(indices, batch_size))]
-  return (np.concatenate(outputs) if outputs
-          else np.zeros((0,) + x.shape[1:], x.dtype))
+  outputs = [
+    np.asarray(
+      attack(
+        logits_fn, x[padded], y[padded], jax.random.fold_in(key, chunk), config
+      )
+    )[:n]
+    for chunk, (n, padded) in enumerate(_chunks(indices, batch_size))
+  ]
+  return (
+    np.concatenate(outputs)
+    if outputs
+    else np.zeros((0,) + x.shape[1:], x.dtype)
+  )
 
 
-def _check_chunks(logits_fn, randomized, norm, eps, batch_size, x, y, x_adv,
-                  key, indices):
+def _check_chunks(
+  logits_fn, randomized, norm, eps, batch_size, x, y, x_adv, key, indices
+):
   """``_fooled`` on the points at ``indices``, chunk by chunk: (n,) bool."""
-  flags = [np.asarray(_fooled(logits_fn, randomized, norm, eps, x[padded],
-                              y[padded], x_adv[padded],
-                              jax.random.fold_in(key, chunk)))[:n]
-           for chunk, (n, padded) in enumerate(_chunks(indices, batch_size))]
+  flags = [
+    np.asarray(
+      _fooled(
+        logits_fn,
+        randomized,
+        norm,
+        eps,
+        x[padded],
+        y[padded],
+        x_adv[padded],
+        jax.random.fold_in(key, chunk),
+      )
+    )[:n]
+    for chunk, (n, padded) in enumerate(_chunks(indices, batch_size))
+  ]
   return np.concatenate(flags) if flags else np.zeros(0, bool)
 
 
@@ -288,8 +346,14 @@ def _fooled(logits_fn, randomized, norm, eps, x, y, x_adv, key):
   """
   final_logits, _ = logits_fn(x_adv, key) if randomized else logits_fn(x_adv)
   delta = x_adv - x
-  size = (jnp.max(jnp.abs(delta), axis=tuple(range(1, x.ndim)))
-          if norm == "linf" else per_example_norm(delta).reshape(-1))
+  size = (
+    jnp.max(jnp.abs(delta), axis=tuple(range(1, x.ndim)))
+    if norm == "linf"
+    else per_example_norm(delta).reshape(-1)
+  )
   in_box = jnp.all((x_adv >= 0) & (x_adv <= 1), axis=tuple(range(1, x.ndim)))
-  return ((jnp.argmax(final_logits, axis=-1) != y) & in_box &
-          (size <= eps * (1 + _BALL_SLACK)))
+  return (
+    (jnp.argmax(final_logits, axis=-1) != y)
+    & in_box
+    & (size <= eps * (1 + _BALL_SLACK))
+  )

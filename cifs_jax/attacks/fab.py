@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cifs_jax.attacks.objectives import LogitsFn
-from cifs_jax.attacks.pgd import NORMS, _example_keys
+from cifs_jax.attacks.geometry import NORMS, example_keys
 
 Array = jax.Array
 
@@ -62,6 +62,7 @@ class FABConfig:
     eta: overshoot factor of the projections (> 1 crosses the boundary).
     beta: backward step towards x after an adversarial iterate, in (0, 1).
   """
+
   eps: float
   norm: str = "linf"
   num_steps: int = 100
@@ -77,14 +78,16 @@ class FABConfig:
     if self.eps < 0:
       raise ValueError(f"eps must be >= 0, got {self.eps}.")
     if min(self.num_steps, self.num_restarts, self.num_target_classes) < 1:
-      raise ValueError("num_steps, num_restarts and num_target_classes must "
-                       "be >= 1.")
+      raise ValueError(
+        "num_steps, num_restarts and num_target_classes must be >= 1."
+      )
     if not (0 <= self.alpha_max <= 1 and self.eta > 0 and 0 < self.beta < 1):
       raise ValueError("Need 0 <= alpha_max <= 1, eta > 0, 0 < beta < 1.")
 
 
-def fab_targeted(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None,
-                 config: FABConfig) -> Array:
+def fab_targeted(
+  logits_fn: LogitsFn, x: Array, y: Array, key: Array | None, config: FABConfig
+) -> Array:
   """FAB-T: an adversarial point within eps of x, or x itself.
 
   Per example, the target classes are tried in order (as the reference
@@ -107,14 +110,15 @@ def fab_targeted(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None,
   success = norms <= config.eps  # (T, N); inf (never adversarial) fails.
   first = jnp.argmax(success, axis=0)  # (N,)
   chosen = jnp.take_along_axis(
-      points, first.reshape((1, -1) + (1,) * (x.ndim - 1)), axis=0)[0]
+    points, first.reshape((1, -1) + (1,) * (x.ndim - 1)), axis=0
+  )[0]
   found = jnp.any(success, axis=0)
   return jnp.where(found.reshape((-1,) + (1,) * (x.ndim - 1)), chosen, x)
 
 
-def fab_minimal_perturbations(logits_fn: LogitsFn, x: Array, y: Array,
-                              key: Array | None, config: FABConfig
-                              ) -> tuple[Array, Array]:
+def fab_minimal_perturbations(
+  logits_fn: LogitsFn, x: Array, y: Array, key: Array | None, config: FABConfig
+) -> tuple[Array, Array]:
   """The closest adversarial points FAB-T finds, one per target class.
 
   Args:
@@ -135,8 +139,8 @@ def fab_minimal_perturbations(logits_fn: LogitsFn, x: Array, y: Array,
   clean_logits = logits_fn(x)[0]
   num_targets = min(config.num_target_classes, clean_logits.shape[-1] - 1)
   ranked = jnp.argsort(-clean_logits, axis=-1)  # (N, K), best first
-  targets = ranked[:, 1:1 + num_targets].T  # (T, N)
-  keys = _example_keys(key, x.shape[0]) if config.num_restarts > 1 else None
+  targets = ranked[:, 1 : 1 + num_targets].T  # (T, N)
+  keys = example_keys(key, x.shape[0]) if config.num_restarts > 1 else None
   flat_x = x.reshape(x.shape[0], -1)
 
   def flat_logits(flat):
@@ -144,27 +148,34 @@ def fab_minimal_perturbations(logits_fn: LogitsFn, x: Array, y: Array,
 
   def attack_target(_, target_and_index):
     target, index = target_and_index
-    return None, _best_over_restarts(flat_logits, flat_x, y, target, keys,
-                                     index, config)
+    return None, _best_over_restarts(
+      flat_logits, flat_x, y, target, keys, index, config
+    )
 
-  _, (points, norms) = lax.scan(attack_target, None,
-                                (targets, jnp.arange(num_targets)))
+  _, (points, norms) = lax.scan(
+    attack_target, None, (targets, jnp.arange(num_targets))
+  )
   misclassified = jnp.argmax(clean_logits, axis=-1) != y
   points = jnp.where(misclassified[None, :, None], flat_x[None], points)
   norms = jnp.where(misclassified[None], 0.0, norms)
   return points.reshape((num_targets,) + x.shape), norms
 
 
-def _best_over_restarts(flat_logits, x0, y, target, keys, target_index,
-                        config):
+def _best_over_restarts(flat_logits, x0, y, target, keys, target_index, config):
   """Per example the least-norm of ``num_restarts`` runs: (N, D), (N,)."""
+
   def restart(best, index):
-    start = x0 if keys is None else _random_start(
-        keys, x0, target_index, index, config)
+    start = (
+      x0
+      if keys is None
+      else _random_start(keys, x0, target_index, index, config)
+    )
     point, norm = _fab_run(flat_logits, x0, y, target, start, config)
     better = norm < best[1]
-    return (jnp.where(better[:, None], point, best[0]),
-            jnp.where(better, norm, best[1])), None
+    return (
+      jnp.where(better[:, None], point, best[0]),
+      jnp.where(better, norm, best[1]),
+    ), None
 
   none_yet = (x0, jnp.full(y.shape, jnp.inf, x0.dtype))
   if config.num_restarts == 1:
@@ -174,11 +185,13 @@ def _best_over_restarts(flat_logits, x0, y, target, keys, target_index,
 
 def _random_start(keys, x0, target_index, restart, config):
   """x0 itself for restart 0, else a point at distance eps / 2 (reference)."""
+
   def offset(key):
     key = jax.random.fold_in(jax.random.fold_in(key, target_index), restart)
     if config.norm == "linf":
       return jax.random.uniform(key, x0.shape[1:], x0.dtype, -1.0, 1.0)
     return jax.random.normal(key, x0.shape[1:], x0.dtype)
+
   t = jax.vmap(offset)(keys)
   start = x0 + 0.5 * config.eps * t / _norm(t, config.norm)[:, None]
   return jnp.where(restart > 0, jnp.clip(start, 0.0, 1.0), x0)
@@ -201,11 +214,15 @@ def _fab_run(flat_logits, x0, y, target, start, config):
 
   def linearised_boundary(x1):
     """The hyperplane w.z = b where the linearised f_t - f_y vanishes."""
+
     def difference(z):
       logits = flat_logits(z)
-      diff = (jnp.take_along_axis(logits, target[:, None], axis=1) -
-              jnp.take_along_axis(logits, y[:, None], axis=1))[:, 0]
+      diff = (
+        jnp.take_along_axis(logits, target[:, None], axis=1)
+        - jnp.take_along_axis(logits, y[:, None], axis=1)
+      )[:, 0]
       return jnp.sum(diff), diff
+
     w, diff = jax.grad(difference, has_aux=True)(x1)
     return w, jnp.sum(w * x1, axis=1) - diff
 
@@ -216,8 +233,11 @@ def _fab_run(flat_logits, x0, y, target, start, config):
     a1 = jnp.maximum(_norm(d1, config.norm), _MIN_STEP_NORM)
     a2 = jnp.maximum(_norm(d2, config.norm), _MIN_STEP_NORM)
     alpha = jnp.clip(a1 / (a1 + a2), 0.0, config.alpha_max)[:, None]
-    x1 = jnp.clip((x1 + config.eta * d1) * (1 - alpha) +
-                  (x0 + config.eta * d2) * alpha, 0.0, 1.0)
+    x1 = jnp.clip(
+      (x1 + config.eta * d1) * (1 - alpha) + (x0 + config.eta * d2) * alpha,
+      0.0,
+      1.0,
+    )
     adversarial = jnp.argmax(flat_logits(x1), axis=-1) != y
     norm = _norm(x1 - x0, config.norm)
     closer = adversarial & (norm < best_norm)
@@ -238,8 +258,9 @@ def _norm(v: Array, norm: str) -> Array:
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=1))
 
 
-def project_onto_hyperplane(points: Array, w: Array, b: Array,
-                            norm: str) -> Array:
+def project_onto_hyperplane(
+  points: Array, w: Array, b: Array, norm: str
+) -> Array:
   """Least-norm steps onto {z : w.z = b} within the [0, 1] box, per row.
 
   For each row solves ``min ||d|| s.t. w.(t + d) = b, 0 <= t + d <= 1``
@@ -269,11 +290,11 @@ def project_onto_hyperplane(points: Array, w: Array, b: Array,
   else:
     weight = jnp.square(w)
     cap = jnp.where(moves, room / jnp.where(moves, jnp.abs(w), 1.0), 0.0)
-  lam = _piecewise_linear_root(jnp.where(moves, weight, 0.0), cap,
-                               jnp.abs(gap))
+  lam = _piecewise_linear_root(jnp.where(moves, weight, 0.0), cap, jnp.abs(gap))
   scale = 1.0 if norm == "linf" else jnp.abs(w)
-  return jnp.where(moves, jnp.sign(w) * scale * jnp.minimum(lam[:, None], cap),
-                   0.0)
+  return jnp.where(
+    moves, jnp.sign(w) * scale * jnp.minimum(lam[:, None], cap), 0.0
+  )
 
 
 def _piecewise_linear_root(weight: Array, cap: Array, target: Array) -> Array:

@@ -52,6 +52,7 @@ class AttackLoss:
       attacks all probes together.
     confidence: the C&W kappa (logit units); ignored for "ce".
   """
+
   kind: str = "ce"
   beta: float = 0.0
   probe: int | None = None
@@ -63,8 +64,10 @@ class AttackLoss:
     if not self.beta >= 0:
       raise ValueError(f"beta must be >= 0 or math.inf, got {self.beta}.")
     if self.probe is not None and not math.isinf(self.beta):
-      raise ValueError("A single probe is attacked only with beta = inf, got "
-                       f"beta = {self.beta} and probe = {self.probe}.")
+      raise ValueError(
+        "A single probe is attacked only with beta = inf, got "
+        f"beta = {self.beta} and probe = {self.probe}."
+      )
 
   @property
   def name(self) -> str:
@@ -72,16 +75,22 @@ class AttackLoss:
     label = f"{self.kind}/beta={self.beta:g}"
     return label if self.probe is None else f"{label}/probe={self.probe}"
 
-  def __call__(self, final_logits: Array, probe_logits: Sequence[Array],
-               labels: Array) -> Array:
+  def __call__(
+    self, final_logits: Array, probe_logits: Sequence[Array], labels: Array
+  ) -> Array:
     """The loss of each example, (N,), from (N, K) logits and (N,) labels."""
     weights = head_weights(self.beta, self.probe, len(probe_logits))
-    return weighted_head_loss(final_logits, probe_logits, labels, weights,
-                              kind=self.kind, confidence=self.confidence)
+    return weighted_head_loss(
+      final_logits,
+      probe_logits,
+      labels,
+      weights,
+      kind=self.kind,
+      confidence=self.confidence,
+    )
 
 
-def head_weights(beta: float, probe: int | None,
-                 num_probes: int) -> np.ndarray:
+def head_weights(beta: float, probe: int | None, num_probes: int) -> np.ndarray:
   """Eq. 3's weights of [final head, probe 0, ..., probe P-1]: (1 + P,).
 
   beta finite: 1 / (1 + beta) on the final head and beta / ((1 + beta) P)
@@ -89,26 +98,35 @@ def head_weights(beta: float, probe: int | None,
   A model without probes (P = 0) has the single weight 1.
   """
   if probe is not None and not 0 <= probe < num_probes:
-    raise ValueError(f"probe={probe} is out of range: the model has "
-                     f"{num_probes} probes.")
+    raise ValueError(
+      f"probe={probe} is out of range: the model has {num_probes} probes."
+    )
   if num_probes == 0:
     if math.isinf(beta):
-      raise ValueError("beta = inf attacks only the probes, but the model has "
-                       "none (probe_logits is empty).")
+      raise ValueError(
+        "beta = inf attacks only the probes, but the model has "
+        "none (probe_logits is empty)."
+      )
     return np.ones(1, np.float32)
   if probe is not None:
     return np.eye(1 + num_probes, dtype=np.float32)[1 + probe]
   if math.isinf(beta):
     return np.array([0.0] + [1.0 / num_probes] * num_probes, np.float32)
-  return np.array([1.0 / (1.0 + beta)] +
-                  [beta / ((1.0 + beta) * num_probes)] * num_probes,
-                  np.float32)
+  return np.array(
+    [1.0 / (1.0 + beta)] + [beta / ((1.0 + beta) * num_probes)] * num_probes,
+    np.float32,
+  )
 
 
-def weighted_head_loss(final_logits: Array, probe_logits: Sequence[Array],
-                       labels: Array, weights: Array, *, kind: str = "ce",
-                       confidence: float = losses.DEFAULT_CW_CONFIDENCE
-                       ) -> Array:
+def weighted_head_loss(
+  final_logits: Array,
+  probe_logits: Sequence[Array],
+  labels: Array,
+  weights: Array,
+  *,
+  kind: str = "ce",
+  confidence: float = losses.DEFAULT_CW_CONFIDENCE,
+) -> Array:
   """sum_h weights[h] * loss(head h), per example: (N,).
 
   Heads are [final, probe 0, ...]; ``weights`` (1 + P,) may be traced, so
@@ -118,8 +136,10 @@ def weighted_head_loss(final_logits: Array, probe_logits: Sequence[Array],
   if kind == "ce":
     head_loss = losses.cross_entropy_per_example
   else:
-    head_loss = functools.partial(losses.cw_margin_per_example,
-                                  confidence=confidence)
-  per_head = jnp.stack([head_loss(logits, labels) for logits in
-                        (final_logits, *probe_logits)])
+    head_loss = functools.partial(
+      losses.cw_margin_per_example, confidence=confidence
+    )
+  per_head = jnp.stack(
+    [head_loss(logits, labels) for logits in (final_logits, *probe_logits)]
+  )
   return jnp.asarray(weights, per_head.dtype) @ per_head

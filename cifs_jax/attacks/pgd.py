@@ -9,7 +9,8 @@ hashable), so they run under ``jax.jit``, inside a pmap'd or shard_map'd
 training step, and on a batch sharded over devices: examples never interact.
 
 The step loop is one ``lax.scan`` (``unroll`` steps per iteration; unrolling
-pays on CPU, docs/design.md section 9), restarts another; there is no host round-trip.
+pays on CPU, docs/design.md section 9), restarts another; there is no host
+round-trip.
 After every step the iterate is projected back onto the intersection of the
 eps-ball around ``x`` and the [0, 1] box.
 
@@ -27,13 +28,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cifs_jax.attacks.geometry import (
+  NORMS,
+  TINY,
+  ascent_direction,
+  example_keys,
+  keep_stronger,
+  project,
+)
 from cifs_jax.attacks.objectives import LogitsFn, LossFn
 
 Array = jax.Array
-
-NORMS = ("linf", "l2")
-# Guards the L-2 normalisations against a zero gradient or perturbation.
-_TINY = 1e-12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,7 @@ class PGDConfig:
       with the highest loss. More than one needs ``random_start``.
     unroll: steps per iteration of the compiled loop (``lax.scan``'s unroll).
   """
+
   eps: float = 8 / 255
   step_size: float = 2 / 255
   num_steps: int = 10
@@ -75,14 +81,16 @@ def fgsm_config(eps: float = 8 / 255) -> PGDConfig:
   return PGDConfig(eps=eps, step_size=eps, num_steps=1, random_start=False)
 
 
-def pgd(logits_fn: LogitsFn,
-        x: Array,
-        y: Array,
-        key: Array | None,
-        loss_fn: LossFn,
-        config: PGDConfig,
-        *,
-        return_trajectory: bool = False):
+def pgd(
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  key: Array | None,
+  loss_fn: LossFn,
+  config: PGDConfig,
+  *,
+  return_trajectory: bool = False,
+):
   """Maximises ``loss_fn`` over the eps-ball around ``x`` within [0, 1].
 
   Args:
@@ -104,10 +112,16 @@ def pgd(logits_fn: LogitsFn,
     pair (adversarial inputs, iterates of shape (num_restarts, num_steps,
     *x.shape)), the iterates being those after each step's projection.
   """
-  keys = _example_keys(key, x.shape[0]) if config.random_start else None
-  ascend = functools.partial(_ascend, logits_fn, x, y, loss_fn=loss_fn,
-                             config=config,
-                             return_trajectory=return_trajectory)
+  keys = example_keys(key, x.shape[0]) if config.random_start else None
+  ascend = functools.partial(
+    _ascend,
+    logits_fn,
+    x,
+    y,
+    loss_fn=loss_fn,
+    config=config,
+    return_trajectory=return_trajectory,
+  )
 
   def run(restart):
     if keys is None:
@@ -119,14 +133,16 @@ def pgd(logits_fn: LogitsFn,
     x_adv, trajectory = run(0)
     trajectories = None if trajectory is None else trajectory[None]
   else:
+
     def restart_step(best, restart):
       x_adv, trajectory = run(restart)
       candidate = (x_adv, *_score(logits_fn, x_adv, y, loss_fn))
-      return _keep_stronger(best, candidate), trajectory
+      return keep_stronger(best, candidate), trajectory
 
     no_attack = (x, jnp.zeros(y.shape, bool), jnp.full(y.shape, -jnp.inf))
     (x_adv, _, _), trajectories = lax.scan(
-        restart_step, no_attack, jnp.arange(config.num_restarts))
+      restart_step, no_attack, jnp.arange(config.num_restarts)
+    )
   return (x_adv, trajectories) if return_trajectory else x_adv
 
 
@@ -139,13 +155,19 @@ def _ascend(logits_fn, x, y, x_start, *, loss_fn, config, return_trajectory):
     x_adv = _step(x_adv, grad, x, config)
     return x_adv, (x_adv if return_trajectory else None)
 
-  x_start = _project(x_start, x, config)
-  return lax.scan(step, x_start, length=config.num_steps,
-                  unroll=config.unroll)
+  x_start = project(x_start, x, config)
+  return lax.scan(step, x_start, length=config.num_steps, unroll=config.unroll)
 
 
-def friendly_pgd(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None,
-                 loss_fn: LossFn, config: PGDConfig, tau: int) -> Array:
+def friendly_pgd(
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  key: Array | None,
+  loss_fn: LossFn,
+  config: PGDConfig,
+  tau: int,
+) -> Array:
   """FAT's early-stopped PGD (Zhang et al., 2020).
 
   Like one run of ``pgd``, except that before each step every example is
@@ -154,12 +176,15 @@ def friendly_pgd(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None,
   eps-ball and [0, 1]. ``key``: as for ``pgd``. Returns (N, ...).
   """
   if config.num_restarts != 1:
-    raise ValueError("friendly_pgd runs once; num_restarts must be 1, got "
-                     f"{config.num_restarts}.")
+    raise ValueError(
+      "friendly_pgd runs once; num_restarts must be 1, got "
+      f"{config.num_restarts}."
+    )
   x_start = x
   if config.random_start:
-    x_start = _project(
-        _random_start(_example_keys(key, x.shape[0]), x, config), x, config)
+    x_start = project(
+      _random_start(example_keys(key, x.shape[0]), x, config), x, config
+    )
   gradient = _loss_gradient(logits_fn, y, loss_fn)
 
   def step(carry, _):
@@ -174,80 +199,50 @@ def friendly_pgd(logits_fn: LogitsFn, x: Array, y: Array, key: Array | None,
     return (x_adv, budget, active), None
 
   budget = jnp.full(y.shape, tau, jnp.int32)
-  (x_adv, _, _), _ = lax.scan(step, (x_start, budget, jnp.ones(y.shape, bool)),
-                              length=config.num_steps, unroll=config.unroll)
+  (x_adv, _, _), _ = lax.scan(
+    step,
+    (x_start, budget, jnp.ones(y.shape, bool)),
+    length=config.num_steps,
+    unroll=config.unroll,
+  )
   return x_adv
 
 
 def _loss_gradient(logits_fn, y, loss_fn):
   """x_adv -> (gradient of the summed loss w.r.t. x_adv, final logits)."""
+
   def total_loss(x_adv):
     final_logits, probe_logits = logits_fn(x_adv)
     return jnp.sum(loss_fn(final_logits, probe_logits, y)), final_logits
+
   return jax.grad(total_loss, has_aux=True)
 
 
 def _step(x_adv, grad, x, config):
   """One steepest-ascent step along ``grad``, projected back."""
-  return _project(x_adv + config.step_size *
-                  _ascent_direction(grad, config.norm), x, config)
-
-
-def _example_keys(key: Array, num_examples: int) -> Array:
-  """(N,) typed keys: ``key`` itself if already per example, else a split."""
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key)
-  if key.ndim == 0:
-    return jax.random.split(key, num_examples)
-  if key.shape != (num_examples,):
-    raise ValueError(f"Expected one key or {num_examples} keys, got key of "
-                     f"shape {key.shape}.")
-  return key
-
-
-def _per_example_norm(v: Array) -> Array:
-  """L-2 norm over all but the batch axis, shaped to broadcast with v."""
-  axes = tuple(range(1, v.ndim))
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
-
-
-def _ascent_direction(grad: Array, norm: str) -> Array:
-  """The steepest-ascent unit step of ``norm`` along ``grad``."""
-  if norm == "linf":
-    return jnp.sign(grad)
-  return grad / jnp.maximum(_per_example_norm(grad), _TINY)
+  return project(
+    x_adv + config.step_size * ascent_direction(grad, config.norm), x, config
+  )
 
 
 def _random_start(keys: Array, x: Array, config: PGDConfig) -> Array:
   """x plus a uniform draw from the ball of radius eps, per example."""
+
   def draw(key, example):
     if config.norm == "linf":
-      return jax.random.uniform(key, example.shape, example.dtype,
-                                -config.eps, config.eps)
+      return jax.random.uniform(
+        key, example.shape, example.dtype, -config.eps, config.eps
+      )
     direction_key, radius_key = jax.random.split(key)
     direction = jax.random.normal(direction_key, example.shape, example.dtype)
-    direction /= jnp.maximum(jnp.linalg.norm(direction), _TINY)
+    direction /= jnp.maximum(jnp.linalg.norm(direction), TINY)
     # The radius of a uniform point in a d-ball has CDF (r / eps) ** d.
-    radius = config.eps * jax.random.uniform(
-        radius_key, (), example.dtype) ** (1.0 / example.size)
+    radius = config.eps * jax.random.uniform(radius_key, (), example.dtype) ** (
+      1.0 / example.size
+    )
     return radius * direction
+
   return x + jax.vmap(draw)(keys, x)
-
-
-def _project(x_adv: Array, x: Array, config: PGDConfig) -> Array:
-  """Back onto the eps-ball around ``x`` and into the [0, 1] box.
-
-  For L-inf this is the exact projection onto the intersection. For L-2 the
-  ball projection comes first; the box clip then only shrinks |x_adv - x|
-  coordinate-wise (x is in the box), so the result stays in the ball.
-  """
-  if config.norm == "linf":
-    return jnp.clip(x_adv, jnp.maximum(x - config.eps, 0.0),
-                    jnp.minimum(x + config.eps, 1.0))
-  delta = x_adv - x
-  delta *= jnp.minimum(1.0, config.eps /
-                       jnp.maximum(_per_example_norm(delta), _TINY))
-  return jnp.clip(x + delta, 0.0, 1.0)
 
 
 def _score(logits_fn, x_adv, y, loss_fn):
@@ -255,13 +250,3 @@ def _score(logits_fn, x_adv, y, loss_fn):
   final_logits, probe_logits = logits_fn(x_adv)
   fooled = jnp.argmax(final_logits, axis=-1) != y
   return fooled, loss_fn(final_logits, probe_logits, y).astype(jnp.float32)
-
-
-def _keep_stronger(best, candidate):
-  """Per example: keep the first fooling run, else the higher loss."""
-  best_x, best_fooled, best_loss = best
-  x_adv, fooled, loss = candidate
-  take = ~best_fooled & (fooled | (loss > best_loss))
-  take_x = take.reshape(take.shape + (1,) * (x_adv.ndim - 1))
-  return (jnp.where(take_x, x_adv, best_x), best_fooled | fooled,
-          jnp.where(take, loss, best_loss))

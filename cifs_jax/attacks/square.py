@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from cifs_jax.attacks.objectives import LogitsFn
-from cifs_jax.attacks.pgd import _example_keys
+from cifs_jax.attacks.geometry import example_keys
 
 Array = jax.Array
 
@@ -52,6 +52,7 @@ class SquareConfig:
     p_init: initial fraction of the image a window covers.
     num_restarts: runs, each on the points the earlier ones left robust.
   """
+
   eps: float
   norm: str = "linf"
   num_queries: int = 5000
@@ -60,8 +61,9 @@ class SquareConfig:
 
   def __post_init__(self):
     if self.norm not in SQUARE_NORMS:
-      raise ValueError(f"norm must be one of {SQUARE_NORMS}, got "
-                       f"{self.norm!r}.")
+      raise ValueError(
+        f"norm must be one of {SQUARE_NORMS}, got {self.norm!r}."
+      )
     if self.eps < 0:
       raise ValueError(f"eps must be >= 0, got {self.eps}.")
     if self.num_queries < 1 or self.num_restarts < 1:
@@ -70,8 +72,9 @@ class SquareConfig:
       raise ValueError(f"p_init must be in (0, 1], got {self.p_init}.")
 
 
-def square(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
-           config: SquareConfig) -> Array:
+def square(
+  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: SquareConfig
+) -> Array:
   """Square attack: an adversarial point within eps of x, or x itself.
 
   Args:
@@ -89,8 +92,9 @@ def square(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
   return square_with_queries(logits_fn, x, y, key, config)[0]
 
 
-def square_with_queries(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
-                        config: SquareConfig) -> tuple[Array, Array]:
+def square_with_queries(
+  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: SquareConfig
+) -> tuple[Array, Array]:
   """``square``, also returning the queries spent on each point.
 
   Returns:
@@ -100,9 +104,8 @@ def square_with_queries(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
     points that stay robust.
   """
   if x.ndim != 4:
-    raise ValueError(f"Square needs images (N, H, W, C), got shape "
-                     f"{x.shape}.")
-  keys = _example_keys(key, x.shape[0])
+    raise ValueError(f"Square needs images (N, H, W, C), got shape {x.shape}.")
+  keys = example_keys(key, x.shape[0])
   sizes = jnp.asarray(square_sizes(config, *x.shape[1:3]))
   robust = jnp.argmax(logits_fn(x)[0], axis=-1) == y
 
@@ -115,8 +118,9 @@ def square_with_queries(logits_fn: LogitsFn, x: Array, y: Array, key: Array,
     return (x_adv, robust & ~fooled, queries + spent), None
 
   start = (x, robust, jnp.zeros(y.shape, jnp.int32))
-  (x_adv, _, queries), _ = lax.scan(restart, start,
-                                    jnp.arange(config.num_restarts))
+  (x_adv, _, queries), _ = lax.scan(
+    restart, start, jnp.arange(config.num_restarts)
+  )
   return x_adv, queries
 
 
@@ -141,8 +145,9 @@ def _margin(logits_fn, x, y):
   """f_y - max_{k != y} f_k of the final head, (N,); <= 0 means fooled."""
   logits = logits_fn(x)[0]
   true = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
-  others = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool),
-                     -jnp.inf, logits)
+  others = jnp.where(
+    jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits
+  )
   return true - jnp.max(others, axis=-1)
 
 
@@ -157,8 +162,9 @@ def _run(logits_fn, x, y, keys, todo, sizes, config):
   split_keys = jax.vmap(jax.random.split)(keys)  # (N, 2)
   stripe_keys, query_keys = split_keys[:, 0], split_keys[:, 1]
   # Vertical stripes: one sign per column and channel.
-  stripes = jax.vmap(lambda k: jax.random.rademacher(
-      k, (1, width, channels), x.dtype))(stripe_keys)
+  stripes = jax.vmap(
+    lambda k: jax.random.rademacher(k, (1, width, channels), x.dtype)
+  )(stripe_keys)
   x_best = jnp.clip(x + config.eps * stripes, 0.0, 1.0)
   margin = jnp.where(todo, _margin(logits_fn, x_best, y), -jnp.inf)
   rows = lax.broadcasted_iota(jnp.int32, (height, width, 1), 0)
@@ -172,24 +178,32 @@ def _run(logits_fn, x, y, keys, todo, sizes, config):
     top = jax.random.randint(top_key, (), 0, height - size + 1)
     left = jax.random.randint(left_key, (), 0, width - size + 1)
     sign = jax.random.rademacher(sign_key, (channels,), example.dtype)
-    window = ((rows >= top) & (rows < top + size) &
-              (cols >= left) & (cols < left + size))
+    window = (
+      (rows >= top)
+      & (rows < top + size)
+      & (cols >= left)
+      & (cols < left + size)
+    )
     return window, jnp.clip(example + config.eps * sign, 0.0, 1.0)
 
   def query(state):
     iteration, x_best, margin, spent = state
     active = margin > 0
-    iteration_keys = jax.vmap(jax.random.fold_in, (0, None))(query_keys,
-                                                            iteration)
+    iteration_keys = jax.vmap(jax.random.fold_in, (0, None))(
+      query_keys, iteration
+    )
     window, corner = jax.vmap(propose, (0, 0, None))(
-        iteration_keys, x, sizes[iteration])
+      iteration_keys, x, sizes[iteration]
+    )
     candidate = jnp.where(window, corner, x_best)
     new_margin = _margin(logits_fn, candidate, y)
     better = active & (new_margin < margin)
-    return (iteration + 1,
-            jnp.where(better[:, None, None, None], candidate, x_best),
-            jnp.where(better, new_margin, margin),
-            spent + active.astype(jnp.int32))
+    return (
+      iteration + 1,
+      jnp.where(better[:, None, None, None], candidate, x_best),
+      jnp.where(better, new_margin, margin),
+      spent + active.astype(jnp.int32),
+    )
 
   def robust_left(state):
     iteration, _, margin, _ = state

@@ -19,25 +19,39 @@ Test-time inputs: ``data.to_float(images)``.
 
 from cifs_jax.data.augment import augment, to_float
 from cifs_jax.data.batching import (
-    Batch,
-    epoch_permutation,
-    eval_batches,
-    eval_index_batches,
-    steps_per_epoch,
-    train_index_batches,
+  Batch,
+  epoch_permutation,
+  eval_batches,
+  eval_index_batches,
+  steps_per_epoch,
+  train_index_batches,
 )
 from cifs_jax.data.config import (
-    SOURCES,
-    augment_options,
-    default_config,
-    validate,
+  SOURCES,
+  augment_options,
+  default_config,
+  validate,
 )
 from cifs_jax.data.info import DATASETS, SPLITS, DatasetInfo, Split, get_info
 from cifs_jax.data.loading import load_split
 
 __all__ = [
-    "Batch", "DATASETS", "DatasetInfo", "SOURCES", "SPLITS", "Split",
-    "augment", "augment_options", "default_config", "epoch_permutation",
-    "eval_batches", "eval_index_batches", "get_info", "load_split",
-    "steps_per_epoch", "to_float", "train_index_batches", "validate",
+  "Batch",
+  "DATASETS",
+  "DatasetInfo",
+  "SOURCES",
+  "SPLITS",
+  "Split",
+  "augment",
+  "augment_options",
+  "default_config",
+  "epoch_permutation",
+  "eval_batches",
+  "eval_index_batches",
+  "get_info",
+  "load_split",
+  "steps_per_epoch",
+  "to_float",
+  "train_index_batches",
+  "validate",
 ]

@@ -26,19 +26,23 @@ class Batch(NamedTuple):
     mask: bool (B_host,), False on the padding rows that complete the last
       batch; each example of the split is True in exactly one batch.
   """
+
   images: np.ndarray
   labels: np.ndarray
   mask: np.ndarray
 
 
-def _host_rows(global_batch_size: int, process_index: int | None,
-               process_count: int | None) -> slice:
+def _host_rows(
+  global_batch_size: int, process_index: int | None, process_count: int | None
+) -> slice:
   """The rows of a global batch that this host keeps."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % count:
-    raise ValueError(f"The global batch size {global_batch_size} must be a "
-                     f"positive multiple of the number of hosts {count}.")
+    raise ValueError(
+      f"The global batch size {global_batch_size} must be a "
+      f"positive multiple of the number of hosts {count}."
+    )
   per_host = global_batch_size // count
   return slice(index * per_host, (index + 1) * per_host)
 
@@ -48,8 +52,9 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return num_examples // global_batch_size
 
 
-def epoch_permutation(key: jax.Array, epoch: int,
-                      num_examples: int) -> np.ndarray:
+def epoch_permutation(
+  key: jax.Array, epoch: int, num_examples: int
+) -> np.ndarray:
   """The order of the examples in epoch ``epoch``: int32 (num_examples,).
 
   A function of (key, epoch) alone, computed on the CPU so that every host
@@ -57,16 +62,20 @@ def epoch_permutation(key: jax.Array, epoch: int,
   """
   with jax.default_device(jax.devices("cpu")[0]):
     key = jax.device_put(key, jax.devices("cpu")[0])
-    order = jax.random.permutation(jax.random.fold_in(key, epoch),
-                                   num_examples)
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
   return np.asarray(order, np.int32)
 
 
-def train_index_batches(key: jax.Array, epoch: int, num_examples: int,
-                        global_batch_size: int, *, start_step: int = 0,
-                        process_index: int | None = None,
-                        process_count: int | None = None,
-                        ) -> Iterator[np.ndarray]:
+def train_index_batches(
+  key: jax.Array,
+  epoch: int,
+  num_examples: int,
+  global_batch_size: int,
+  *,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[np.ndarray]:
   """This host's example indices for steps ``start_step, ...`` of an epoch.
 
   Yields int32 (global_batch_size / process_count,) arrays, one per step, for
@@ -76,15 +85,19 @@ def train_index_batches(key: jax.Array, epoch: int, num_examples: int,
   """
   rows = _host_rows(global_batch_size, process_index, process_count)
   order = epoch_permutation(key, epoch, num_examples)
-  for step in range(start_step, steps_per_epoch(num_examples,
-                                                global_batch_size)):
-    yield order[step * global_batch_size:][:global_batch_size][rows]
+  for step in range(
+    start_step, steps_per_epoch(num_examples, global_batch_size)
+  ):
+    yield order[step * global_batch_size :][:global_batch_size][rows]
 
 
-def eval_index_batches(num_examples: int, global_batch_size: int, *,
-                       process_index: int | None = None,
-                       process_count: int | None = None,
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def eval_index_batches(
+  num_examples: int,
+  global_batch_size: int,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(indices int32, mask bool), this host's rows of in-order batches.
 
   All ``ceil(num_examples / global_batch_size)`` batches are full; the last
@@ -100,11 +113,18 @@ def eval_index_batches(num_examples: int, global_batch_size: int, *,
     yield padded[batch][rows], mask[batch][rows]
 
 
-def eval_batches(split: Split, global_batch_size: int, *,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[Batch]:
+def eval_batches(
+  split: Split,
+  global_batch_size: int,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Iterator[Batch]:
   """`Batch`es covering a host-memory split in order, each example once."""
   for indices, mask in eval_index_batches(
-      len(split), global_batch_size, process_index=process_index,
-      process_count=process_count):
+    len(split),
+    global_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+  ):
     yield Batch(split.images[indices], split.labels[indices], mask)

@@ -29,15 +29,17 @@ SOURCES = ("tfds", "files")
 
 def default_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   """The ``data`` config section for dataset ``name``, read through TFDS."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "name": name,
       "source": "tfds",
       "data_dir": None,
       "augment": {
-          "crop_padding": None,
-          "flip": None,
+        "crop_padding": None,
+        "flip": None,
       },
-  })
+    }
+  )
 
 
 def validate(config: ml_collections.ConfigDict, split: str | None = None):
@@ -49,17 +51,22 @@ def validate(config: ml_collections.ConfigDict, split: str | None = None):
   check_choice("config.data.name", config.name, tuple(DATASETS))
   check_choice("config.data.source", config.source, SOURCES)
   if config.data_dir is not None and not isinstance(config.data_dir, str):
-    raise ValueError(f"config.data.data_dir={config.data_dir!r} must be a "
-                     "path (str) or None.")
+    raise ValueError(
+      f"config.data.data_dir={config.data_dir!r} must be a path (str) or None."
+    )
   padding = config.augment.crop_padding
-  if padding is not None and (isinstance(padding, bool)
-                              or not isinstance(padding, int) or padding < 0):
-    raise ValueError(f"config.data.augment.crop_padding={padding!r} must be "
-                     "None or an int >= 0.")
+  if padding is not None and (
+    isinstance(padding, bool) or not isinstance(padding, int) or padding < 0
+  ):
+    raise ValueError(
+      f"config.data.augment.crop_padding={padding!r} must be "
+      "None or an int >= 0."
+    )
   flip = config.augment.flip
   if flip is not None and not isinstance(flip, bool):
-    raise ValueError(f"config.data.augment.flip={flip!r} must be None, True "
-                     "or False.")
+    raise ValueError(
+      f"config.data.augment.flip={flip!r} must be None, True or False."
+    )
   if split is not None:
     check_choice("split", split, SPLITS)
 
@@ -71,5 +78,7 @@ def augment_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """
   info = get_info(config.name)
   padding, flip = config.augment.crop_padding, config.augment.flip
-  return {"crop_padding": info.crop_padding if padding is None else padding,
-          "flip": info.flip if flip is None else flip}
+  return {
+    "crop_padding": info.crop_padding if padding is None else padding,
+    "flip": info.flip if flip is None else flip,
+  }

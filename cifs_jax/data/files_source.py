@@ -38,31 +38,38 @@ from cifs_jax.data import restricted_pickle
 from cifs_jax.data.info import get_info
 
 _WHERE = {
-    "cifar10": ("download https://www.cs.toronto.edu/~kriz/"
-                "cifar-10-binary.tar.gz (or cifar-10-python.tar.gz) into "
-                "config.data.data_dir"),
-    "svhn": ("download train_32x32.mat and test_32x32.mat from "
-             "http://ufldl.stanford.edu/housenumbers/ into "
-             "config.data.data_dir"),
-    "fashion_mnist": ("run `apt-get install dataset-fashion-mnist` (puts "
-                      "the four files in /usr/share/datasets/fashion-mnist), "
-                      "or get them from https://github.com/zalandoresearch/"
-                      "fashion-mnist (data/fashion/) into "
-                      "config.data.data_dir"),
+  "cifar10": (
+    "download https://www.cs.toronto.edu/~kriz/"
+    "cifar-10-binary.tar.gz (or cifar-10-python.tar.gz) into "
+    "config.data.data_dir"
+  ),
+  "svhn": (
+    "download train_32x32.mat and test_32x32.mat from "
+    "http://ufldl.stanford.edu/housenumbers/ into "
+    "config.data.data_dir"
+  ),
+  "fashion_mnist": (
+    "run `apt-get install dataset-fashion-mnist` (puts "
+    "the four files in /usr/share/datasets/fashion-mnist), "
+    "or get them from https://github.com/zalandoresearch/"
+    "fashion-mnist (data/fashion/) into "
+    "config.data.data_dir"
+  ),
 }
 
 
 def _missing(name: str, data_dir: str, expected: str) -> FileNotFoundError:
   return FileNotFoundError(
-      f"{name} (source=files): expected {expected} in {data_dir}, not found. "
-      f"To get it: {_WHERE[name]}.")
+    f"{name} (source=files): expected {expected} in {data_dir}, not found. "
+    f"To get it: {_WHERE[name]}."
+  )
 
 
-def _malformed(name: str, path: str, expected: str,
-               problem: str) -> ValueError:
+def _malformed(name: str, path: str, expected: str, problem: str) -> ValueError:
   return ValueError(
-      f"{name} (source=files): {path} is malformed ({problem}); expected "
-      f"{expected}. To get a good copy: {_WHERE[name]}.")
+    f"{name} (source=files): {path} is malformed ({problem}); expected "
+    f"{expected}. To get a good copy: {_WHERE[name]}."
+  )
 
 
 # Room over the known split sizes (another release of a dataset).
@@ -73,8 +80,9 @@ def _max_examples(name: str, split: str) -> int:
   return math.ceil(get_info(name).num_examples[split] * _SIZE_MARGIN)
 
 
-def _labels(name: str, path: str, expected: str, labels: Any, low: int,
-            high: int) -> np.ndarray:
+def _labels(
+  name: str, path: str, expected: str, labels: Any, low: int, high: int
+) -> np.ndarray:
   """``labels`` (an array or a list) as int64, once they are all integers in
   low..high; else a malformed-file error."""
   if isinstance(labels, np.ndarray):
@@ -99,25 +107,36 @@ _CIFAR_BATCH = 10_000  # Images per batch file.
 _CIFAR_MAX_BYTES = _CIFAR_BATCH * (2 * _CIFAR_PIXELS + 256)
 
 
-def _cifar_images(name: str, path: str, expected: str,
-                  pixels: np.ndarray) -> np.ndarray:
+def _cifar_images(
+  name: str, path: str, expected: str, pixels: np.ndarray
+) -> np.ndarray:
   """(N, 3072) rows of R, G, B planes -> (N, 32, 32, 3), N <= 10,000."""
   if len(pixels) > _CIFAR_BATCH:
-    raise _malformed(name, path, expected, f"{len(pixels)} images, more "
-                     f"than the {_CIFAR_BATCH} of a batch")
+    raise _malformed(
+      name,
+      path,
+      expected,
+      f"{len(pixels)} images, more than the {_CIFAR_BATCH} of a batch",
+    )
   return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 def _parse_cifar_binary(name: str, path: str, data: bytes):
-  expected = ("up to 10,000 records of 1 label byte + 3072 pixel bytes "
-              "(CIFAR-10 binary)")
+  expected = (
+    "up to 10,000 records of 1 label byte + 3072 pixel bytes (CIFAR-10 binary)"
+  )
   if not data or len(data) % _CIFAR_RECORD:
-    raise _malformed(name, path, expected,
-                     f"{len(data)} bytes is not a multiple of "
-                     f"{_CIFAR_RECORD}")
+    raise _malformed(
+      name,
+      path,
+      expected,
+      f"{len(data)} bytes is not a multiple of {_CIFAR_RECORD}",
+    )
   records = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
-  return (_cifar_images(name, path, expected, records[:, 1:]),
-          _labels(name, path, expected, records[:, 0], 0, 9))
+  return (
+    _cifar_images(name, path, expected, records[:, 1:]),
+    _labels(name, path, expected, records[:, 0], 0, 9),
+  )
 
 
 def _describe(value: Any) -> str:
@@ -127,54 +146,75 @@ def _describe(value: Any) -> str:
 
 
 def _parse_cifar_pickle(name: str, path: str, data: bytes):
-  expected = ("a pickled dict with b'data' (uint8, (N, 3072), N <= 10,000) "
-              "and b'labels' (N ints in 0..9) (CIFAR-10 python version)")
+  expected = (
+    "a pickled dict with b'data' (uint8, (N, 3072), N <= 10,000) "
+    "and b'labels' (N ints in 0..9) (CIFAR-10 python version)"
+  )
   try:
     batch = restricted_pickle.loads(data)
   except Exception as e:  # Any failure of the unpickler means a bad file.
     raise _malformed(name, path, expected, f"{type(e).__name__}: {e}") from e
   if not isinstance(batch, dict):
-    raise _malformed(name, path, expected,
-                     f"not a dict but a {_describe(batch)}")
+    raise _malformed(
+      name, path, expected, f"not a dict but a {_describe(batch)}"
+    )
   for key in (b"data", b"labels"):
     if key not in batch:
       raise _malformed(name, path, expected, f"no {key!r}")
   pixels, labels = batch[b"data"], batch[b"labels"]
-  if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8
-          and pixels.ndim == 2 and pixels.shape[1] == _CIFAR_PIXELS):
-    raise _malformed(name, path, expected,
-                     f"b'data' of {_describe(pixels)}")
+  if not (
+    isinstance(pixels, np.ndarray)
+    and pixels.dtype == np.uint8
+    and pixels.ndim == 2
+    and pixels.shape[1] == _CIFAR_PIXELS
+  ):
+    raise _malformed(name, path, expected, f"b'data' of {_describe(pixels)}")
   if not isinstance(labels, list):
-    raise _malformed(name, path, expected,
-                     f"b'labels' of {_describe(labels)}")
+    raise _malformed(name, path, expected, f"b'labels' of {_describe(labels)}")
   if len(labels) != len(pixels):
-    raise _malformed(name, path, expected,
-                     f"{len(labels)} labels for {len(pixels)} images")
-  return (_cifar_images(name, path, expected, pixels),
-          _labels(name, path, expected, labels, 0, 9))
+    raise _malformed(
+      name, path, expected, f"{len(labels)} labels for {len(pixels)} images"
+    )
+  return (
+    _cifar_images(name, path, expected, pixels),
+    _labels(name, path, expected, labels, 0, 9),
+  )
 
 
 # (archive, its top folder = the extracted folder, train and test members,
 #  parser), in order of preference.
 _CIFAR_FORMATS = (
-    ("cifar-10-binary.tar.gz", "cifar-10-batches-bin",
-     [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"],
-     _parse_cifar_binary),
-    ("cifar-10-python.tar.gz", "cifar-10-batches-py",
-     [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-     _parse_cifar_pickle),
+  (
+    "cifar-10-binary.tar.gz",
+    "cifar-10-batches-bin",
+    [f"data_batch_{i}.bin" for i in range(1, 6)],
+    ["test_batch.bin"],
+    _parse_cifar_binary,
+  ),
+  (
+    "cifar-10-python.tar.gz",
+    "cifar-10-batches-py",
+    [f"data_batch_{i}" for i in range(1, 6)],
+    ["test_batch"],
+    _parse_cifar_pickle,
+  ),
 )
 
 
 def _check_batch_size(name: str, path: str, size: int) -> None:
   if size > _CIFAR_MAX_BYTES:
-    raise _malformed(name, path, f"a CIFAR-10 batch file of at most "
-                     f"{_CIFAR_MAX_BYTES} bytes (10,000 images)",
-                     f"{size} bytes, more than that")
+    raise _malformed(
+      name,
+      path,
+      f"a CIFAR-10 batch file of at most "
+      f"{_CIFAR_MAX_BYTES} bytes (10,000 images)",
+      f"{size} bytes, more than that",
+    )
 
 
-def _read_members(name: str, data_dir: str, archive: str, folder: str,
-                  members: list[str]) -> dict[str, tuple[str, bytes]]:
+def _read_members(
+  name: str, data_dir: str, archive: str, folder: str, members: list[str]
+) -> dict[str, tuple[str, bytes]]:
   """Maps each member to (its path for messages, its bytes), refusing a
   member larger than a batch can be before reading it."""
   extracted = os.path.join(data_dir, folder)
@@ -197,30 +237,45 @@ def _read_members(name: str, data_dir: str, archive: str, folder: str,
         if info.name in wanted and info.isfile():
           member_path = f"{path}:{info.name}"
           _check_batch_size(name, member_path, info.size)
-          found[wanted[info.name]] = (member_path,
-                                      tar.extractfile(info).read())
+          found[wanted[info.name]] = (member_path, tar.extractfile(info).read())
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-    raise _malformed(name, path, f"a gzipped tar archive with {folder}/",
-                     f"{type(e).__name__}: {e}") from e
+    raise _malformed(
+      name,
+      path,
+      f"a gzipped tar archive with {folder}/",
+      f"{type(e).__name__}: {e}",
+    ) from e
   missing = [m for m in members if m not in found]
   if missing:
-    raise _malformed(name, path, f"a gzipped tar archive with {folder}/",
-                     f"members {missing} are missing")
+    raise _malformed(
+      name,
+      path,
+      f"a gzipped tar archive with {folder}/",
+      f"members {missing} are missing",
+    )
   return found
 
 
 def _read_cifar10(data_dir: str, split: str):
   name = "cifar10"
   for archive, folder, train, test, parse in _CIFAR_FORMATS:
-    if (os.path.isfile(os.path.join(data_dir, archive))
-        or os.path.isdir(os.path.join(data_dir, folder))):
+    if os.path.isfile(os.path.join(data_dir, archive)) or os.path.isdir(
+      os.path.join(data_dir, folder)
+    ):
       members = train if split == "train" else test
       found = _read_members(name, data_dir, archive, folder, members)
       parts = [parse(name, *found[m]) for m in members]
-      return (np.concatenate([images for images, _ in parts]),
-              np.concatenate([labels for _, labels in parts]))
-  raise _missing(name, data_dir, " or ".join(
-      f"{archive} (or {folder}/)" for archive, folder, *_ in _CIFAR_FORMATS))
+      return (
+        np.concatenate([images for images, _ in parts]),
+        np.concatenate([labels for _, labels in parts]),
+      )
+  raise _missing(
+    name,
+    data_dir,
+    " or ".join(
+      f"{archive} (or {folder}/)" for archive, folder, *_ in _CIFAR_FORMATS
+    ),
+  )
 
 
 # --------------------------------------------------------------------- SVHN
@@ -231,9 +286,18 @@ def _read_cifar10(data_dir: str, split: str):
 # starts with subelements: array flags (the class in the low byte), dims,
 # name. Only this start is read, and inflated at most _MAT_HEADER_BYTES.
 _MI_INT8, _MI_INT32, _MI_UINT32, _MI_MATRIX, _MI_COMPRESSED = 1, 5, 6, 14, 15
-_MAT_CLASSES = {6: "double", 7: "single", 8: "int8", 9: "uint8", 10: "int16",
-                11: "uint16", 12: "int32", 13: "uint32", 14: "int64",
-                15: "uint64"}
+_MAT_CLASSES = {
+  6: "double",
+  7: "single",
+  8: "int8",
+  9: "uint8",
+  10: "int16",
+  11: "uint16",
+  12: "int32",
+  13: "uint32",
+  14: "int64",
+  15: "uint64",
+}
 _MAT_INTEGERS = tuple(_MAT_CLASSES.values())[2:]
 _MAT_HEADER_BYTES = 1024
 
@@ -242,12 +306,15 @@ def _mat_subelement(start: bytes, offset: int, order: str):
   """(data type, data bytes, offset of the next subelement) at ``offset``."""
   first, second = struct.unpack_from(f"{order}2I", start, offset)
   if first >> 16:  # Small format: size and type in 4 bytes, data in 4.
-    return first & 0xFFFF, start[offset + 4:offset + 4 + (first >> 16)], \
-        offset + 8
+    return (
+      first & 0xFFFF,
+      start[offset + 4 : offset + 4 + (first >> 16)],
+      offset + 8,
+    )
   end = offset + 8 + second
   if end > len(start):
     raise ValueError(f"a subelement of {second} bytes in a variable header")
-  return first, start[offset + 8:end], offset + 8 + -(-second // 8) * 8
+  return first, start[offset + 8 : end], offset + 8 + -(-second // 8) * 8
 
 
 def _mat_variable(start: bytes, order: str):
@@ -257,11 +324,16 @@ def _mat_variable(start: bytes, order: str):
   kind_dims, dims, offset = _mat_subelement(start, offset, order)
   kind_name, name, _ = _mat_subelement(start, offset, order)
   if (kind, kind_flags, kind_dims, kind_name) != (
-      _MI_MATRIX, _MI_UINT32, _MI_INT32, _MI_INT8):
+    _MI_MATRIX,
+    _MI_UINT32,
+    _MI_INT32,
+    _MI_INT8,
+  ):
     raise ValueError("a variable header that is not a MATLAB array's")
   shape = struct.unpack(f"{order}{len(dims) // 4}i", dims)
-  mclass = _MAT_CLASSES.get(struct.unpack_from(f"{order}I", flags)[0] & 0xFF,
-                            "another class")
+  mclass = _MAT_CLASSES.get(
+    struct.unpack_from(f"{order}I", flags)[0] & 0xFF, "another class"
+  )
   return name.decode("latin-1"), shape, mclass
 
 
@@ -276,17 +348,24 @@ def _mat_headers(f: BinaryIO) -> dict[str, tuple[tuple[int, ...], str]]:
     kind, size = struct.unpack(f"{order}2I", tag)
     position = f.tell()
     start = f.read(min(size, _MAT_HEADER_BYTES))
-    start = (zlib.decompressobj().decompress(start, _MAT_HEADER_BYTES)
-             if kind == _MI_COMPRESSED else tag + start)
+    start = (
+      zlib.decompressobj().decompress(start, _MAT_HEADER_BYTES)
+      if kind == _MI_COMPRESSED
+      else tag + start
+    )
     name, shape, mclass = _mat_variable(start, order)
     variables[name] = (shape, mclass)
     f.seek(position + size)
   return variables
 
 
-def _check_svhn_header(name: str, path: str, expected: str,
-                       variables: dict[str, tuple[tuple[int, ...], str]],
-                       limit: int) -> None:
+def _check_svhn_header(
+  name: str,
+  path: str,
+  expected: str,
+  variables: dict[str, tuple[tuple[int, ...], str]],
+  limit: int,
+) -> None:
   """Checks X and y from their MATLAB headers: name -> (shape, class)."""
   for var in ("X", "y"):
     if var not in variables:
@@ -297,18 +376,28 @@ def _check_svhn_header(name: str, path: str, expected: str,
   if len(x_shape) != 4 or x_shape[:3] != (32, 32, 3):
     raise _malformed(name, path, expected, f"X of shape {x_shape}")
   if x_shape[3] > limit:
-    raise _malformed(name, path, expected, f"X declares {x_shape[3]} "
-                     f"examples, more than the {limit} of the split")
+    raise _malformed(
+      name,
+      path,
+      expected,
+      f"X declares {x_shape[3]} examples, more than the {limit} of the split",
+    )
   if y_class not in _MAT_INTEGERS:
-    raise _malformed(name, path, expected,
-                     f"labels that are not integers (y is {y_class})")
+    raise _malformed(
+      name, path, expected, f"labels that are not integers (y is {y_class})"
+    )
   if math.prod(y_shape) != x_shape[3]:
-    raise _malformed(name, path, expected, f"{math.prod(y_shape)} labels "
-                     f"for {x_shape[3]} images")
+    raise _malformed(
+      name,
+      path,
+      expected,
+      f"{math.prod(y_shape)} labels for {x_shape[3]} images",
+    )
 
 
-def _read_mat(name: str, path: str, expected: str, read: Callable[..., Any],
-              *args, **kwargs) -> Any:
+def _read_mat(
+  name: str, path: str, expected: str, read: Callable[..., Any], *args, **kwargs
+) -> Any:
   """``read(*args, **kwargs)``, its errors as a malformed-file error."""
   try:
     return read(*args, **kwargs)
@@ -319,17 +408,21 @@ def _read_mat(name: str, path: str, expected: str, read: Callable[..., Any],
 def _read_svhn(data_dir: str, split: str):
   name = "svhn"
   path = os.path.join(data_dir, f"{split}_32x32.mat")
-  expected = ("a MATLAB v5 file with X (uint8, (32, 32, 3, N)) and "
-              "y (N labels in 1..10, 10 meaning digit 0)")
+  expected = (
+    "a MATLAB v5 file with X (uint8, (32, 32, 3, N)) and "
+    "y (N labels in 1..10, 10 meaning digit 0)"
+  )
   if not os.path.isfile(path):
     raise _missing(name, data_dir, os.path.basename(path))
   # The headers first: nothing is loaded before they are checked.
   with open(path, "rb") as f:
     variables = _read_mat(name, path, expected, _mat_headers, f)
-  _check_svhn_header(name, path, expected, variables,
-                     _max_examples(name, split))
-  mat = _read_mat(name, path, expected, scipy.io.loadmat, path,
-                  variable_names=("X", "y"))
+  _check_svhn_header(
+    name, path, expected, variables, _max_examples(name, split)
+  )
+  mat = _read_mat(
+    name, path, expected, scipy.io.loadmat, path, variable_names=("X", "y")
+  )
   labels = _labels(name, path, expected, mat["y"].reshape(-1), 1, 10)
   # Like TFDS's svhn_cropped: label 10 is digit 0.
   return mat["X"].transpose(3, 0, 1, 2), labels % 10
@@ -344,8 +437,9 @@ def _idx_expected(shape: tuple[int, ...]) -> str:
   return f"a gzipped IDX file of uint8 with dims {('N',) + shape}"
 
 
-def _read_gzip(name: str, path: str, f: BinaryIO, size: int,
-               expected: str) -> bytes:
+def _read_gzip(
+  name: str, path: str, f: BinaryIO, size: int, expected: str
+) -> bytes:
   """Reads at most ``size`` bytes; a bad gzip stream is a malformed file."""
   try:
     return f.read(size)
@@ -353,67 +447,86 @@ def _read_gzip(name: str, path: str, f: BinaryIO, size: int,
     raise _malformed(name, path, expected, f"{type(e).__name__}: {e}") from e
 
 
-def _read_idx_count(name: str, path: str, f: BinaryIO,
-                    shape: tuple[int, ...], limit: int) -> int:
+def _read_idx_count(
+  name: str, path: str, f: BinaryIO, shape: tuple[int, ...], limit: int
+) -> int:
   """Reads the header of an IDX file of uint8 with dims (N, *shape); checks
   N <= limit and returns N."""
   expected = _idx_expected(shape)
   ndim = 1 + len(shape)
   header = _read_gzip(name, path, f, 4 + 4 * ndim, expected)
   if len(header) != 4 + 4 * ndim or header[:4] != _IDX_UINT8 + bytes([ndim]):
-    raise _malformed(name, path, expected,
-                     f"bad magic number {header[:4].hex()}")
+    raise _malformed(
+      name, path, expected, f"bad magic number {header[:4].hex()}"
+    )
   dims = struct.unpack(f">{ndim}I", header[4:])
   if dims[1:] != shape:
     raise _malformed(name, path, expected, f"dims {dims}")
   if dims[0] > limit:
-    raise _malformed(name, path, expected, f"its header declares {dims[0]} "
-                     f"examples, more than the {limit} of the split")
+    raise _malformed(
+      name,
+      path,
+      expected,
+      f"its header declares {dims[0]} "
+      f"examples, more than the {limit} of the split",
+    )
   return dims[0]
 
 
-def _read_idx_data(name: str, path: str, f: BinaryIO,
-                   dims: tuple[int, ...]) -> np.ndarray:
+def _read_idx_data(
+  name: str, path: str, f: BinaryIO, dims: tuple[int, ...]
+) -> np.ndarray:
   """Reads the uint8 data after the header: exactly prod(dims) bytes."""
   expected = _idx_expected(dims[1:])
   size = math.prod(dims)
   data = _read_gzip(name, path, f, size + 1, expected)
   if len(data) < size:
-    raise _malformed(name, path, expected,
-                     f"dims {dims} with only {len(data)} data bytes")
+    raise _malformed(
+      name, path, expected, f"dims {dims} with only {len(data)} data bytes"
+    )
   if len(data) > size:
-    raise _malformed(name, path, expected,
-                     f"more data after the {dims[0]} declared examples")
+    raise _malformed(
+      name, path, expected, f"more data after the {dims[0]} declared examples"
+    )
   return np.frombuffer(data, np.uint8).reshape(dims)
 
 
 def _read_fashion_mnist(data_dir: str, split: str):
   name = "fashion_mnist"
   prefix = "train" if split == "train" else "t10k"
-  paths = [os.path.join(data_dir, f"{prefix}-{kind}-ubyte.gz")
-           for kind in ("images-idx3", "labels-idx1")]
+  paths = [
+    os.path.join(data_dir, f"{prefix}-{kind}-ubyte.gz")
+    for kind in ("images-idx3", "labels-idx1")
+  ]
   for path in paths:
     if not os.path.isfile(path):
       raise _missing(name, data_dir, os.path.basename(path))
   limit = _max_examples(name, split)
   # Both headers first: no data is read before the counts are checked.
-  with gzip.open(paths[0], "rb") as images_file, \
-       gzip.open(paths[1], "rb") as labels_file:
+  with (
+    gzip.open(paths[0], "rb") as images_file,
+    gzip.open(paths[1], "rb") as labels_file,
+  ):
     count = _read_idx_count(name, paths[0], images_file, (28, 28), limit)
     labels_count = _read_idx_count(name, paths[1], labels_file, (), limit)
     if labels_count != count:
-      raise _malformed(name, paths[1], f"{count} labels, one per image of "
-                       f"{paths[0]}", f"{labels_count} labels")
+      raise _malformed(
+        name,
+        paths[1],
+        f"{count} labels, one per image of {paths[0]}",
+        f"{labels_count} labels",
+      )
     images = _read_idx_data(name, paths[0], images_file, (count, 28, 28))
     labels = _read_idx_data(name, paths[1], labels_file, (count,))
-  return images[..., None], _labels(name, paths[1], _idx_expected(()),
-                                    labels, 0, 9)
+  return images[..., None], _labels(
+    name, paths[1], _idx_expected(()), labels, 0, 9
+  )
 
 
 READERS: dict[str, Callable[[str, str], tuple[np.ndarray, np.ndarray]]] = {
-    "cifar10": _read_cifar10,
-    "svhn": _read_svhn,
-    "fashion_mnist": _read_fashion_mnist,
+  "cifar10": _read_cifar10,
+  "svhn": _read_svhn,
+  "fashion_mnist": _read_fashion_mnist,
 }
 
 
@@ -421,6 +534,7 @@ def read(name: str, split: str, data_dir: str):
   """Reads split ``split`` of dataset ``name`` from the files in data_dir."""
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(
-        f"{name} (source=files): data directory {data_dir} does not exist. "
-        f"To fill it: {_WHERE[name]}.")
+      f"{name} (source=files): data directory {data_dir} does not exist. "
+      f"To fill it: {_WHERE[name]}."
+    )
   return READERS[name](data_dir, split)

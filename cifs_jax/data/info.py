@@ -25,6 +25,7 @@ class DatasetInfo:
     flip: default for random horizontal flips in training.
     files_dir: default directory of the ``files`` source, or None.
   """
+
   name: str
   tfds_name: str
   image_shape: tuple[int, int, int]
@@ -44,44 +45,65 @@ class DatasetInfo:
 # flips, set `augment.flip = True` to match it); Fashion-MNIST none, as in the
 # authors' code (`transforms.ToTensor()` only).
 DATASETS = {
-    "cifar10": DatasetInfo(
-        name="cifar10",
-        tfds_name="cifar10",
-        image_shape=(32, 32, 3),
-        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog",
-                     "frog", "horse", "ship", "truck"),
-        num_examples={"train": 50_000, "test": 10_000},
-        crop_padding=4,
-        flip=True,
+  "cifar10": DatasetInfo(
+    name="cifar10",
+    tfds_name="cifar10",
+    image_shape=(32, 32, 3),
+    class_names=(
+      "airplane",
+      "automobile",
+      "bird",
+      "cat",
+      "deer",
+      "dog",
+      "frog",
+      "horse",
+      "ship",
+      "truck",
     ),
-    "svhn": DatasetInfo(
-        name="svhn",
-        tfds_name="svhn_cropped",
-        image_shape=(32, 32, 3),
-        class_names=tuple(str(d) for d in range(10)),
-        num_examples={"train": 73_257, "test": 26_032},
-        crop_padding=4,
-        flip=False,
+    num_examples={"train": 50_000, "test": 10_000},
+    crop_padding=4,
+    flip=True,
+  ),
+  "svhn": DatasetInfo(
+    name="svhn",
+    tfds_name="svhn_cropped",
+    image_shape=(32, 32, 3),
+    class_names=tuple(str(d) for d in range(10)),
+    num_examples={"train": 73_257, "test": 26_032},
+    crop_padding=4,
+    flip=False,
+  ),
+  "fashion_mnist": DatasetInfo(
+    name="fashion_mnist",
+    tfds_name="fashion_mnist",
+    image_shape=(28, 28, 1),
+    class_names=(
+      "T-shirt/top",
+      "Trouser",
+      "Pullover",
+      "Dress",
+      "Coat",
+      "Sandal",
+      "Shirt",
+      "Sneaker",
+      "Bag",
+      "Ankle boot",
     ),
-    "fashion_mnist": DatasetInfo(
-        name="fashion_mnist",
-        tfds_name="fashion_mnist",
-        image_shape=(28, 28, 1),
-        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        num_examples={"train": 60_000, "test": 10_000},
-        crop_padding=0,
-        flip=False,
-        files_dir="/usr/share/datasets/fashion-mnist",
-    ),
+    num_examples={"train": 60_000, "test": 10_000},
+    crop_padding=0,
+    flip=False,
+    files_dir="/usr/share/datasets/fashion-mnist",
+  ),
 }
 
 
 def get_info(name: str) -> DatasetInfo:
   """The `DatasetInfo` of ``name``; ValueError listing the known names."""
   if name not in DATASETS:
-    raise ValueError(f"Unknown dataset name {name!r}; choose one of "
-                     f"{tuple(DATASETS)}.")
+    raise ValueError(
+      f"Unknown dataset name {name!r}; choose one of {tuple(DATASETS)}."
+    )
   return DATASETS[name]
 
 
@@ -96,6 +118,7 @@ class Split:
     labels: int32 (N,), in [0, num_classes).
     num_classes: K (static: not a pytree leaf).
   """
+
   images: Any
   labels: Any
   num_classes: int = struct.field(pytree_node=False)
@@ -107,5 +130,6 @@ class Split:
     """The first ``num_examples`` examples (all of them if -1 or more)."""
     if num_examples < 0 or num_examples >= len(self):
       return self
-    return Split(self.images[:num_examples], self.labels[:num_examples],
-                 self.num_classes)
+    return Split(
+      self.images[:num_examples], self.labels[:num_examples], self.num_classes
+    )

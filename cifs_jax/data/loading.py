@@ -29,29 +29,49 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
   else:
     data_dir = config.data_dir or info.files_dir
     if data_dir is None:
-      raise ValueError(f"config.data.data_dir must name the directory of the "
-                       f"{config.name} files for source='files' (see "
-                       "cifs_jax.data.files_source for the file names).")
+      raise ValueError(
+        f"config.data.data_dir must name the directory of the "
+        f"{config.name} files for source='files' (see "
+        "cifs_jax.data.files_source for the file names)."
+      )
     images, labels = files_source.read(config.name, split, data_dir)
   seconds = time.perf_counter() - start
   images = np.ascontiguousarray(images, np.uint8)
   if images.shape[1:] != info.image_shape or len(labels) != len(images):
-    raise ValueError(f"{config.name}/{split}: got images {images.shape} and "
-                     f"{len(labels)} labels, expected (N, "
-                     f"{', '.join(map(str, info.image_shape))}) and N labels.")
+    raise ValueError(
+      f"{config.name}/{split}: got images {images.shape} and "
+      f"{len(labels)} labels, expected (N, "
+      f"{', '.join(map(str, info.image_shape))}) and N labels."
+    )
   labels = np.asarray(labels)
   if not np.issubdtype(labels.dtype, np.integer) or (
-      labels.size and (labels.min() < 0 or labels.max() >= info.num_classes)):
-    raise ValueError(f"{config.name}/{split}: labels must be integers in "
-                     f"[0, {info.num_classes}).")
+    labels.size and (labels.min() < 0 or labels.max() >= info.num_classes)
+  ):
+    raise ValueError(
+      f"{config.name}/{split}: labels must be integers in "
+      f"[0, {info.num_classes})."
+    )
   if len(images) != info.num_examples[split]:
-    logging.warning("%s/%s has %d examples; the full split has %d.",
-                    config.name, split, len(images), info.num_examples[split])
+    logging.warning(
+      "%s/%s has %d examples; the full split has %d.",
+      config.name,
+      split,
+      len(images),
+      info.num_examples[split],
+    )
   # ru_maxrss is in KiB on Linux.
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  logging.info("Loaded %s/%s (source=%s): %d examples, %.1f MB, %.2f s; "
-               "peak host memory of the process %.0f MB.", config.name, split,
-               config.source, len(images), images.nbytes / 2**20, seconds,
-               peak_mb)
-  return Split(images=images, labels=labels.astype(np.int32),
-               num_classes=info.num_classes)
+  logging.info(
+    "Loaded %s/%s (source=%s): %d examples, %.1f MB, %.2f s; "
+    "peak host memory of the process %.0f MB.",
+    config.name,
+    split,
+    config.source,
+    len(images),
+    images.nbytes / 2**20,
+    seconds,
+    peak_mb,
+  )
+  return Split(
+    images=images, labels=labels.astype(np.int32), num_classes=info.num_classes
+  )

@@ -34,9 +34,25 @@ from typing import Any
 
 import numpy as np
 
-_DTYPES = {name: np.dtype(name) for name in (
-    "b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8",
-    "c8", "c16")}
+_DTYPES = {
+  name: np.dtype(name)
+  for name in (
+    "b1",
+    "i1",
+    "u1",
+    "i2",
+    "u2",
+    "i4",
+    "u4",
+    "i8",
+    "u8",
+    "f2",
+    "f4",
+    "f8",
+    "c8",
+    "c16",
+  )
+}
 _BYTE_ORDERS = ("<", ">", "=", "|")
 _PUT_OPCODES = ("PUT", "BINPUT", "LONG_BINPUT")
 
@@ -53,8 +69,10 @@ class _Dtype:
   def __init__(self, name: Any, align: Any = False, copy: Any = False):
     del align, copy  # Irrelevant for built-in numeric dtypes.
     if not isinstance(name, str) or name not in _DTYPES:
-      raise _refuse(f"dtype {name!r}: only bool, integer, float and complex "
-                    "dtypes are allowed")
+      raise _refuse(
+        f"dtype {name!r}: only bool, integer, float and complex "
+        "dtypes are allowed"
+      )
     self.dtype = _DTYPES[name]
 
   def __setstate__(self, state: Any) -> None:
@@ -63,10 +81,16 @@ class _Dtype:
     Numpy writes (version, byte order, subarray, names, fields, item size,
     alignment, flags[, metadata]); the rest is implied by the dtype's name.
     """
-    if (not isinstance(state, tuple) or len(state) not in (8, 9)
-        or state[1] not in _BYTE_ORDERS or state[2:5] != (None,) * 3):
-      raise _refuse(f"dtype state {state!r} of {self.dtype}: only a byte "
-                    "order, no fields or subarrays")
+    if (
+      not isinstance(state, tuple)
+      or len(state) not in (8, 9)
+      or state[1] not in _BYTE_ORDERS
+      or state[2:5] != (None,) * 3
+    ):
+      raise _refuse(
+        f"dtype state {state!r} of {self.dtype}: only a byte "
+        "order, no fields or subarrays"
+      )
     self.dtype = self.dtype.newbyteorder(state[1])
 
 
@@ -74,14 +98,16 @@ def _array(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
   """Views ``buffer`` as an array, once its size matches dtype and shape."""
   if not isinstance(dtype, _Dtype):
     raise _refuse(f"array dtype {dtype!r}: not a pickled numeric dtype")
-  if not (isinstance(shape, tuple)
-          and all(type(d) is int and d >= 0 for d in shape)):  # pylint: disable=unidiomatic-typecheck
+  if not (
+    isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)
+  ):  # pylint: disable=unidiomatic-typecheck
     raise _refuse(f"array shape {shape!r}: not a tuple of sizes")
   if not isinstance(buffer, (bytes, bytearray)):
     raise _refuse(f"array data of type {type(buffer).__name__}")
   if len(buffer) != math.prod(shape) * dtype.dtype.itemsize:
-    raise _refuse(f"array: {len(buffer)} data bytes for shape {shape} of "
-                  f"{dtype.dtype}")
+    raise _refuse(
+      f"array: {len(buffer)} data bytes for shape {shape} of {dtype.dtype}"
+    )
   return np.frombuffer(buffer, dtype.dtype).reshape(shape, order=order)
 
 
@@ -95,8 +121,9 @@ class _PendingArray:
   def __setstate__(self, state: Any) -> None:
     """Builds the array from numpy's (1, shape, dtype, is_fortran, bytes)."""
     if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
-      raise _refuse("an array state other than numpy's (1, shape, dtype, "
-                    "is_fortran, data)")
+      raise _refuse(
+        "an array state other than numpy's (1, shape, dtype, is_fortran, data)"
+      )
     _, shape, dtype, fortran, buffer = state
     self.array = _array(buffer, dtype, shape, "F" if fortran else "C")
 
@@ -105,8 +132,9 @@ class _NdarrayName:
   """Stands for ``numpy.ndarray``, only as `_reconstruct`'s first argument."""
 
   def __call__(self, *args: Any) -> None:
-    raise _refuse("numpy.ndarray(...): arrays are only rebuilt from their "
-                  "pickled data")
+    raise _refuse(
+      "numpy.ndarray(...): arrays are only rebuilt from their pickled data"
+    )
 
 
 _NDARRAY = _NdarrayName()
@@ -118,8 +146,7 @@ def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> _PendingArray:
   return _PendingArray()
 
 
-def _frombuffer(buffer: Any, dtype: Any, shape: Any,
-                order: Any) -> np.ndarray:
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
   """numpy's protocol-5 array: (data, dtype, shape, order)."""
   if order not in ("C", "F"):
     raise _refuse(f"array order {order!r}")
@@ -139,26 +166,27 @@ def _empty_bytes() -> bytes:
 
 
 _ALLOWED = {
-    # numpy < 2 wrote `numpy.core`, numpy >= 2 writes `numpy._core`.
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _Dtype,
-    ("_codecs", "encode"): _encode,
-    ("__builtin__", "bytes"): _empty_bytes,
+  # numpy < 2 wrote `numpy.core`, numpy >= 2 writes `numpy._core`.
+  ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+  ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+  ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+  ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+  ("numpy", "ndarray"): _NDARRAY,
+  ("numpy", "dtype"): _Dtype,
+  ("_codecs", "encode"): _encode,
+  ("__builtin__", "bytes"): _empty_bytes,
 }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-
   def find_class(self, module: str, name: str) -> Any:
     try:
       return _ALLOWED[(module, name)]
     except KeyError:
-      raise _refuse(f"global '{module}.{name}': only plain containers, "
-                    "bytes and numeric numpy arrays are allowed") from None
+      raise _refuse(
+        f"global '{module}.{name}': only plain containers, "
+        "bytes and numeric numpy arrays are allowed"
+      ) from None
 
 
 def _check_opcodes(data: bytes) -> None:

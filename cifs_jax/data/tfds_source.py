@@ -28,12 +28,13 @@ def read(info: DatasetInfo, split: str, data_dir: str | None):
     if e.name not in _PREPARE_MODULES:
       raise
     raise RuntimeError(
-        f"TFDS dataset {info.tfds_name!r} is not prepared in data_dir="
-        f"{data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}, and "
-        f"preparing it needs {e.name}: `pip install -r "
-        "requirements-prepare.txt`, then `python -m cifs_jax.data.prepare "
-        f"--name={info.name}` (README.md, Data); or read the original files "
-        "with config.data.source='files'.") from e
+      f"TFDS dataset {info.tfds_name!r} is not prepared in data_dir="
+      f"{data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}, and "
+      f"preparing it needs {e.name}: `pip install -r "
+      "requirements-prepare.txt`, then `python -m cifs_jax.data.prepare "
+      f"--name={info.name}` (README.md, Data); or read the original files "
+      "with config.data.source='files'."
+    ) from e
   images = np.empty((len(source), *info.image_shape), np.uint8)
   labels = np.empty((len(source),), np.int32)
   for start in range(0, len(source), _CHUNK):
@@ -42,8 +43,9 @@ def read(info: DatasetInfo, split: str, data_dir: str | None):
     for i, example in zip(keys, source.__getitems__(keys), strict=True):
       if example["image"].shape != info.image_shape:
         raise ValueError(
-            f"TFDS {info.tfds_name}/{split} example {i} has image shape "
-            f"{example['image'].shape}, expected {info.image_shape}.")
+          f"TFDS {info.tfds_name}/{split} example {i} has image shape "
+          f"{example['image'].shape}, expected {info.image_shape}."
+        )
       images[i] = example["image"]
       labels[i] = example["label"]
   return images, labels

@@ -1,9 +1,9 @@
 """Robust-accuracy evaluation: protocols, the batched evaluator, reports.
 
-    from cifs_jax import evaluation
-    results = evaluation.evaluate({"stop": stop_fn, "full": full_fn},
-                                  batches, evaluation.strong_protocol(), key)
-    evaluation.publish(results, workdir, "eval_strong")
+from cifs_jax import evaluation
+results = evaluation.evaluate({"stop": stop_fn, "full": full_fn},
+                              batches, evaluation.strong_protocol(), key)
+evaluation.publish(results, workdir, "eval_strong")
 """
 
 from cifs_jax.evaluation.evaluator import evaluate
@@ -23,8 +23,19 @@ from cifs_jax.evaluation.report import write_json
 from cifs_jax.evaluation.report import write_markdown
 
 __all__ = [
-    "Attack", "GradientAttack", "PROTOCOLS", "Protocol", "Run",
-    "adaptive_targets", "console_summary", "evaluate", "paper_protocol",
-    "protocol_runs", "publish", "strong_protocol", "to_markdown",
-    "write_json", "write_markdown",
+  "Attack",
+  "GradientAttack",
+  "PROTOCOLS",
+  "Protocol",
+  "Run",
+  "adaptive_targets",
+  "console_summary",
+  "evaluate",
+  "paper_protocol",
+  "protocol_runs",
+  "publish",
+  "strong_protocol",
+  "to_markdown",
+  "write_json",
+  "write_markdown",
 ]

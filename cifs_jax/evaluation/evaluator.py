@@ -47,6 +47,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One attack at one (beta_atk, probe) target with one gradient mode."""
+
   attack: Attack
   beta: float
   probe: int | None
@@ -60,10 +61,12 @@ class Run:
 
 def protocol_runs(protocol: Protocol, num_probes: int) -> list[Run]:
   """Every run of ``protocol`` on a model with ``num_probes`` probes."""
-  return [Run(attack, beta, probe, gradient)
-          for attack in protocol.attacks
-          for beta, probe in adaptive_targets(protocol.betas, num_probes)
-          for gradient in protocol.gradient_modes]
+  return [
+    Run(attack, beta, probe, gradient)
+    for attack in protocol.attacks
+    for beta, probe in adaptive_targets(protocol.betas, num_probes)
+    for gradient in protocol.gradient_modes
+  ]
 
 
 @jax.jit
@@ -73,8 +76,9 @@ def _clean_ranks(logits_fn, images, y):
 
 
 @functools.partial(jax.jit, static_argnames=("attack",))
-def _adversarial_ranks(logits_fn, images, y, example_ids, run_key,
-                       head_weights, *, attack):
+def _adversarial_ranks(
+  logits_fn, images, y, example_ids, run_key, head_weights, *, attack
+):
   """(N, 1 + num_probes) true-class ranks on ``attack``'s inputs.
 
   Compiled once per (attack, logits_fn): the attacked heads' weights
@@ -88,9 +92,12 @@ def _adversarial_ranks(logits_fn, images, y, example_ids, run_key,
 def _pad_rows(batch: data.Batch, multiple: int) -> data.Batch:
   """``batch`` with invalid zero rows appended up to a multiple of rows."""
   padding = -len(batch.labels) % multiple
-  return data.Batch(*(
+  return data.Batch(
+    *(
       np.concatenate([a, np.zeros((padding,) + a.shape[1:], a.dtype)])
-      for a in map(np.asarray, batch)))
+      for a in map(np.asarray, batch)
+    )
+  )
 
 
 def _run_key(key: Array, run: Run) -> Array:
@@ -98,15 +105,17 @@ def _run_key(key: Array, run: Run) -> Array:
   return jax.random.fold_in(key, zlib.crc32(run.name.encode()))
 
 
-def evaluate(logits_fns: Mapping[str, LogitsFn],
-             batches: Iterable[data.Batch],
-             protocol: Protocol,
-             key: Array,
-             *,
-             num_batches: int | None = None,
-             class_names: Sequence[str] | None = None,
-             devices: Sequence[jax.Device] | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+  logits_fns: Mapping[str, LogitsFn],
+  batches: Iterable[data.Batch],
+  protocol: Protocol,
+  key: Array,
+  *,
+  num_batches: int | None = None,
+  class_names: Sequence[str] | None = None,
+  devices: Sequence[jax.Device] | None = None,
+  progress: bool = True,
+) -> dict:
   """Evaluates a model under ``protocol``; returns the results dict.
 
   Args:
@@ -129,36 +138,54 @@ def evaluate(logits_fns: Mapping[str, LogitsFn],
   """
   missing = set(protocol.gradient_modes) - set(logits_fns)
   if missing:
-    raise ValueError(f"Protocol {protocol.name!r} attacks with gradient modes "
-                     f"{protocol.gradient_modes}; logits_fns lacks "
-                     f"{sorted(missing)}.")
+    raise ValueError(
+      f"Protocol {protocol.name!r} attacks with gradient modes "
+      f"{protocol.gradient_modes}; logits_fns lacks "
+      f"{sorted(missing)}."
+    )
   parallel = Parallel.create("shard_map", devices or jax.local_devices())
-  fns = {mode: parallel.replicate(_as_pytree(logits_fns[mode]))
-         for mode in protocol.gradient_modes}
+  fns = {
+    mode: parallel.replicate(_as_pytree(logits_fns[mode]))
+    for mode in protocol.gradient_modes
+  }
   clean_fn = fns[protocol.gradient_modes[0]]
   runs = None
   labels, clean_ranks = [], []
   run_ranks: dict[str, list[np.ndarray]] = {}
   num_seen = 0
-  for batch in tqdm.tqdm(batches, total=num_batches, disable=not progress,
-                         desc=f"eval ({protocol.name})", unit="batch"):
+  for batch in tqdm.tqdm(
+    batches,
+    total=num_batches,
+    disable=not progress,
+    desc=f"eval ({protocol.name})",
+    unit="batch",
+  ):
     batch = _pad_rows(batch, parallel.num_local_devices)
     mask = batch.mask.astype(bool)
     example_ids = (num_seen + np.cumsum(mask) - 1).astype(np.int32)
     num_seen += int(mask.sum())
     images, y, example_ids = parallel.shard(
-        (batch.images, batch.labels, example_ids))
+      (batch.images, batch.labels, example_ids)
+    )
     batch_clean = _clean_ranks(clean_fn, images, y)
     if runs is None:
       num_probes = batch_clean.shape[1] - 1
       runs = protocol_runs(protocol, num_probes)
       num_classes = jax.eval_shape(
-          clean_fn, jax.ShapeDtypeStruct(images.shape, jnp.float32)
+        clean_fn, jax.ShapeDtypeStruct(images.shape, jnp.float32)
       )[0].shape[-1]
-    batch_runs = {run.name: _adversarial_ranks(
-        fns[run.gradient], images, y, example_ids, _run_key(key, run),
+    batch_runs = {
+      run.name: _adversarial_ranks(
+        fns[run.gradient],
+        images,
+        y,
+        example_ids,
+        _run_key(key, run),
         attacks.head_weights(run.beta, run.probe, num_probes),
-        attack=run.attack) for run in runs}
+        attack=run.attack,
+      )
+      for run in runs
+    }
     labels.append(batch.labels[mask])
     clean_ranks.append(np.asarray(batch_clean)[mask])
     for name, ranks in batch_runs.items():
@@ -166,12 +193,14 @@ def evaluate(logits_fns: Mapping[str, LogitsFn],
   if runs is None:
     raise ValueError("No eval batches.")
   return summary.summarize(
-      protocol, runs,
-      labels=np.concatenate(labels),
-      clean_ranks=np.concatenate(clean_ranks),
-      run_ranks={name: np.concatenate(r) for name, r in run_ranks.items()},
-      num_classes=num_classes,
-      class_names=class_names)
+    protocol,
+    runs,
+    labels=np.concatenate(labels),
+    clean_ranks=np.concatenate(clean_ranks),
+    run_ranks={name: np.concatenate(r) for name, r in run_ranks.items()},
+    num_classes=num_classes,
+    class_names=class_names,
+  )
 
 
 def _as_pytree(logits_fn: LogitsFn) -> jax.tree_util.Partial:

@@ -23,8 +23,9 @@ Array = jax.Array
 TOP_K = (1, 2, 3)
 
 
-def true_class_ranks(final_logits: Array, probe_logits: Sequence[Array],
-                     labels: Array) -> Array:
+def true_class_ranks(
+  final_logits: Array, probe_logits: Sequence[Array], labels: Array
+) -> Array:
   """Rank of the label under each head: int32 (N, 1 + num_probes).
 
   Column 0 is the final head, column 1 + l the probe l. A head whose
@@ -34,7 +35,8 @@ def true_class_ranks(final_logits: Array, probe_logits: Sequence[Array],
   heads = jnp.stack([final_logits, *probe_logits], axis=1)  # (N, H, K)
   num_classes = heads.shape[-1]
   true_logit = jnp.take_along_axis(
-      heads, labels[:, None, None].astype(jnp.int32), axis=-1)  # (N, H, 1)
+    heads, labels[:, None, None].astype(jnp.int32), axis=-1
+  )  # (N, H, 1)
   lower_index = jnp.arange(num_classes) < labels[:, None, None]  # (N, 1, K)
   beats_label = (heads > true_logit) | ((heads == true_logit) & lower_index)
   ranks = jnp.sum(beats_label, axis=-1, dtype=jnp.int32)
@@ -51,8 +53,11 @@ def top_k_accuracy(ranks: np.ndarray, k: int = 1) -> float:
   return 100.0 * float(np.mean(ranks < k))
 
 
-def per_class_accuracy(ranks: np.ndarray, labels: np.ndarray,
-                       num_classes: int) -> list[float | None]:
+def per_class_accuracy(
+  ranks: np.ndarray, labels: np.ndarray, num_classes: int
+) -> list[float | None]:
   """Top-1 percentage per class from ranks (N,); None for an absent class."""
-  return [top_k_accuracy(ranks[labels == c]) if np.any(labels == c) else None
-          for c in range(num_classes)]
+  return [
+    top_k_accuracy(ranks[labels == c]) if np.any(labels == c) else None
+    for c in range(num_classes)
+  ]

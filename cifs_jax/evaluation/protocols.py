@@ -49,11 +49,18 @@ class Attack(TypingProtocol):
     name: key in the results ("fgsm", "pgd20", ...).
     label: column header ("FGSM", "PGD-20", ...).
   """
+
   name: str
   label: str
 
-  def __call__(self, logits_fn: attacks.LogitsFn, x: Array, y: Array,
-               keys: Array, head_weights: Array) -> Array:
+  def __call__(
+    self,
+    logits_fn: attacks.LogitsFn,
+    x: Array,
+    y: Array,
+    keys: Array,
+    head_weights: Array,
+  ) -> Array:
     """Adversarial inputs shaped like x (N, ...) for labels y (N,).
 
     ``keys`` are (N,) per-example PRNG keys; ``head_weights`` (1 + P,), from
@@ -69,6 +76,7 @@ class Attack(TypingProtocol):
 @dataclasses.dataclass(frozen=True)
 class GradientAttack:
   """An ``Attack`` that is ``attacks.pgd`` on a loss of kind ``loss_kind``."""
+
   name: str
   label: str
   config: attacks.PGDConfig
@@ -76,9 +84,12 @@ class GradientAttack:
   confidence: float = losses.DEFAULT_CW_CONFIDENCE
 
   def __call__(self, logits_fn, x, y, keys, head_weights):
-    loss = functools.partial(attacks.weighted_head_loss,
-                             weights=head_weights, kind=self.loss_kind,
-                             confidence=self.confidence)
+    loss = functools.partial(
+      attacks.weighted_head_loss,
+      weights=head_weights,
+      kind=self.loss_kind,
+      confidence=self.confidence,
+    )
     return attacks.pgd(logits_fn, x, y, keys, loss, self.config)
 
   def settings(self) -> dict[str, Any]:
@@ -91,6 +102,7 @@ class GradientAttack:
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """A named set of attacks, attacker betas and gradient modes."""
+
   name: str
   attacks: tuple[Attack, ...]
   gradient_modes: tuple[str, ...]
@@ -99,8 +111,10 @@ class Protocol:
   def __post_init__(self):
     unknown = set(self.gradient_modes) - set(GRADIENT_MODES)
     if unknown or not self.gradient_modes:
-      raise ValueError(f"gradient_modes must be a non-empty subset of "
-                       f"{GRADIENT_MODES}, got {self.gradient_modes}.")
+      raise ValueError(
+        f"gradient_modes must be a non-empty subset of "
+        f"{GRADIENT_MODES}, got {self.gradient_modes}."
+      )
     names = [attack.name for attack in self.attacks]
     if len(set(names)) != len(names):
       raise ValueError(f"Attack names must be unique, got {names}.")
@@ -113,16 +127,21 @@ class Protocol:
     available = {attack.name: attack for attack in self.attacks}
     unknown = sorted(set(attack_names) - set(available))
     if unknown:
-      raise ValueError(f"Unknown attack(s) {unknown}; the {self.name!r} "
-                       f"protocol has {sorted(available)}.")
+      raise ValueError(
+        f"Unknown attack(s) {unknown}; the {self.name!r} "
+        f"protocol has {sorted(available)}."
+      )
     return dataclasses.replace(
-        self, attacks=tuple(available[n] for n in attack_names))
+      self, attacks=tuple(available[n] for n in attack_names)
+    )
 
   def settings(self) -> dict[str, Any]:
-    return {"name": self.name,
-            "gradient_modes": list(self.gradient_modes),
-            "betas": [beta_label(b) for b in self.betas],
-            "attacks": {a.name: a.settings() for a in self.attacks}}
+    return {
+      "name": self.name,
+      "gradient_modes": list(self.gradient_modes),
+      "betas": [beta_label(b) for b in self.betas],
+      "attacks": {a.name: a.settings() for a in self.attacks},
+    }
 
 
 def _table1_attacks(eps: float, pgd_config) -> tuple[Attack, ...]:
@@ -130,33 +149,51 @@ def _table1_attacks(eps: float, pgd_config) -> tuple[Attack, ...]:
 
   ``pgd_config(num_steps=...)`` gives the PGD settings of the protocol.
   """
-  return (GradientAttack("fgsm", "FGSM", attacks.fgsm_config(eps)),
-          GradientAttack("pgd20", "PGD-20", pgd_config(num_steps=20)),
-          GradientAttack("cw", "C&W-inf", pgd_config(num_steps=30),
-                         loss_kind="cw"),
-          GradientAttack("pgd100", "PGD-100", pgd_config(num_steps=100)))
+  return (
+    GradientAttack("fgsm", "FGSM", attacks.fgsm_config(eps)),
+    GradientAttack("pgd20", "PGD-20", pgd_config(num_steps=20)),
+    GradientAttack("cw", "C&W-inf", pgd_config(num_steps=30), loss_kind="cw"),
+    GradientAttack("pgd100", "PGD-100", pgd_config(num_steps=100)),
+  )
 
 
 def paper_protocol(eps: float = PAPER_EPS, unroll: int = 1) -> Protocol:
   """The authors' evaluation (the paper's Table 1 columns)."""
   pgd_config = functools.partial(
-      attacks.PGDConfig, eps=eps, step_size=0.1 * eps, random_start=False,
-      unroll=unroll)
-  return Protocol(name="paper", attacks=_table1_attacks(eps, pgd_config),
-                  gradient_modes=("stop",))
+    attacks.PGDConfig,
+    eps=eps,
+    step_size=0.1 * eps,
+    random_start=False,
+    unroll=unroll,
+  )
+  return Protocol(
+    name="paper",
+    attacks=_table1_attacks(eps, pgd_config),
+    gradient_modes=("stop",),
+  )
 
 
-def strong_protocol(eps: float = PAPER_EPS, step_size: float | None = None,
-                    num_restarts: int = 5, unroll: int = 1) -> Protocol:
+def strong_protocol(
+  eps: float = PAPER_EPS,
+  step_size: float | None = None,
+  num_restarts: int = 5,
+  unroll: int = 1,
+) -> Protocol:
   """Random starts, restarts and both gradient modes; ``step_size`` defaults
   to eps / 4."""
   pgd_config = functools.partial(
-      attacks.PGDConfig, eps=eps,
-      step_size=eps / 4 if step_size is None else step_size,
-      random_start=True,
-      num_restarts=num_restarts, unroll=unroll)
-  return Protocol(name="strong", attacks=_table1_attacks(eps, pgd_config),
-                  gradient_modes=GRADIENT_MODES)
+    attacks.PGDConfig,
+    eps=eps,
+    step_size=eps / 4 if step_size is None else step_size,
+    random_start=True,
+    num_restarts=num_restarts,
+    unroll=unroll,
+  )
+  return Protocol(
+    name="strong",
+    attacks=_table1_attacks(eps, pgd_config),
+    gradient_modes=GRADIENT_MODES,
+  )
 
 
 PROTOCOLS = {"paper": paper_protocol, "strong": strong_protocol}
@@ -164,8 +201,9 @@ PROTOCOLS = {"paper": paper_protocol, "strong": strong_protocol}
 ATTACK_NAMES = tuple(attack.name for attack in paper_protocol().attacks)
 
 
-def adaptive_targets(betas: tuple[float, ...],
-                     num_probes: int) -> list[tuple[float, int | None]]:
+def adaptive_targets(
+  betas: tuple[float, ...], num_probes: int
+) -> list[tuple[float, int | None]]:
   """The (beta_atk, probe) pairs to attack, each a run of every attack.
 
   Every beta in ``betas``, and with beta = inf also each probe alone (when
@@ -180,6 +218,6 @@ def adaptive_targets(betas: tuple[float, ...],
 
 
 def beta_label(beta: float, probe: int | None = None) -> str:
-  """"0", "0.1", "inf", "inf/probe1": the key of a target in the results."""
+  """ "0", "0.1", "inf", "inf/probe1": the key of a target in the results."""
   label = f"{beta:g}"
   return label if probe is None else f"{label}/probe{probe}"

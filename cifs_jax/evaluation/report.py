@@ -17,8 +17,9 @@ Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
 CONSOLE_TABLES = 3
 
 
-def publish(results: dict, directory: str,
-            name: str = "eval") -> tuple[str, str]:
+def publish(
+  results: dict, directory: str, name: str = "eval"
+) -> tuple[str, str]:
   """Writes ``<name>.json`` and ``<name>.md`` to ``directory`` and prints the
   console summary; returns the two paths."""
   json_path = os.path.join(directory, f"{name}.json")
@@ -47,11 +48,19 @@ def write_markdown(results: dict, path: str) -> None:
 def to_markdown(results: dict) -> str:
   """Every table of ``tables`` as a Markdown document."""
   protocol = results["protocol"]
-  lines = [f"# Robust accuracy (%), protocol \"{protocol['name']}\"", "",
-           _description(results), ""]
+  lines = [
+    f'# Robust accuracy (%), protocol "{protocol["name"]}"',
+    "",
+    _description(results),
+    "",
+  ]
   for title, header, rows in tables(results):
-    lines += [f"## {title}", "", _markdown_row(header),
-              _markdown_row(["---"] * len(header))]
+    lines += [
+      f"## {title}",
+      "",
+      _markdown_row(header),
+      _markdown_row(["---"] * len(header)),
+    ]
     lines += [_markdown_row(row) for row in rows] + [""]
   return "\n".join(lines)
 
@@ -60,12 +69,16 @@ def console_summary(results: dict) -> str:
   """The first ``CONSOLE_TABLES`` tables as aligned plain text."""
   blocks = [_description(results)]
   for title, header, rows in tables(results)[:CONSOLE_TABLES]:
-    widths = [max(len(cell) for cell in column)
-              for column in zip(header, *rows)]
-    text = [title] + ["  ".join(cell.rjust(width) if i else cell.ljust(width)
-                                for i, (cell, width) in
-                                enumerate(zip(row, widths)))
-                      for row in [header, *rows]]
+    widths = [
+      max(len(cell) for cell in column) for column in zip(header, *rows)
+    ]
+    text = [title] + [
+      "  ".join(
+        cell.rjust(width) if i else cell.ljust(width)
+        for i, (cell, width) in enumerate(zip(row, widths))
+      )
+      for row in [header, *rows]
+    ]
     blocks.append("\n".join(text))
   return "\n\n".join(blocks)
 
@@ -74,49 +87,80 @@ def tables(results: dict) -> list[Table]:
   """Table 1, per beta_atk, per gradient mode, Table 4, Table 5, per class."""
   attacks = results["attacks"]
   natural = results["natural"]
-  columns = [("Natural", natural)] + [
-      (attack["label"], attack["worst_case"]) for attack in attacks.values()
-  ] + [("Worst case", results["worst_case"])]
+  columns = (
+    [("Natural", natural)]
+    + [(attack["label"], attack["worst_case"]) for attack in attacks.values()]
+    + [("Worst case", results["worst_case"])]
+  )
   probes = [f"probe{p}" for p in range(results["num_probes"])]
   targets = _keys_in_order(a["per_beta"] for a in attacks.values())
   modes = _keys_in_order(a["per_gradient"] for a in attacks.values())
   class_names = results["class_names"] or [
-      str(c) for c in range(results["num_classes"])]
+    str(c) for c in range(results["num_classes"])
+  ]
   return [
-      ("Table 1: top-1, per-example worst case over beta_atk and gradient "
-       "modes",
-       [""] + [label for label, _ in columns],
-       [["final head"] + [_pct(summary["top1"]) for _, summary in columns]]),
-      ("Per beta_atk (worst case over gradient modes)",
-       ["attack"] + targets + ["all"],
-       [[a["label"]] + [_pct(a["per_beta"].get(t)) for t in targets]
-        + [_pct(a["worst_case"]["top1"])] for a in attacks.values()]),
-      ("Per gradient mode (worst case over beta_atk)",
-       ["attack"] + modes + ["all"],
-       [[a["label"]] + [_pct(a["per_gradient"].get(m)) for m in modes]
-        + [_pct(a["worst_case"]["top1"])] for a in attacks.values()]),
-      ("Table 4: top-k accuracy (worst case)",
-       ["attack", "top-1", "top-2", "top-3"],
-       [[label] + [_pct(summary[f"top{k}"]) for k in (1, 2, 3)]
-        for label, summary in columns]),
-      ("Table 5: attack point / output head (top-1)",
-       ["attack", "attack point", "final"] + probes,
-       [[a["label"], point] + [_pct(outputs.get(head))
-                               for head in ["final"] + probes]
-        for a in attacks.values() for point, outputs in a["table5"].items()]),
-      ("Per class: top-1 (worst case)",
-       ["class"] + [label for label, _ in columns],
-       [[name] + [_pct(summary["per_class"][c]) for _, summary in columns]
-        for c, name in enumerate(class_names)]),
+    (
+      "Table 1: top-1, per-example worst case over beta_atk and gradient modes",
+      [""] + [label for label, _ in columns],
+      [["final head"] + [_pct(summary["top1"]) for _, summary in columns]],
+    ),
+    (
+      "Per beta_atk (worst case over gradient modes)",
+      ["attack"] + targets + ["all"],
+      [
+        [a["label"]]
+        + [_pct(a["per_beta"].get(t)) for t in targets]
+        + [_pct(a["worst_case"]["top1"])]
+        for a in attacks.values()
+      ],
+    ),
+    (
+      "Per gradient mode (worst case over beta_atk)",
+      ["attack"] + modes + ["all"],
+      [
+        [a["label"]]
+        + [_pct(a["per_gradient"].get(m)) for m in modes]
+        + [_pct(a["worst_case"]["top1"])]
+        for a in attacks.values()
+      ],
+    ),
+    (
+      "Table 4: top-k accuracy (worst case)",
+      ["attack", "top-1", "top-2", "top-3"],
+      [
+        [label] + [_pct(summary[f"top{k}"]) for k in (1, 2, 3)]
+        for label, summary in columns
+      ],
+    ),
+    (
+      "Table 5: attack point / output head (top-1)",
+      ["attack", "attack point", "final"] + probes,
+      [
+        [a["label"], point]
+        + [_pct(outputs.get(head)) for head in ["final"] + probes]
+        for a in attacks.values()
+        for point, outputs in a["table5"].items()
+      ],
+    ),
+    (
+      "Per class: top-1 (worst case)",
+      ["class"] + [label for label, _ in columns],
+      [
+        [name] + [_pct(summary["per_class"][c]) for _, summary in columns]
+        for c, name in enumerate(class_names)
+      ],
+    ),
   ]
 
 
 def _description(results: dict) -> str:
   protocol = results["protocol"]
-  return (f"{results['num_examples']} examples; protocol "
-          f"\"{protocol['name']}\"; gradient modes: "
-          f"{', '.join(protocol['gradient_modes'])}; beta_atk: "
-          f"{', '.join(protocol['betas'])}; {results['num_probes']} probes.")
+  return (
+    f"{results['num_examples']} examples; protocol "
+    f'"{protocol["name"]}"; gradient modes: '
+    f"{', '.join(protocol['gradient_modes'])}; beta_atk: "
+    f"{', '.join(protocol['betas'])}; {results['num_probes']} probes."
+  )
 
 
 def _keys_in_order(dicts) -> list[str]:

@@ -36,10 +36,16 @@ from cifs_jax.evaluation import metrics
 from cifs_jax.evaluation.protocols import Protocol, beta_label
 
 
-def summarize(protocol: Protocol, runs: Sequence, *, labels: np.ndarray,
-              clean_ranks: np.ndarray, run_ranks: Mapping[str, np.ndarray],
-              num_classes: int,
-              class_names: Sequence[str] | None = None) -> dict:
+def summarize(
+  protocol: Protocol,
+  runs: Sequence,
+  *,
+  labels: np.ndarray,
+  clean_ranks: np.ndarray,
+  run_ranks: Mapping[str, np.ndarray],
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+) -> dict:
   """The results dict (module docstring) of an evaluation.
 
   Args:
@@ -63,50 +69,60 @@ def summarize(protocol: Protocol, runs: Sequence, *, labels: np.ndarray,
   for attack in protocol.attacks:
     attack_runs = [run for run in runs if run.attack.name == attack.name]
     attacks[attack.name] = {
-        "label": attack.label,
-        "settings": attack.settings(),
-        "runs": [_run_entry(run, run_ranks[run.name]) for run in attack_runs],
-        "per_beta": _top1_by(attack_runs, worst,
-                             lambda run: beta_label(run.beta, run.probe)),
-        "per_gradient": _top1_by(attack_runs, worst,
-                                 lambda run: run.gradient),
-        "worst_case": heads(worst(attack_runs)),
-        "table5": _table5(attack_runs, worst, num_probes),
+      "label": attack.label,
+      "settings": attack.settings(),
+      "runs": [_run_entry(run, run_ranks[run.name]) for run in attack_runs],
+      "per_beta": _top1_by(
+        attack_runs, worst, lambda run: beta_label(run.beta, run.probe)
+      ),
+      "per_gradient": _top1_by(attack_runs, worst, lambda run: run.gradient),
+      "worst_case": heads(worst(attack_runs)),
+      "table5": _table5(attack_runs, worst, num_probes),
     }
   return {
-      "protocol": protocol.settings(),
-      "num_examples": int(labels.shape[0]),
-      "num_classes": num_classes,
-      "num_probes": num_probes,
-      "class_names": list(class_names) if class_names else None,
-      "natural": heads(clean_ranks),
-      "attacks": attacks,
-      "worst_case": heads(worst(runs)),
+    "protocol": protocol.settings(),
+    "num_examples": int(labels.shape[0]),
+    "num_classes": num_classes,
+    "num_probes": num_probes,
+    "class_names": list(class_names) if class_names else None,
+    "natural": heads(clean_ranks),
+    "attacks": attacks,
+    "worst_case": heads(worst(runs)),
   }
 
 
 def _accuracies(ranks: np.ndarray) -> dict:
   """Top-k of the final head and top-1 of each probe, from (N, 1 + P)."""
   return {
-      **{f"top{k}": metrics.top_k_accuracy(ranks[:, 0], k)
-         for k in metrics.TOP_K},
-      "probes_top1": [metrics.top_k_accuracy(ranks[:, 1 + probe])
-                      for probe in range(ranks.shape[1] - 1)],
+    **{
+      f"top{k}": metrics.top_k_accuracy(ranks[:, 0], k) for k in metrics.TOP_K
+    },
+    "probes_top1": [
+      metrics.top_k_accuracy(ranks[:, 1 + probe])
+      for probe in range(ranks.shape[1] - 1)
+    ],
   }
 
 
-def _heads_summary(ranks: np.ndarray, labels: np.ndarray,
-                   num_classes: int) -> dict:
+def _heads_summary(
+  ranks: np.ndarray, labels: np.ndarray, num_classes: int
+) -> dict:
   """``_accuracies`` and the final head's top-1 per class."""
-  return {**_accuracies(ranks),
-          "per_class": metrics.per_class_accuracy(ranks[:, 0], labels,
-                                                  num_classes)}
+  return {
+    **_accuracies(ranks),
+    "per_class": metrics.per_class_accuracy(ranks[:, 0], labels, num_classes),
+  }
 
 
 def _run_entry(run, ranks: np.ndarray) -> dict:
   """One run's settings and accuracies."""
-  return {"name": run.name, "beta_atk": beta_label(run.beta),
-          "probe": run.probe, "gradient": run.gradient, **_accuracies(ranks)}
+  return {
+    "name": run.name,
+    "beta_atk": beta_label(run.beta),
+    "probe": run.probe,
+    "gradient": run.gradient,
+    **_accuracies(ranks),
+  }
 
 
 def _top1_by(runs: Sequence, worst: Callable, group: Callable) -> dict:
@@ -114,21 +130,32 @@ def _top1_by(runs: Sequence, worst: Callable, group: Callable) -> dict:
   groups: dict[str, list] = {}
   for run in runs:
     groups.setdefault(group(run), []).append(run)
-  return {name: metrics.top_k_accuracy(worst(members)[:, 0])
-          for name, members in groups.items()}
+  return {
+    name: metrics.top_k_accuracy(worst(members)[:, 0])
+    for name, members in groups.items()
+  }
 
 
 def _table5(runs: Sequence, worst: Callable, num_probes: int) -> dict:
   """{attack point: {output head: top-1}} (paper's Table 5, all probes)."""
   points = {
-      "final": [run for run in runs if run.beta == 0],
-      "probes": [run for run in runs
-                 if math.isinf(run.beta) and run.probe is None],
-      **{f"probe{probe}": [run for run in runs if run.probe == probe]
-         for probe in range(num_probes)},
-      "adaptive": list(runs),
+    "final": [run for run in runs if run.beta == 0],
+    "probes": [
+      run for run in runs if math.isinf(run.beta) and run.probe is None
+    ],
+    **{
+      f"probe{probe}": [run for run in runs if run.probe == probe]
+      for probe in range(num_probes)
+    },
+    "adaptive": list(runs),
   }
   outputs = ["final"] + [f"probe{probe}" for probe in range(num_probes)]
-  return {point: dict(zip(outputs, (metrics.top_k_accuracy(column)
-                                    for column in worst(members).T)))
-          for point, members in points.items() if members}
+  return {
+    point: dict(
+      zip(
+        outputs, (metrics.top_k_accuracy(column) for column in worst(members).T)
+      )
+    )
+    for point, members in points.items()
+    if members
+  }

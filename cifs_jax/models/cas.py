@@ -28,26 +28,34 @@ class CAS(nn.Module):
     zero_bias: start the classifier's bias at zero (the authors' WRN code)
       instead of PyTorch's default uniform init (their ResNet code).
   """
+
   num_classes: int
   zero_bias: bool = False
 
   @nn.compact
-  def __call__(self, features: Array, labels: Array | None = None,
-               train: bool = False) -> tuple[Array, Array]:
+  def __call__(
+    self, features: Array, labels: Array | None = None, train: bool = False
+  ) -> tuple[Array, Array]:
     """(N, H, W, C) features -> (reweighted features, auxiliary logits (N, K)).
 
     ``labels`` (N,) are required in training mode and ignored otherwise.
     """
-    classifier = layers.torch_linear(self.num_classes, features.shape[-1],
-                                     name="classifier",
-                                     zero_bias=self.zero_bias)
+    classifier = layers.torch_linear(
+      self.num_classes,
+      features.shape[-1],
+      name="classifier",
+      zero_bias=self.zero_bias,
+    )
     compute_dtype = jnp.promote_types(features.dtype, jnp.float32)
     logits = classifier(
-        layers.global_average_pool(features.astype(compute_dtype)))
+      layers.global_average_pool(features.astype(compute_dtype))
+    )
     if train:
       if labels is None:
-        raise ValueError("CAS in training mode needs the labels; pass "
-                         "labels=... or train=False.")
+        raise ValueError(
+          "CAS in training mode needs the labels; pass "
+          "labels=... or train=False."
+        )
       classes = labels
     else:
       classes = jnp.argmax(logits, axis=-1)

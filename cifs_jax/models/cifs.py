@@ -48,6 +48,7 @@ class Probe(nn.Module):
     zero_bias: start the biases at zero (the authors' WRN) instead of
       PyTorch's default uniform init (their ResNets).
   """
+
   num_classes: int
   kind: str = "linear"
   hidden: int = 128
@@ -59,17 +60,22 @@ class Probe(nn.Module):
     check_choice("probe", self.kind, PROBES)
     pooled = layers.global_average_pool(features)
     if self.kind == "mlp":
-      pooled = layers.torch_linear(self.hidden, pooled.shape[-1],
-                                   name="hidden",
-                                   zero_bias=self.zero_bias)(pooled)
+      pooled = layers.torch_linear(
+        self.hidden, pooled.shape[-1], name="hidden", zero_bias=self.zero_bias
+      )(pooled)
       pooled = layers.torch_softplus(pooled, beta=5.0)
-    return layers.torch_linear(self.num_classes, pooled.shape[-1],
-                               name="head", zero_bias=self.zero_bias)(pooled)
+    return layers.torch_linear(
+      self.num_classes, pooled.shape[-1], name="head", zero_bias=self.zero_bias
+    )(pooled)
 
 
-def relevance_class_weights(logits: Array, labels: Array | None, topk: int,
-                            substitute_label: bool,
-                            label_substitution: str = "reference") -> Array:
+def relevance_class_weights(
+  logits: Array,
+  labels: Array | None,
+  topk: int,
+  substitute_label: bool,
+  label_substitution: str = "reference",
+) -> Array:
   """How many times each class's logit enters the sum of Eq. 1: (N, K).
 
   Args:
@@ -93,21 +99,29 @@ def relevance_class_weights(logits: Array, labels: Array | None, topk: int,
   else:
     check_choice("label_substitution", label_substitution, LABEL_SUBSTITUTIONS)
     if labels is None:
-      raise ValueError("CIFS in training mode needs the labels (they replace "
-                       "the top-1 prediction); pass labels=... or train=False.")
+      raise ValueError(
+        "CIFS in training mode needs the labels (they replace "
+        "the top-1 prediction); pass labels=... or train=False."
+      )
     if label_substitution == "reference":
       others = lax.top_k(logits, topk)[1][:, 1:]
     else:
       is_label = jax.nn.one_hot(labels, num_classes, dtype=bool)
       others = lax.top_k(jnp.where(is_label, -jnp.inf, logits), topk - 1)[1]
-    selected = jnp.concatenate([labels[:, None].astype(others.dtype), others],
-                               axis=1)
-  return jnp.sum(jax.nn.one_hot(selected, num_classes, dtype=logits.dtype),
-                 axis=1)
+    selected = jnp.concatenate(
+      [labels[:, None].astype(others.dtype), others], axis=1
+    )
+  return jnp.sum(
+    jax.nn.one_hot(selected, num_classes, dtype=logits.dtype), axis=1
+  )
 
 
-def importance_mask(relevance: Array, imgf: str, temperature: float = 1.0,
-                    alpha: float | None = None) -> Array:
+def importance_mask(
+  relevance: Array,
+  imgf: str,
+  temperature: float = 1.0,
+  alpha: float | None = None,
+) -> Array:
   """The IMGF: relevances g (N, C) -> non-negative mask m (N, C).
 
   softmax: softmax(g / temperature) over channels (sums to one);
@@ -152,6 +166,7 @@ class CIFSOptions:
       gradient; the mask's dependence on the features is differentiated too
       (for honest white-box attacks).
   """
+
   topk: int = 2
   imgf: str = "softmax"
   temperature: float = 1.0
@@ -162,11 +177,15 @@ class CIFSOptions:
 
   def __post_init__(self):
     check_choice("imgf", self.imgf, IMGFS)
-    check_choice("label_substitution", self.label_substitution,
-                 LABEL_SUBSTITUTIONS)
+    check_choice(
+      "label_substitution", self.label_substitution, LABEL_SUBSTITUTIONS
+    )
     check_choice("relevance_grad", self.relevance_grad, RELEVANCE_GRADS)
-    if isinstance(self.topk, bool) or not isinstance(self.topk, int) or (
-        self.topk < 1):
+    if (
+      isinstance(self.topk, bool)
+      or not isinstance(self.topk, int)
+      or (self.topk < 1)
+    ):
       raise ValueError(f"topk={self.topk!r} must be an int >= 1.")
 
 
@@ -180,6 +199,7 @@ class CIFS(nn.Module):
     zero_bias: the probe's biases start at zero (see ``Probe``).
     options: k, the IMGF, the gradient mode, ... (see ``CIFSOptions``).
   """
+
   num_classes: int
   probe: str = "linear"
   mlp_hidden: int = 128
@@ -187,8 +207,9 @@ class CIFS(nn.Module):
   options: CIFSOptions = CIFSOptions()
 
   @nn.compact
-  def __call__(self, features: Array, labels: Array | None = None,
-               train: bool = False) -> tuple[Array, Array]:
+  def __call__(
+    self, features: Array, labels: Array | None = None, train: bool = False
+  ) -> tuple[Array, Array]:
     """Selects channels of ``features``.
 
     Args:
@@ -204,8 +225,13 @@ class CIFS(nn.Module):
       m, both (N, C), are sown into the "intermediates" collection.
     """
     options = self.options
-    probe = Probe(self.num_classes, self.probe, self.mlp_hidden,
-                  self.zero_bias, name="probe")
+    probe = Probe(
+      self.num_classes,
+      self.probe,
+      self.mlp_hidden,
+      self.zero_bias,
+      name="probe",
+    )
     # The probe runs in at least float32 (float64 stays float64).
     compute_dtype = jnp.promote_types(features.dtype, jnp.float32)
     z = features.astype(compute_dtype)
@@ -218,18 +244,21 @@ class CIFS(nn.Module):
     def selected_logit_sum(probe_module, delta):
       logits = probe_module(z_relevance + delta[:, None, None, :])
       weights = lax.stop_gradient(
-          relevance_class_weights(logits, labels, options.topk, train,
-                                  options.label_substitution))
+        relevance_class_weights(
+          logits, labels, options.topk, train, options.label_substitution
+        )
+      )
       return jnp.sum(weights * logits), logits
 
     zero_shift = jnp.zeros((z.shape[0], z.shape[-1]), compute_dtype)
-    (relevance,), _ = nn.grad(selected_logit_sum, probe, zero_shift,
-                              has_aux=True)
+    (relevance,), _ = nn.grad(
+      selected_logit_sum, probe, zero_shift, has_aux=True
+    )
     mask = options.mask_scale * importance_mask(
-        relevance, options.imgf, options.temperature, options.alpha)
+      relevance, options.imgf, options.temperature, options.alpha
+    )
     # For analysis (Figures 1 and 3): apply(..., mutable=["intermediates"]).
     self.sow("intermediates", "relevance", relevance)
     self.sow("intermediates", "mask", mask)
     masked = features * mask[:, None, None, :].astype(features.dtype)
     return masked, raw_logits
-

@@ -33,6 +33,7 @@ class Defense:
       authors' WRN code) instead of PyTorch's default init.
     cifs: the options shared by every CIFS layer of the model.
   """
+
   kind: str = "none"
   layers: tuple[str, ...] = ()
   probes: tuple[str, ...] = ()
@@ -43,12 +44,16 @@ class Defense:
   def __post_init__(self):
     check_choice("defense kind", self.kind, KINDS)
     if self.kind == "none" and self.layers:
-      raise ValueError("A vanilla model (kind='none') takes no defense "
-                       f"layers, got {self.layers}.")
+      raise ValueError(
+        "A vanilla model (kind='none') takes no defense "
+        f"layers, got {self.layers}."
+      )
     if self.kind == "cifs":
       if len(self.probes) != len(self.layers):
-        raise ValueError(f"CIFS needs one probe per layer: layers="
-                         f"{self.layers}, probes={self.probes}.")
+        raise ValueError(
+          f"CIFS needs one probe per layer: layers="
+          f"{self.layers}, probes={self.probes}."
+        )
       for probe in self.probes:
         check_choice("probe", probe, PROBES)
     if len(set(self.layers)) != len(self.layers):
@@ -58,8 +63,10 @@ class Defense:
     """Raises ValueError if a layer is not one of the backbone's points."""
     unknown = [p for p in self.layers if p not in insertion_points]
     if unknown:
-      raise ValueError(f"Unknown defense layer(s) {unknown}; this backbone's "
-                       f"insertion points are {insertion_points}.")
+      raise ValueError(
+        f"Unknown defense layer(s) {unknown}; this backbone's "
+        f"insertion points are {insertion_points}."
+      )
 
   def module(self, point: str, num_classes: int) -> nn.Module | None:
     """The CIFS/CAS layer at insertion point ``point``, or None."""
@@ -68,16 +75,25 @@ class Defense:
     name = f"{self.kind}_{point.replace('.', '_')}"
     if self.kind == "cas":
       return CAS(num_classes, zero_bias=self.zero_bias, name=name)
-    return CIFS(num_classes,
-                probe=self.probes[self.layers.index(point)],
-                mlp_hidden=self.mlp_hidden,
-                zero_bias=self.zero_bias,
-                options=self.cifs,
-                name=name)
+    return CIFS(
+      num_classes,
+      probe=self.probes[self.layers.index(point)],
+      mlp_hidden=self.mlp_hidden,
+      zero_bias=self.zero_bias,
+      options=self.cifs,
+      name=name,
+    )
 
 
-def apply_defense(defense: Defense, point: str, num_classes: int, features,
-                  labels, train: bool, probe_logits: list):
+def apply_defense(
+  defense: Defense,
+  point: str,
+  num_classes: int,
+  features,
+  labels,
+  train: bool,
+  probe_logits: list,
+):
   """Applies the defence at ``point`` (if any); appends its logits.
 
   Returns the (possibly masked) features. ``probe_logits`` collects the

@@ -34,35 +34,38 @@ ARCHITECTURES = ("resnet18", "resnet10", "wrn28_10")
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """The authors' defence layers for one backbone (DESIGN §2)."""
+
   layers: tuple[str, ...]
   probes: tuple[str, ...]
   mlp_hidden: int
 
 
 DEFAULT_PLACEMENT = {
-    "resnet18": Placement(("layer4.0", "layer4.1"), ("mlp", "linear"), 128),
-    "resnet10": Placement(("layer3.0", "layer4.0"), ("mlp", "linear"), 128),
-    "wrn28_10": Placement(("block3.3", "final"), ("mlp", "linear"), 240),
+  "resnet18": Placement(("layer4.0", "layer4.1"), ("mlp", "linear"), 128),
+  "resnet10": Placement(("layer3.0", "layer4.0"), ("mlp", "linear"), 128),
+  "wrn28_10": Placement(("block3.3", "final"), ("mlp", "linear"), 240),
 }
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The ``model`` config section: CIFS ResNet-18 as in the paper."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "name": "resnet18",
       "num_classes": 10,
       "width": None,
       "defense": "cifs",
       "cifs": {
-          "layers": None,
-          "probes": None,
-          "mlp_hidden": None,
-          **dataclasses.asdict(CIFSOptions()),
+        "layers": None,
+        "probes": None,
+        "mlp_hidden": None,
+        **dataclasses.asdict(CIFSOptions()),
       },
       "cas": {
-          "layers": None,
+        "layers": None,
       },
-  })
+    }
+  )
 
 
 def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
@@ -77,18 +80,25 @@ def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
     return Defense(kind="cas", layers=tuple(layers), zero_bias=zero_bias)
   cifs = config.cifs
   return Defense(
-      kind="cifs",
-      layers=tuple(cifs.layers or placement.layers),
-      probes=tuple(cifs.probes or placement.probes),
-      mlp_hidden=cifs.mlp_hidden or placement.mlp_hidden,
-      zero_bias=zero_bias,
-      cifs=CIFSOptions(**{field.name: cifs[field.name]
-                          for field in dataclasses.fields(CIFSOptions)}))
+    kind="cifs",
+    layers=tuple(cifs.layers or placement.layers),
+    probes=tuple(cifs.probes or placement.probes),
+    mlp_hidden=cifs.mlp_hidden or placement.mlp_hidden,
+    zero_bias=zero_bias,
+    cifs=CIFSOptions(
+      **{
+        field.name: cifs[field.name]
+        for field in dataclasses.fields(CIFSOptions)
+      }
+    ),
+  )
 
 
-def build_model(config: ml_collections.ConfigDict,
-                dtype: Any = None,
-                bn_axis_name: str | None = None) -> nn.Module:
+def build_model(
+  config: ml_collections.ConfigDict,
+  dtype: Any = None,
+  bn_axis_name: str | None = None,
+) -> nn.Module:
   """Builds the backbone of a ``model`` config section.
 
   Args:
@@ -105,13 +115,23 @@ def build_model(config: ml_collections.ConfigDict,
   check_choice("model.name", config.name, ARCHITECTURES)
   defense = defense_from_config(config)
   if config.name == "wrn28_10":
-    return WideResNet(depth=28, widen_factor=config.width or 10,
-                      num_classes=config.num_classes, defense=defense,
-                      dtype=dtype, bn_axis_name=bn_axis_name)
+    return WideResNet(
+      depth=28,
+      widen_factor=config.width or 10,
+      num_classes=config.num_classes,
+      defense=defense,
+      dtype=dtype,
+      bn_axis_name=bn_axis_name,
+    )
   stage_sizes = (2, 2, 2, 2) if config.name == "resnet18" else (1, 1, 1, 1)
-  return ResNet(stage_sizes=stage_sizes, num_classes=config.num_classes,
-                width=config.width or 64, defense=defense, dtype=dtype,
-                bn_axis_name=bn_axis_name)
+  return ResNet(
+    stage_sizes=stage_sizes,
+    num_classes=config.num_classes,
+    width=config.width or 64,
+    defense=defense,
+    dtype=dtype,
+    bn_axis_name=bn_axis_name,
+  )
 
 
 def with_relevance_grad(model: nn.Module, relevance_grad: str) -> nn.Module:
@@ -123,6 +143,7 @@ def with_relevance_grad(model: nn.Module, relevance_grad: str) -> nn.Module:
   """
   if model.defense.kind != "cifs":
     return model
-  options = dataclasses.replace(model.defense.cifs,
-                                relevance_grad=relevance_grad)
+  options = dataclasses.replace(
+    model.defense.cifs, relevance_grad=relevance_grad
+  )
   return model.clone(defense=dataclasses.replace(model.defense, cifs=options))

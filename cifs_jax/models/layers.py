@@ -19,12 +19,13 @@ ModuleDef = Any
 
 # PyTorch's default weight init for Conv2d and Linear: variance 1/(3 fan_in).
 torch_default_kernel_init = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform")
+  1.0 / 3.0, "fan_in", "uniform"
+)
 
 
 def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
   """PyTorch's default bias init of a layer with ``fan_in`` inputs."""
-  bound = 1.0 / max(fan_in, 1)**0.5
+  bound = 1.0 / max(fan_in, 1) ** 0.5
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -32,13 +33,19 @@ def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
   return init
 
 
-def torch_linear(features: int, fan_in: int, name: str,
-                 zero_bias: bool = False) -> nn.Dense:
+def torch_linear(
+  features: int, fan_in: int, name: str, zero_bias: bool = False
+) -> nn.Dense:
   """``nn.Dense`` initialised as PyTorch's ``nn.Linear(fan_in, features)``."""
-  bias_init = (nn.initializers.zeros if zero_bias else
-               torch_default_bias_init(fan_in))
-  return nn.Dense(features, kernel_init=torch_default_kernel_init,
-                  bias_init=bias_init, name=name)
+  bias_init = (
+    nn.initializers.zeros if zero_bias else torch_default_bias_init(fan_in)
+  )
+  return nn.Dense(
+    features,
+    kernel_init=torch_default_kernel_init,
+    bias_init=bias_init,
+    name=name,
+  )
 
 
 def global_average_pool(features: Array) -> Array:
@@ -46,40 +53,71 @@ def global_average_pool(features: Array) -> Array:
   return jnp.mean(features, axis=(1, 2))
 
 
-def conv3x3(features: int, strides: int, dtype: Any, name: str,
-            kernel_init=torch_default_kernel_init) -> nn.Conv:
+def conv3x3(
+  features: int,
+  strides: int,
+  dtype: Any,
+  name: str,
+  kernel_init=torch_default_kernel_init,
+) -> nn.Conv:
   """3x3 convolution without bias, padded by 1 on every side as PyTorch does.
 
   Flax's "SAME" pads stride-2 convolutions asymmetrically (0, 1); explicit
   (1, 1) padding keeps the outputs identical to the PyTorch reference.
   """
-  return nn.Conv(features, (3, 3), strides=(strides, strides),
-                 padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
-                 kernel_init=kernel_init, name=name)
+  return nn.Conv(
+    features,
+    (3, 3),
+    strides=(strides, strides),
+    padding=((1, 1), (1, 1)),
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=kernel_init,
+    name=name,
+  )
 
 
-def conv1x1(features: int, strides: int, dtype: Any, name: str,
-            kernel_init=torch_default_kernel_init) -> nn.Conv:
+def conv1x1(
+  features: int,
+  strides: int,
+  dtype: Any,
+  name: str,
+  kernel_init=torch_default_kernel_init,
+) -> nn.Conv:
   """1x1 projection convolution without bias (residual shortcuts)."""
-  return nn.Conv(features, (1, 1), strides=(strides, strides),
-                 padding="VALID", use_bias=False, dtype=dtype,
-                 kernel_init=kernel_init, name=name)
+  return nn.Conv(
+    features,
+    (1, 1),
+    strides=(strides, strides),
+    padding="VALID",
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=kernel_init,
+    name=name,
+  )
 
 
-def batch_norm(train: bool, dtype: Any, axis_name: str | None,
-               name: str) -> nn.BatchNorm:
+def batch_norm(
+  train: bool, dtype: Any, axis_name: str | None, name: str
+) -> nn.BatchNorm:
   """BatchNorm with PyTorch's constants (momentum 0.1, eps 1e-5).
 
   ``axis_name``: the pmap/shard_map axis over which batch statistics are
   averaged in training (synchronised batch norm); None for one device.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, dtype=dtype, axis_name=axis_name,
-                      name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    axis_name=axis_name,
+    name=name,
+  )
 
 
-def torch_softplus(x: Array, beta: float = 5.0,
-                   threshold: float = 20.0) -> Array:
+def torch_softplus(
+  x: Array, beta: float = 5.0, threshold: float = 20.0
+) -> Array:
   """``torch.nn.Softplus(beta, threshold)``: softplus(beta x) / beta.
 
   Linear above ``beta * x > threshold``, exactly as PyTorch, so that the MLP
@@ -87,4 +125,3 @@ def torch_softplus(x: Array, beta: float = 5.0,
   """
   scaled = beta * x
   return jnp.where(scaled > threshold, x, jax.nn.softplus(scaled) / beta)
-

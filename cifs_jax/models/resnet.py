@@ -25,6 +25,7 @@ Array = jax.Array
 
 class BasicBlock(nn.Module):
   """Post-activation residual block: conv-BN-ReLU-conv-BN, add, ReLU."""
+
   features: int
   strides: int
   dtype: Any = None
@@ -32,15 +33,17 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    norm = lambda name: layers.batch_norm(train, self.dtype, self.bn_axis_name,
-                                          name)
+    norm = lambda name: layers.batch_norm(
+      train, self.dtype, self.bn_axis_name, name
+    )
     y = layers.conv3x3(self.features, self.strides, self.dtype, "conv1")(x)
     y = nn.relu(norm("bn1")(y))
     y = layers.conv3x3(self.features, 1, self.dtype, "conv2")(y)
     y = norm("bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = layers.conv1x1(self.features, self.strides, self.dtype,
-                         "shortcut_conv")(x)
+      x = layers.conv1x1(
+        self.features, self.strides, self.dtype, "shortcut_conv"
+      )(x)
       x = norm("shortcut_bn")(x)
     return nn.relu(y + x)
 
@@ -60,6 +63,7 @@ class ResNet(nn.Module):
     bn_axis_name: axis name for synchronised batch norm under pmap or
       shard_map (e.g. "batch"); None on one device.
   """
+
   stage_sizes: Sequence[int]
   num_classes: int = 10
   width: int = 64
@@ -69,13 +73,16 @@ class ResNet(nn.Module):
 
   def insertion_points(self) -> tuple[str, ...]:
     """Names of the places where a defence layer can sit, in forward order."""
-    return tuple(f"layer{s + 1}.{b}"
-                 for s, size in enumerate(self.stage_sizes)
-                 for b in range(size))
+    return tuple(
+      f"layer{s + 1}.{b}"
+      for s, size in enumerate(self.stage_sizes)
+      for b in range(size)
+    )
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False,
-               labels: Array | None = None) -> tuple[Array, list[Array]]:
+  def __call__(
+    self, x: Array, train: bool = False, labels: Array | None = None
+  ) -> tuple[Array, list[Array]]:
     """Classifies images.
 
     Args:
@@ -85,23 +92,38 @@ class ResNet(nn.Module):
       labels: (N,) integer labels; needed in training mode by CIFS and CAS.
 
     Returns:
-      (logits (N, K) in at least float32, list of (N, K) probe logits in forward order).
+      (logits (N, K) in at least float32, list of (N, K) probe logits in
+      forward order).
     """
     self.defense.check_layers(self.insertion_points())
     y = layers.conv3x3(self.width, 1, self.dtype, "conv1")(x)
-    y = nn.relu(layers.batch_norm(train, self.dtype, self.bn_axis_name,
-                                  "bn1")(y))
+    y = nn.relu(
+      layers.batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(y)
+    )
     probe_logits: list[Array] = []
     for stage, size in enumerate(self.stage_sizes):
       for block in range(size):
         strides = 2 if stage > 0 and block == 0 else 1
-        y = BasicBlock(self.width * 2**stage, strides, self.dtype,
-                       self.bn_axis_name,
-                       name=f"layer{stage + 1}_{block}")(y, train)
-        y = apply_defense(self.defense, f"layer{stage + 1}.{block}",
-                          self.num_classes, y, labels, train, probe_logits)
+        y = BasicBlock(
+          self.width * 2**stage,
+          strides,
+          self.dtype,
+          self.bn_axis_name,
+          name=f"layer{stage + 1}_{block}",
+        )(y, train)
+        y = apply_defense(
+          self.defense,
+          f"layer{stage + 1}.{block}",
+          self.num_classes,
+          y,
+          labels,
+          train,
+          probe_logits,
+        )
     y = layers.global_average_pool(
-        y.astype(jnp.promote_types(y.dtype, jnp.float32)))
-    logits = layers.torch_linear(self.num_classes, y.shape[-1],
-                                 name="linear")(y)
+      y.astype(jnp.promote_types(y.dtype, jnp.float32))
+    )
+    logits = layers.torch_linear(self.num_classes, y.shape[-1], name="linear")(
+      y
+    )
     return logits, probe_logits

@@ -22,38 +22,49 @@ import numpy as np
 # module. Backbone-specific pairs come first: the two CIFS placements name
 # "cifs_layer4_0" differently.
 _CIFS_RULES = {
-    # CIFS inside a ResNet-18 block: layer4.{b}.Probe.Probe.{0.fc | 1}.
-    "resnet18": (
-        ("layer{stage}.{block}.Probe.Probe.0.fc",
-         "cifs_layer{stage}_{block}/probe/hidden"),
-        ("layer{stage}.{block}.Probe.Probe.1",
-         "cifs_layer{stage}_{block}/probe/head"),
+  # CIFS inside a ResNet-18 block: layer4.{b}.Probe.Probe.{0.fc | 1}.
+  "resnet18": (
+    (
+      "layer{stage}.{block}.Probe.Probe.0.fc",
+      "cifs_layer{stage}_{block}/probe/hidden",
     ),
-    # CIFS after layer3 / layer4 of ResNet-10 (Probe_0, Probe_1).
-    "resnet10": (
-        ("Probe_0.Probe.0.fc", "cifs_layer3_0/probe/hidden"),
-        ("Probe_0.Probe.1", "cifs_layer3_0/probe/head"),
-        ("Probe_1.Probe.0.fc", "cifs_layer4_0/probe/hidden"),
-        ("Probe_1.Probe.1", "cifs_layer4_0/probe/head"),
+    (
+      "layer{stage}.{block}.Probe.Probe.1",
+      "cifs_layer{stage}_{block}/probe/head",
     ),
+  ),
+  # CIFS after layer3 / layer4 of ResNet-10 (Probe_0, Probe_1).
+  "resnet10": (
+    ("Probe_0.Probe.0.fc", "cifs_layer3_0/probe/hidden"),
+    ("Probe_0.Probe.1", "cifs_layer3_0/probe/head"),
+    ("Probe_1.Probe.0.fc", "cifs_layer4_0/probe/hidden"),
+    ("Probe_1.Probe.1", "cifs_layer4_0/probe/head"),
+  ),
 }
 _BACKBONE_RULES = (
-    ("layer{stage}.{block}.shortcut.0", "layer{stage}_{block}/shortcut_conv"),
-    ("layer{stage}.{block}.shortcut.1", "layer{stage}_{block}/shortcut_bn"),
-    ("layer{stage}.{block}.{unit}", "layer{stage}_{block}/{unit}"),
-    ("{top}", "{top}"),
+  ("layer{stage}.{block}.shortcut.0", "layer{stage}_{block}/shortcut_conv"),
+  ("layer{stage}.{block}.shortcut.1", "layer{stage}_{block}/shortcut_bn"),
+  ("layer{stage}.{block}.{unit}", "layer{stage}_{block}/{unit}"),
+  ("{top}", "{top}"),
 )
-_FIELDS = {"stage": r"\d", "block": r"\d+", "unit": r"conv\d|bn\d",
-           "top": "conv1|bn1|linear"}
+_FIELDS = {
+  "stage": r"\d",
+  "block": r"\d+",
+  "unit": r"conv\d|bn\d",
+  "top": "conv1|bn1|linear",
+}
 BACKBONES = tuple(_CIFS_RULES)
 
 
 def _template_regex(template: str) -> re.Pattern:
   """A template such as "layer{stage}_{block}" as a full-match regex."""
   parts = re.split(r"\{(\w+)\}", template)  # odd parts: field names
-  return re.compile("".join(
+  return re.compile(
+    "".join(
       f"(?P<{part}>{_FIELDS[part]})" if i % 2 else re.escape(part)
-      for i, part in enumerate(parts)))
+      for i, part in enumerate(parts)
+    )
+  )
 
 
 def _rename(name: str, rules, source: int) -> str | None:
@@ -70,17 +81,21 @@ def _flax_module_path(torch_module: str) -> str:
   rules = sum(_CIFS_RULES.values(), ()) + _BACKBONE_RULES
   path = _rename(torch_module, rules, source=0)
   if path is None:
-    raise KeyError(f"State dict entry '{torch_module}.*' has no counterpart "
-                   "in the Flax ResNet (expected the authors' ResNet18_L4 or "
-                   "ResNet_Gray_10).")
+    raise KeyError(
+      f"State dict entry '{torch_module}.*' has no counterpart "
+      "in the Flax ResNet (expected the authors' ResNet18_L4 or "
+      "ResNet_Gray_10)."
+    )
   return path
 
 
 def _torch_module_name(flax_path: str, backbone: str) -> str:
   name = _rename(flax_path, _CIFS_RULES[backbone] + _BACKBONE_RULES, source=1)
   if name is None:
-    raise KeyError(f"Flax module '{flax_path}' has no counterpart in the "
-                   f"authors' {backbone} (ResNet18_L4 / ResNet_Gray_10).")
+    raise KeyError(
+      f"Flax module '{flax_path}' has no counterpart in the "
+      f"authors' {backbone} (ResNet18_L4 / ResNet_Gray_10)."
+    )
   return name
 
 
@@ -91,9 +106,9 @@ def _set(tree: dict, path: str, value: np.ndarray) -> None:
   tree[leaf] = value
 
 
-def convert_torch_state_dict(state_dict: Mapping[str, Any],
-                             template: Mapping[str, Any] | None = None
-                             ) -> dict[str, Any]:
+def convert_torch_state_dict(
+  state_dict: Mapping[str, Any], template: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """PyTorch state dict of the authors' CIFS ResNet -> Flax variables.
 
   Args:
@@ -134,9 +149,9 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any],
   return variables
 
 
-def export_torch_state_dict(variables: Mapping[str, Any],
-                            backbone: str = "resnet18"
-                            ) -> dict[str, np.ndarray]:
+def export_torch_state_dict(
+  variables: Mapping[str, Any], backbone: str = "resnet18"
+) -> dict[str, np.ndarray]:
   """Flax variables -> a state dict of the authors' PyTorch model.
 
   The exact inverse of ``convert_torch_state_dict``: a model trained here
@@ -158,12 +173,12 @@ def export_torch_state_dict(variables: Mapping[str, Any],
     not use).
   """
   if backbone not in BACKBONES:
-    raise ValueError(f"backbone must be one of {BACKBONES}, got "
-                     f"{backbone!r}.")
+    raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}.")
   modules: dict[str, dict[str, np.ndarray]] = {}
   for collection in ("params", "batch_stats"):
     flat = flax.traverse_util.flatten_dict(
-        dict(variables.get(collection, {})), sep="/")
+      dict(variables.get(collection, {})), sep="/"
+    )
     for path, value in flat.items():
       module, _, field = path.rpartition("/")
       modules.setdefault(module, {})[field] = np.asarray(value)
@@ -171,14 +186,18 @@ def export_torch_state_dict(variables: Mapping[str, Any],
   for module, fields in modules.items():
     name = _torch_module_name(module, backbone)
     if "mean" in fields:  # BatchNorm
-      torch_fields = {"weight": fields["scale"], "bias": fields["bias"],
-                      "running_mean": fields["mean"],
-                      "running_var": fields["var"],
-                      "num_batches_tracked": np.array(0, np.int64)}
+      torch_fields = {
+        "weight": fields["scale"],
+        "bias": fields["bias"],
+        "running_mean": fields["mean"],
+        "running_var": fields["var"],
+        "num_batches_tracked": np.array(0, np.int64),
+      }
     else:  # Conv: HWIO -> OIHW; Dense: (in, out) -> (out, in)
       kernel = fields["kernel"]
-      torch_fields = {"weight": kernel.transpose(3, 2, 0, 1)
-                                if kernel.ndim == 4 else kernel.T}
+      torch_fields = {
+        "weight": kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
+      }
       if "bias" in fields:
         torch_fields["bias"] = fields["bias"]
     for field, value in torch_fields.items():
@@ -186,21 +205,26 @@ def export_torch_state_dict(variables: Mapping[str, Any],
   return state_dict
 
 
-def _check_matches(variables: Mapping[str, Any],
-                   template: Mapping[str, Any]) -> None:
+def _check_matches(
+  variables: Mapping[str, Any], template: Mapping[str, Any]
+) -> None:
   """Raises ValueError listing every path whose presence or shape differs."""
   converted = flax.traverse_util.flatten_dict(variables, sep="/")
   expected = {
-      path: np.shape(value) for path, value in
-      flax.traverse_util.flatten_dict(dict(template), sep="/").items()
+    path: np.shape(value)
+    for path, value in flax.traverse_util.flatten_dict(
+      dict(template), sep="/"
+    ).items()
   }
   problems = [f"missing {p}" for p in expected if p not in converted]
   problems += [f"unexpected {p}" for p in converted if p not in expected]
   problems += [
-      f"{p}: shape {converted[p].shape}, model expects {shape}"
-      for p, shape in expected.items()
-      if p in converted and converted[p].shape != shape
+    f"{p}: shape {converted[p].shape}, model expects {shape}"
+    for p, shape in expected.items()
+    if p in converted and converted[p].shape != shape
   ]
   if problems:
-    raise ValueError("The state dict does not match the Flax model:\n  " +
-                     "\n  ".join(problems))
+    raise ValueError(
+      "The state dict does not match the Flax model:\n  "
+      + "\n  ".join(problems)
+    )

@@ -34,6 +34,7 @@ class WideBasicUnit(nn.Module):
   When the widths differ, the shortcut is a 1x1 convolution of the
   pre-activated input, as in the reference WRN.
   """
+
   features: int
   strides: int
   point: str
@@ -43,21 +44,35 @@ class WideBasicUnit(nn.Module):
   bn_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: Array, train: bool, labels: Array | None,
-               probe_logits: list[Array]) -> Array:
-    norm = lambda name: layers.batch_norm(train, self.dtype, self.bn_axis_name,
-                                          name)
+  def __call__(
+    self, x: Array, train: bool, labels: Array | None, probe_logits: list[Array]
+  ) -> Array:
+    norm = lambda name: layers.batch_norm(
+      train, self.dtype, self.bn_axis_name, name
+    )
     conv = lambda strides, name: layers.conv3x3(
-        self.features, strides, self.dtype, name, kernel_init=he_normal_fan_out)
+      self.features, strides, self.dtype, name, kernel_init=he_normal_fan_out
+    )
     activated = nn.relu(norm("bn1")(x))
     if x.shape[-1] == self.features:
       shortcut = x
     else:
-      shortcut = layers.conv1x1(self.features, self.strides, self.dtype,
-                                "shortcut_conv",
-                                kernel_init=he_normal_fan_out)(activated)
-    activated = apply_defense(self.defense, self.point, self.num_classes,
-                              activated, labels, train, probe_logits)
+      shortcut = layers.conv1x1(
+        self.features,
+        self.strides,
+        self.dtype,
+        "shortcut_conv",
+        kernel_init=he_normal_fan_out,
+      )(activated)
+    activated = apply_defense(
+      self.defense,
+      self.point,
+      self.num_classes,
+      activated,
+      labels,
+      train,
+      probe_logits,
+    )
     y = conv(self.strides, "conv1")(activated)
     y = nn.relu(norm("bn2")(y))
     y = conv(1, "conv2")(y)
@@ -70,6 +85,7 @@ class WideResNet(nn.Module):
   Attributes are as ``ResNet``'s, with ``depth`` (28) and ``widen_factor``
   (10) instead of the stage sizes and width.
   """
+
   depth: int = 28
   widen_factor: int = 10
   num_classes: int = 10
@@ -85,31 +101,43 @@ class WideResNet(nn.Module):
 
   def insertion_points(self) -> tuple[str, ...]:
     """Names of the places where a defence layer can sit, in forward order."""
-    return tuple(f"block{g}.{u}" for g in (1, 2, 3)
-                 for u in range(self.units_per_group)) + ("final",)
+    return tuple(
+      f"block{g}.{u}" for g in (1, 2, 3) for u in range(self.units_per_group)
+    ) + ("final",)
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False,
-               labels: Array | None = None) -> tuple[Array, list[Array]]:
+  def __call__(
+    self, x: Array, train: bool = False, labels: Array | None = None
+  ) -> tuple[Array, list[Array]]:
     """Same contract as ``ResNet.__call__``."""
     self.defense.check_layers(self.insertion_points())
-    y = layers.conv3x3(16, 1, self.dtype, "conv1",
-                       kernel_init=he_normal_fan_out)(x)
+    y = layers.conv3x3(
+      16, 1, self.dtype, "conv1", kernel_init=he_normal_fan_out
+    )(x)
     probe_logits: list[Array] = []
     for group, width in enumerate((16, 32, 64), start=1):
       for unit in range(self.units_per_group):
         strides = 2 if group > 1 and unit == 0 else 1
-        y = WideBasicUnit(width * self.widen_factor, strides,
-                          f"block{group}.{unit}", self.num_classes,
-                          self.defense, self.dtype, self.bn_axis_name,
-                          name=f"block{group}_{unit}")(y, train, labels,
-                                                        probe_logits)
-    y = nn.relu(layers.batch_norm(train, self.dtype, self.bn_axis_name,
-                                  "bn_final")(y))
-    y = apply_defense(self.defense, "final", self.num_classes, y, labels,
-                      train, probe_logits)
+        y = WideBasicUnit(
+          width * self.widen_factor,
+          strides,
+          f"block{group}.{unit}",
+          self.num_classes,
+          self.defense,
+          self.dtype,
+          self.bn_axis_name,
+          name=f"block{group}_{unit}",
+        )(y, train, labels, probe_logits)
+    y = nn.relu(
+      layers.batch_norm(train, self.dtype, self.bn_axis_name, "bn_final")(y)
+    )
+    y = apply_defense(
+      self.defense, "final", self.num_classes, y, labels, train, probe_logits
+    )
     y = layers.global_average_pool(
-        y.astype(jnp.promote_types(y.dtype, jnp.float32)))
-    logits = layers.torch_linear(self.num_classes, y.shape[-1], name="fc",
-                                 zero_bias=True)(y)
+      y.astype(jnp.promote_types(y.dtype, jnp.float32))
+    )
+    logits = layers.torch_linear(
+      self.num_classes, y.shape[-1], name="fc", zero_bias=True
+    )(y)
     return logits, probe_logits

@@ -69,12 +69,12 @@ class Checkpointer:
   """
 
   def __init__(
-      self,
-      directory: str | epath.PathLike,
-      *,
-      max_to_keep: int = 3,
-      best_metric: str = "pgd_accuracy",
-      async_save: bool = True,
+    self,
+    directory: str | epath.PathLike,
+    *,
+    max_to_keep: int = 3,
+    best_metric: str = "pgd_accuracy",
+    async_save: bool = True,
   ):
     """Opens (creating if needed) a checkpoint directory.
 
@@ -94,32 +94,38 @@ class Checkpointer:
       return metrics.get(best_metric, -math.inf)
 
     options = ocp.CheckpointManagerOptions(
-        best_fn=rank,
-        best_mode="max",
-        preservation_policy=preservation_policy.AnyPreservationPolicy([
-            preservation_policy.LatestN(n=max_to_keep),
-            preservation_policy.BestN(
-                get_metric_fn=rank,
-                n=1,
-                keep_checkpoints_without_metrics=False,
-            ),
-        ]),
-        enable_async_checkpointing=async_save,
+      best_fn=rank,
+      best_mode="max",
+      preservation_policy=preservation_policy.AnyPreservationPolicy(
+        [
+          preservation_policy.LatestN(n=max_to_keep),
+          preservation_policy.BestN(
+            get_metric_fn=rank,
+            n=1,
+            keep_checkpoints_without_metrics=False,
+          ),
+        ]
+      ),
+      enable_async_checkpointing=async_save,
     )
     directory = epath.Path(directory)
     try:
       # Reads every step's metrics, so one corrupt step fails here.
       self._manager = ocp.CheckpointManager(
-          directory, item_names=(_STATE, _METADATA), options=options
+        directory, item_names=(_STATE, _METADATA), options=options
       )
     except Exception as e:  # pylint: disable=broad-except
-      entries = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+      entries = (
+        sorted(p.name for p in directory.iterdir())
+        if directory.is_dir()
+        else []
+      )
       raise CheckpointError(
-          f"Cannot open checkpoint directory {directory}: {type(e).__name__}:"
-          f" {_shorten(e)}\nIf it is a read error, a step directory in it (one"
-          f" of {entries}) is corrupt, e.g. a truncated metrics file. Not"
-          " starting from scratch: move the damaged step out of the directory"
-          " to resume from the others."
+        f"Cannot open checkpoint directory {directory}: {type(e).__name__}:"
+        f" {_shorten(e)}\nIf it is a read error, a step directory in it (one"
+        f" of {entries}) is corrupt, e.g. a truncated metrics file. Not"
+        " starting from scratch: move the damaged step out of the directory"
+        " to resume from the others."
       ) from e
 
   @property
@@ -131,7 +137,8 @@ class Checkpointer:
     return self.directory / str(step)
 
   def all_steps(self) -> list[int]:
-    """Steps of the finished checkpoints (and of a save in flight), ascending."""
+    """Steps of the finished checkpoints (and of a save in flight),
+    ascending."""
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
@@ -145,17 +152,19 @@ class Checkpointer:
     """
     self.wait_until_finished()
     step = self._manager.best_step()
-    if step is None or self.best_metric not in (self._manager.metrics(step) or {}):
+    if step is None or self.best_metric not in (
+      self._manager.metrics(step) or {}
+    ):
       return None
     return step
 
   def save(
-      self,
-      step: int,
-      state: PyTree,
-      *,
-      metadata: Mapping[str, Any] | None = None,
-      metrics: Mapping[str, float] | None = None,
+    self,
+    step: int,
+    state: PyTree,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
   ) -> None:
     """Starts saving a checkpoint at ``step`` (see ``wait_until_finished``).
 
@@ -178,23 +187,27 @@ class Checkpointer:
     self.wait_until_finished()
     if step in self.all_steps():
       raise ValueError(
-          f"A checkpoint already exists at step {step} ({self.step_path(step)});"
-          " refusing to overwrite it."
+        f"A checkpoint already exists at step {step} ({self.step_path(step)});"
+        " refusing to overwrite it."
       )
     latest = self.latest_step()
     if latest is not None and step < latest:
       raise ValueError(
-          f"Checkpoint steps must increase: asked to save step {step} but the"
-          f" latest checkpoint in {self.directory} is step {latest}."
+        f"Checkpoint steps must increase: asked to save step {step} but the"
+        f" latest checkpoint in {self.directory} is step {latest}."
       )
     metadata = dict(metadata or {})
     if _METRICS_KEY in metadata:
-      raise ValueError(f"metadata key {_METRICS_KEY!r} is reserved; pass metrics=.")
+      raise ValueError(
+        f"metadata key {_METRICS_KEY!r} is reserved; pass metrics=."
+      )
     metadata[_METRICS_KEY] = {k: float(v) for k, v in (metrics or {}).items()}
     try:
       json.dumps(metadata)
     except TypeError as e:
-      raise ValueError(f"Checkpoint metadata is not JSON-serialisable: {e}") from e
+      raise ValueError(
+        f"Checkpoint metadata is not JSON-serialisable: {e}"
+      ) from e
 
     value = metadata[_METRICS_KEY].get(self.best_metric)
     ranking = None
@@ -202,13 +215,17 @@ class Checkpointer:
       ranking = {self.best_metric: value}
     elif value is not None:
       logging.warning(
-          "Step %d: %s = %s is not finite; not a candidate for best.",
-          step, self.best_metric, value,
+        "Step %d: %s = %s is not finite; not a candidate for best.",
+        step,
+        self.best_metric,
+        value,
       )
-    args = ocp.args.Composite(**{
+    args = ocp.args.Composite(
+      **{
         _STATE: ocp.args.StandardSave(state),
         _METADATA: ocp.args.JsonSave(metadata),
-    })
+      }
+    )
     try:
       self._manager.save(step, args=args, metrics=ranking, force=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -231,13 +248,13 @@ class Checkpointer:
     # it was about to delete) or left the failed step in it: re-read the disk.
     self._manager.reload()
     raise CheckpointError(
-        f"Saving checkpoint step {step} to {self.directory} failed:"
-        f" {type(error).__name__}: {_shorten(error)}. The previous checkpoints"
-        f" are intact: steps {self.all_steps()}."
+      f"Saving checkpoint step {step} to {self.directory} failed:"
+      f" {type(error).__name__}: {_shorten(error)}. The previous checkpoints"
+      f" are intact: steps {self.all_steps()}."
     ) from error
 
   def restore(
-      self, which: str | int, target: PyTree
+    self, which: str | int, target: PyTree
   ) -> tuple[PyTree, dict[str, Any]]:
     """Reads a checkpoint into the structure of ``target``.
 
@@ -260,21 +277,23 @@ class Checkpointer:
     self.wait_until_finished()
     step = self._resolve(which)
     path = self.step_path(step)
-    args = ocp.args.Composite(**{
+    args = ocp.args.Composite(
+      **{
         _STATE: ocp.args.StandardRestore(target),
         _METADATA: ocp.args.JsonRestore(),
-    })
+      }
+    )
     try:
       restored = self._manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except
       others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(
-          f"Cannot restore checkpoint {path}: {type(e).__name__}:"
-          f" {_shorten(e)}\nThe checkpoint is corrupt or truncated, or does not"
-          " match the target state (did the model config change?). Not"
-          " starting from scratch. To resume from another checkpoint, restore"
-          f" one of steps {others} explicitly, or move {path} out of"
-          f" {self.directory} and restart."
+        f"Cannot restore checkpoint {path}: {type(e).__name__}:"
+        f" {_shorten(e)}\nThe checkpoint is corrupt or truncated, or does not"
+        " match the target state (did the model config change?). Not"
+        " starting from scratch. To resume from another checkpoint, restore"
+        f" one of steps {others} explicitly, or move {path} out of"
+        f" {self.directory} and restart."
       ) from e
     return restored[_STATE], dict(restored[_METADATA])
 
@@ -288,15 +307,15 @@ class Checkpointer:
       best = self.best_step()
       if best is None:
         raise FileNotFoundError(
-            f"No checkpoint in {self.directory} has metric"
-            f" {self.best_metric!r}; existing steps: {steps}."
+          f"No checkpoint in {self.directory} has metric"
+          f" {self.best_metric!r}; existing steps: {steps}."
         )
       return best
     if isinstance(which, numbers.Integral) and not isinstance(which, bool):
       if which not in steps:
         raise FileNotFoundError(
-            f"No checkpoint at step {which} in {self.directory}; existing"
-            f" steps: {steps}."
+          f"No checkpoint at step {which} in {self.directory}; existing"
+          f" steps: {steps}."
         )
       return int(which)
     raise ValueError(f"which must be 'last', 'best' or a step, got {which!r}.")

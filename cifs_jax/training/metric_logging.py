@@ -1,4 +1,4 @@
-"""Scalar metrics to TensorBoard, JSON lines and the log (docs/design.md, "Runs").
+"""Scalar metrics to TensorBoard, JSON lines and the log.
 
 ``MetricLogger(workdir)`` writes, on the chief process only:
 
@@ -32,7 +32,9 @@ TENSORBOARD_DIRNAME = "tensorboard"
 class MetricLogger:
   """Writes scalar metrics per step; a no-op on non-chief processes."""
 
-  def __init__(self, workdir: str | os.PathLike[str], is_chief: bool | None = None):
+  def __init__(
+    self, workdir: str | os.PathLike[str], is_chief: bool | None = None
+  ):
     """Opens (appending) the metric files in ``workdir``.
 
     Args:
@@ -47,13 +49,15 @@ class MetricLogger:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / METRICS_FILENAME, "a", buffering=1)  # Line-buffered.
+    self._jsonl = open(
+      workdir / METRICS_FILENAME, "a", buffering=1
+    )  # Line-buffered.
     # tensorboardX names files events.out.tfevents.<seconds>.<host>, opened
     # with "wb": a unique suffix keeps a restart within a second from
     # truncating the previous file.
     self._tensorboard = tensorboardX.SummaryWriter(
-        logdir=str(workdir / TENSORBOARD_DIRNAME),
-        filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}",
+      logdir=str(workdir / TENSORBOARD_DIRNAME),
+      filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}",
     )
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -67,7 +71,7 @@ class MetricLogger:
     for name, value in values.items():
       self._tensorboard.add_scalar(name, value, global_step=int(step))
     logging.info(
-        "[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+      "[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items())
     )
 
   def close(self) -> None:

@@ -28,8 +28,9 @@ from cifs_jax.training.train_state import TrainState
 Array = jax.Array
 
 
-def defense_loss(defense_kind: str, beta: float,
-                 scale: float = losses.REFERENCE_SCALE) -> attacks.LossFn:
+def defense_loss(
+  defense_kind: str, beta: float, scale: float = losses.REFERENCE_SCALE
+) -> attacks.LossFn:
   """The per-example loss of a model with this defence, (N,).
 
   CIFS: Eq. 3's joint loss (times ``scale``); CAS: CE + beta * mean of the
@@ -39,8 +40,9 @@ def defense_loss(defense_kind: str, beta: float,
   """
   if defense_kind == "cas":
     scale = 1.0 + beta
-  return functools.partial(losses.joint_loss_per_example, beta=beta,
-                           scale=scale)
+  return functools.partial(
+    losses.joint_loss_per_example, beta=beta, scale=scale
+  )
 
 
 def _trades_inner_loss(final_logits, probe_logits, natural_logits):
@@ -54,10 +56,13 @@ def _trades_inner_loss(final_logits, probe_logits, natural_logits):
 
 def attack_config(config: ml_collections.ConfigDict) -> attacks.PGDConfig:
   """The L-inf PGD that crafts training examples (``config.attack``)."""
-  return attacks.PGDConfig(eps=config.eps, step_size=config.step_size,
-                           num_steps=config.num_steps,
-                           random_start=config.random_start,
-                           unroll=config.unroll)
+  return attacks.PGDConfig(
+    eps=config.eps,
+    step_size=config.step_size,
+    num_steps=config.num_steps,
+    random_start=config.random_start,
+    unroll=config.unroll,
+  )
 
 
 def _example_keys(state: TrainState, indices: Array) -> tuple[Array, Array]:
@@ -66,17 +71,20 @@ def _example_keys(state: TrainState, indices: Array) -> tuple[Array, Array]:
   Derived from the run key, the global step and each example's index in the
   dataset, so they do not depend on how the batch is split over devices.
   """
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
-                                state.step)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i)))(
-      indices)
+    indices
+  )
   return keys[:, 0], keys[:, 1]
 
 
-def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
-                    augment_options: dict[str, Any]
-                    ) -> Callable[[TrainState, data.Split, Array],
-                                  tuple[TrainState, dict[str, Array]]]:
+def make_train_step(
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  augment_options: dict[str, Any],
+) -> Callable[
+  [TrainState, data.Split, Array], tuple[TrainState, dict[str, Array]]
+]:
   """The per-device training step of ``config.train.method``.
 
   The returned ``step(state, split, indices)`` takes the replicated state,
@@ -88,8 +96,9 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
   """
   method = config.train.method
   kind = model.defense.kind
-  train_loss = defense_loss(kind, config.train.loss_beta,
-                            config.train.loss_scale)
+  train_loss = defense_loss(
+    kind, config.train.loss_beta, config.train.loss_scale
+  )
   attack_loss = defense_loss(kind, config.attack.beta)
   pgd_config = attack_config(config.attack)
 
@@ -99,12 +108,19 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
     if method == "pgd_at":
       x = attacks.pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config)
     elif method == "fat":
-      x = attacks.friendly_pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config,
-                       config.fat.tau)
+      x = attacks.friendly_pgd(
+        logits_fn, x, y, attack_keys, attack_loss, pgd_config, config.fat.tau
+      )
     elif method == "trades":
       natural_logits = lax.stop_gradient(logits_fn(x)[0])
-      x = attacks.pgd(logits_fn, x, natural_logits, attack_keys,
-                      _trades_inner_loss, pgd_config)
+      x = attacks.pgd(
+        logits_fn,
+        x,
+        natural_logits,
+        attack_keys,
+        _trades_inner_loss,
+        pgd_config,
+      )
     return lax.stop_gradient(x)
 
   def step(state: TrainState, split: data.Split, indices: Array):
@@ -115,39 +131,51 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
 
     def objective(params):
       def forward(inputs, batch_stats):
-        return model.apply({"params": params, "batch_stats": batch_stats},
-                           inputs, train=True, labels=y,
-                           mutable=["batch_stats"])
+        return model.apply(
+          {"params": params, "batch_stats": batch_stats},
+          inputs,
+          train=True,
+          labels=y,
+          mutable=["batch_stats"],
+        )
 
       if method != "trades":
         (logits, probes), updates = forward(x_train, state.batch_stats)
         return jnp.mean(train_loss(logits, probes, y)), (logits, updates)
       # TRADES: the natural loss plus beta * KL(natural || adversarial).
       (natural_logits, probes), updates = forward(x, state.batch_stats)
-      (adversarial_logits, _), updates = forward(x_train,
-                                                 updates["batch_stats"])
-      loss = jnp.mean(train_loss(natural_logits, probes, y) +
-                      config.trades.beta * losses.trades_kl_per_example(
-                          adversarial_logits, natural_logits))
+      (adversarial_logits, _), updates = forward(
+        x_train, updates["batch_stats"]
+      )
+      loss = jnp.mean(
+        train_loss(natural_logits, probes, y)
+        + config.trades.beta
+        * losses.trades_kl_per_example(adversarial_logits, natural_logits)
+      )
       return loss, (natural_logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
+      objective, has_aux=True
+    )(state.params)
     grads = lax.pmean(grads, BATCH_AXIS)
-    state = state.apply_gradients(grads=grads,
-                                  batch_stats=updates["batch_stats"])
+    state = state.apply_gradients(
+      grads=grads, batch_stats=updates["batch_stats"]
+    )
     # The gradient norm is logged and, like the loss, checked to be finite
     # before any checkpoint of the updated parameters is written.
-    metrics = {"loss": loss,
-               "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-               "grad_norm": optax.tree.norm(grads)}
+    metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+      "grad_norm": optax.tree.norm(grads),
+    }
     return state, lax.pmean(metrics, BATCH_AXIS)
 
   return step
 
 
-def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict
-                   ) -> Callable[[TrainState, data.Batch], dict[str, Array]]:
+def make_eval_step(
+  model: nn.Module, config: ml_collections.ConfigDict
+) -> Callable[[TrainState, data.Batch], dict[str, Array]]:
   """The per-device evaluation during training: natural and PGD accuracy.
 
   PGD is the reference's per-epoch check: ``eval.pgd_steps`` steps of size
@@ -156,9 +184,13 @@ def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict
   over the valid (mask) rows of the batch.
   """
   eps = config.attack.eps
-  pgd_config = attacks.PGDConfig(eps=eps, step_size=eps / 10,
-                                 num_steps=config.eval.pgd_steps,
-                                 random_start=False, unroll=config.attack.unroll)
+  pgd_config = attacks.PGDConfig(
+    eps=eps,
+    step_size=eps / 10,
+    num_steps=config.eval.pgd_steps,
+    random_start=False,
+    unroll=config.attack.unroll,
+  )
   attack_loss = defense_loss(model.defense.kind, config.attack.beta)
 
   def step(state: TrainState, batch: data.Batch) -> dict[str, Array]:
@@ -166,9 +198,13 @@ def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict
     logits_fn = lambda v: model.apply(state.variables, v, train=False)
     x_adv = attacks.pgd(logits_fn, x, y, None, attack_loss, pgd_config)
     correct = lambda inputs: jnp.sum(
-        (jnp.argmax(logits_fn(inputs)[0], -1) == y) & batch.mask)
-    counts = {"count": jnp.sum(batch.mask), "natural_correct": correct(x),
-              "pgd_correct": correct(x_adv)}
+      (jnp.argmax(logits_fn(inputs)[0], -1) == y) & batch.mask
+    )
+    counts = {
+      "count": jnp.sum(batch.mask),
+      "natural_correct": correct(x),
+      "pgd_correct": correct(x_adv),
+    }
     return lax.psum(counts, BATCH_AXIS)
 
   return step

@@ -20,6 +20,7 @@ class TrainState(train_state.TrainState):
     rng: raw uint32 key data (2,); the key of step s is
       ``fold_in(rng, s)``, so a resumed run draws the same numbers.
   """
+
   batch_stats: Any = None
   rng: jax.Array = None
 
@@ -29,8 +30,9 @@ class TrainState(train_state.TrainState):
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
   """Piecewise-constant rate: ``learning_rate`` times ``lr_decay`` after each
   milestone epoch, as PyTorch's MultiStepLR stepped once per epoch.
 
@@ -38,26 +40,32 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   t // steps_per_epoch; optax scales from the boundary count on.
   """
   boundaries = {
-      milestone * steps_per_epoch: config.lr_decay
-      for milestone in config.lr_milestones
+    milestone * steps_per_epoch: config.lr_decay
+    for milestone in config.lr_milestones
   }
   return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
   """SGD with momentum and coupled weight decay (PyTorch's ``SGD``): the
   decay term ``weight_decay * w`` is added to every parameter's gradient
   before the momentum."""
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                momentum=config.momentum))
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(
+      learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum
+    ),
+  )
 
 
-def create_train_state(model: flax.linen.Module, image_shape: tuple[int, ...],
-                       config: ml_collections.ConfigDict,
-                       steps_per_epoch: int) -> TrainState:
+def create_train_state(
+  model: flax.linen.Module,
+  image_shape: tuple[int, ...],
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+) -> TrainState:
   """Initialises the model (seeded by ``config.seed``) and the optimiser.
 
   ``image_shape`` is (H, W, C) of one example.
@@ -65,8 +73,9 @@ def create_train_state(model: flax.linen.Module, image_shape: tuple[int, ...],
   init_key, run_key = jax.random.split(jax.random.key(config.seed))
   variables = jax.jit(model.init)(init_key, jnp.zeros((1, *image_shape)))
   return TrainState.create(
-      apply_fn=model.apply,
-      params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}),
-      tx=make_optimizer(config.train, steps_per_epoch),
-      rng=jax.random.key_data(run_key))
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables.get("batch_stats", {}),
+    tx=make_optimizer(config.train, steps_per_epoch),
+    rng=jax.random.key_data(run_key),
+  )
