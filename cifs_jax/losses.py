@@ -30,7 +30,7 @@ import optax
 
 Array = jax.Array
 
-# Factor between the authors' training loss and Eq. 3 (DESIGN §3).
+# Factor between the authors' training loss and Eq. 3 (docs/design.md §3).
 REFERENCE_SCALE = 3.0
 # The paper's trade-off between the final head and the probes (beta = |I| = 2).
 DEFAULT_BETA = 2.0

@@ -4,7 +4,7 @@ A step is written once, per device, with collectives over the axis
 ``BATCH_AXIS`` (``lax.pmean`` of gradients, metrics and batch-norm
 statistics), and compiled with ``jax.pmap`` ("pmap", the default) or with
 ``jax.jit(jax.shard_map(...))`` over a 1-D mesh ("shard_map"); see
-docs/design.md, "Devices". ``Parallel`` is the one object that knows the mode
+docs/design.md §7. ``Parallel`` is the one object that knows the mode
 and the mesh; training, evaluation and the attacks all place data through it::
 
   parallel = Parallel.create("pmap")

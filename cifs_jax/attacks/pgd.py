@@ -9,7 +9,7 @@ hashable), so they run under ``jax.jit``, inside a pmap'd or shard_map'd
 training step, and on a batch sharded over devices: examples never interact.
 
 The step loop is one ``lax.scan`` (``unroll`` steps per iteration; unrolling
-pays on CPU, docs/design.md section 9), restarts another; there is no host
+pays on CPU, docs/design.md §10), restarts another; there is no host
 round-trip.
 After every step the iterate is projected back onto the intersection of the
 eps-ball around ``x`` and the [0, 1] box.

@@ -1,5 +1,5 @@
 """The evaluation protocols: which attacks, losses and gradients
-(docs/design.md, "Evaluation").
+(docs/design.md §6).
 
 A ``Protocol`` lists attacks (the columns of Table 1), the attacker's Eq. 3
 trade-offs beta_atk (the adaptive evaluation), and the CIFS gradient modes to

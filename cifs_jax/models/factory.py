@@ -33,7 +33,7 @@ ARCHITECTURES = ("resnet18", "resnet10", "wrn28_10")
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-  """The authors' defence layers for one backbone (DESIGN §2)."""
+  """The authors' defence layers for one backbone (docs/design.md §2)."""
 
   layers: tuple[str, ...]
   probes: tuple[str, ...]

@@ -1,4 +1,4 @@
-"""Checkpoints of the training state (docs/design.md, "Runs").
+"""Checkpoints of the training state (docs/design.md §8).
 
 ``Checkpointer`` wraps one orbax ``CheckpointManager``. Each checkpoint is a
 step directory ``<directory>/<step>/`` holding two items:

@@ -1,4 +1,5 @@
-"""The training state and the optimiser of the reference recipe (DESIGN §5)."""
+"""The training state and the optimiser of the reference recipe
+(docs/design.md §5)."""
 
 from __future__ import annotations
 
