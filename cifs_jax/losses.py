@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -72,6 +73,8 @@ def joint_loss_per_example(
   """
   if beta < 0:
     raise ValueError(f"beta must be >= 0 (or math.inf), got {beta}.")
+  chex.assert_rank(labels, 1)
+  chex.assert_equal_shape([logits, *probe_logits])
   if not probe_logits:
     if math.isinf(beta):
       raise ValueError(

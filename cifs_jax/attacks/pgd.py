@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -112,6 +113,7 @@ def pgd(
     pair (adversarial inputs, iterates of shape (num_restarts, num_steps,
     *x.shape)), the iterates being those after each step's projection.
   """
+  chex.assert_equal_shape_prefix((x, y), 1)  # One target per example.
   keys = example_keys(key, x.shape[0]) if config.random_start else None
   ascend = functools.partial(
     _ascend,
