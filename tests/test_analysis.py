@@ -158,12 +158,12 @@ def test_cifs_channel_means_of_a_hand_set_model(hand_set_cifs):
 @pytest.mark.parametrize("defense", ["none", "cas"])
 def test_plain_models_give_their_penultimate_features(defense):
   model = tiny_resnet10(defense)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
-  means = features.channel_means(model, variables, x)
+  means = jax.jit(features.channel_means, static_argnums=0)(model, variables, x)
   assert list(means) == ["penultimate"]
   # Independent truth: the head's input recovered from its output.
-  logits, _ = model.apply(variables, x)
+  logits, _ = jax.jit(model.apply)(variables, x)
   params = variables["params"]["linear"]
   np.testing.assert_allclose(
     means["penultimate"] @ params["kernel"] + params["bias"],
@@ -292,8 +292,9 @@ def test_figures_have_their_pixel_size(fake_runs, tmp_path):
   assert png_size(path) == (2 * width, height)
 
 
-def markdown_rows(markdown: str, section: str) -> list[list[str]]:
-  """The body rows of the first table after the heading ``section``."""
+def markdown_table(markdown: str, section: str) -> list[list[str]]:
+  """The cells of the first table after the heading ``section`` (header,
+  separator, body rows)."""
   lines = markdown.split(f"## {section}", 1)[1].splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith("|"))
   table = []
@@ -301,7 +302,12 @@ def markdown_rows(markdown: str, section: str) -> list[list[str]]:
     if not line.startswith("|"):
       break
     table.append([cell.strip() for cell in line.strip("|").split("|")])
-  return table[2:]
+  return table
+
+
+def markdown_rows(markdown: str, section: str) -> list[list[str]]:
+  """The body rows of the first table after the heading ``section``."""
+  return markdown_table(markdown, section)[2:]
 
 
 def test_report_numbers_equal_the_json(fake_runs, tmp_path):
@@ -328,6 +334,8 @@ def test_report_numbers_equal_the_json(fake_runs, tmp_path):
   assert [float(v) for v in pgd[3:]] == [
     round(worst[f"top{k}"], 2) for k in (1, 2, 3)
   ]
+  table5_header = markdown_table(markdown, "Table 5")[0]
+  assert table5_header[4:] == ["final", "probe0", "probe1"]
   per_beta = results["cifs"]["attacks"]["pgd20"]["per_beta"]
   assert f"| {per_beta['inf/probe1']:.2f} |" in markdown
   # Embedded figures exist, relative to the report.
@@ -364,3 +372,83 @@ def test_setting_names_non_paper_cifs_variants():
     ).accuracies["natural"],
     83.86,
   )
+
+
+# ------------------------------------------------- commands, smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """``fmnist_resnet10.py:smoke`` on real Fashion-MNIST with a minimal final
+  evaluation (FGSM on 64 test examples)."""
+  from tests import test_training_e2e as e2e
+
+  if not (e2e.FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+    pytest.skip("needs Debian's dataset-fashion-mnist")
+  workdir = tmp_path_factory.mktemp("smoke")
+  config = e2e.load_config(
+    "fmnist_resnet10", "smoke", "--config.eval.final_attacks=fgsm"
+  )
+  e2e.trainer_lib.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def run_command(*args: str) -> str:
+  """Runs ``python -m <args>`` in the repository; returns its stdout."""
+  import subprocess
+  import sys
+
+  from tests import test_training_e2e as e2e
+
+  result = subprocess.run(
+    [sys.executable, "-m", *args],
+    cwd=e2e.REPO,
+    env={**e2e.subprocess_env(""), "JAX_NUM_CPU_DEVICES": "1"},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.mark.slow
+def test_commands_on_a_smoke_run(smoke_run, tmp_path):
+  """analyze writes the channel panel (2 columns: before/after the mask),
+  its numbers and the comparison figures; report's Table 1 equals the
+  run's eval JSON and embeds the channel figure."""
+  stdout = run_command(
+    "cifs_jax.analyze",
+    f"--workdir={smoke_run}",
+    "--class=Trouser",
+    "--attack=fgsm",
+    "--num_examples=16",
+  )
+  assert "class 'Trouser': 16 examples" in stdout
+  analysis = smoke_run / "analysis"
+  width, height = plots.CHANNEL_PANEL_COLUMN_SIZE
+  assert png_size(analysis / "channels_Trouser_fgsm.png") == (2 * width, height)
+  numbers = json.loads((analysis / "channels_Trouser_fgsm.json").read_text())
+  assert numbers["class_index"] == 1 and numbers["num_examples"] == 16
+  stats = numbers["statistics"]["after_mask"]["natural"]
+  assert len(stats["order"]) == 64  # layer4 of the width-8 ResNet-10
+  assert stats["weights"] == sorted(stats["weights"], reverse=True)
+  saved = np.load(analysis / "channels_Trouser_fgsm.npz")
+  assert saved["adversarial/before_mask"].shape == (16, 64)
+  assert png_size(analysis / "per_class_fgsm.png") == plots.PER_CLASS_SIZE
+  assert png_size(analysis / "training_curves.png") == (
+    plots.TRAINING_CURVES_SIZE
+  )
+
+  out = tmp_path / "report.md"
+  run_command("cifs_jax.report", "--runs", str(smoke_run), "--out", str(out))
+  markdown = out.read_text()
+  results = json.loads((smoke_run / "eval_paper.json").read_text())
+  (row,) = markdown_rows(markdown, "Table 1")
+  assert row[1] == "eval_paper"
+  assert [float(v) for v in row[2:]] == [
+    round(results["natural"]["top1"], 2),
+    round(results["attacks"]["fgsm"]["worst_case"]["top1"], 2),
+    round(results["worst_case"]["top1"], 2),
+  ]
+  assert "channels_Trouser_fgsm.png" in markdown

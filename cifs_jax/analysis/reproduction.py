@@ -25,6 +25,7 @@ TABLE_KEYS = {
   "class_names",
   "num_classes",
   "num_probes",
+  "num_examples",
 }
 CHANNEL_FIGURE_GLOB = "analysis/channels_*.png"
 
@@ -255,16 +256,20 @@ def topk_section(all_runs: Sequence[Run]) -> list[str]:
 
 
 def table5_section(all_runs: Sequence[Run]) -> list[str]:
-  rows, heads = [], ["final"]
-  for run in all_runs:
-    for results in run.reports.values():
-      heads += [
-        h
+  rows = []
+  heads = list(
+    dict.fromkeys(
+      ["final"]
+      + [
+        head
+        for run in all_runs
+        for results in run.reports.values()
         for a in results["attacks"].values()
         for outputs in a.get("table5", {}).values()
-        for h in outputs
-        if h not in heads
+        for head in outputs
       ]
+    )
+  )
   for run in all_runs:
     for name, results in run.reports.items():
       rows += [
