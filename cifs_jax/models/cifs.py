@@ -221,8 +221,10 @@ class CIFS(nn.Module):
 
     Returns:
       (masked features (N, H, W, C) in the dtype of ``features``, raw probe
-      logits (N, K) of the unmasked features). The relevances g and the mask
-      m, both (N, C), are sown into the "intermediates" collection.
+      logits (N, K) of the unmasked features). The spatial means of the
+      unmasked channels, the relevances g and the mask m, all (N, C), are
+      sown into the "intermediates" collection ("channel_means",
+      "relevance", "mask").
     """
     options = self.options
     probe = Probe(
@@ -258,6 +260,8 @@ class CIFS(nn.Module):
       relevance, options.imgf, options.temperature, options.alpha
     )
     # For analysis (Figures 1 and 3): apply(..., mutable=["intermediates"]).
+    # channel_means: each channel's spatial mean before the mask, (N, C).
+    self.sow("intermediates", "channel_means", layers.global_average_pool(z))
     self.sow("intermediates", "relevance", relevance)
     self.sow("intermediates", "mask", mask)
     masked = features * mask[:, None, None, :].astype(features.dtype)

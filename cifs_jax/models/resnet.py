@@ -123,6 +123,8 @@ class ResNet(nn.Module):
     y = layers.global_average_pool(
       y.astype(jnp.promote_types(y.dtype, jnp.float32))
     )
+    # The penultimate features (N, C) for analysis (Figures 1 and 3).
+    self.sow("intermediates", "penultimate", y)
     logits = layers.torch_linear(self.num_classes, y.shape[-1], name="linear")(
       y
     )

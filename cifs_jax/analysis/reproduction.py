@@ -1,0 +1,354 @@
+"""The reproduction report of several runs, as Markdown with figures.
+
+Every number comes from a run's files: its ``eval_*.json`` reports
+(``evaluation.summary`` describes their layout), ``config.json`` and
+``metrics.jsonl``; the paper's numbers from ``paper_results``. Fields that
+not every report has (AutoAttack, other attacks, extra labels) are shown
+when present.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Sequence
+
+from cifs_jax.analysis import paper_results, run_figures, runs
+from cifs_jax.evaluation import protocols
+
+# Keys of a results dict rendered by their own tables, not as labels.
+TABLE_KEYS = {
+  "protocol",
+  "natural",
+  "attacks",
+  "worst_case",
+  "class_names",
+  "num_classes",
+  "num_probes",
+  "num_examples",
+}
+CHANNEL_FIGURE_GLOB = "analysis/channels_*.png"
+
+
+def pct(value: float | None) -> str:
+  """An accuracy in % with two decimals; "-" when missing."""
+  return "-" if value is None else f"{value:.2f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A Markdown table (cells are converted with ``str``)."""
+  line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+  return "\n".join(
+    [line(header), line(["---"] * len(header)), *(line(r) for r in rows)]
+  )
+
+
+def attack_columns(reports: Sequence[dict]) -> list[tuple[str, str]]:
+  """(attack name, label) of every attack in the reports: the paper's
+  columns first (FGSM, PGD-20, C&W-inf, PGD-100), then others (AutoAttack,
+  ...) in first-seen order."""
+  seen = {}
+  for results in reports:
+    for name, attack in results.get("attacks", {}).items():
+      seen.setdefault(name, attack.get("label", name))
+  known = [n for n in protocols.ATTACK_NAMES if n in seen]
+  return [(n, seen[n]) for n in known + [n for n in seen if n not in known]]
+
+
+def table1_row(results: dict, columns: Sequence[tuple[str, str]]) -> list:
+  """Natural, each attack's worst case and the overall worst case (%)."""
+  attacks = results.get("attacks", {})
+  return (
+    [pct(results["natural"]["top1"])]
+    + [
+      pct(attacks[name]["worst_case"]["top1"]) if name in attacks else "-"
+      for name, _ in columns
+    ]
+    + [pct(results["worst_case"]["top1"])]
+  )
+
+
+def report_labels(results: dict) -> str:
+  """The report's scalar fields beyond the tables ("key=value; ...");
+  nested dicts of scalars are flattened one level ("labels.step=...")."""
+  items = []
+  for key, value in results.items():
+    if key in TABLE_KEYS:
+      continue
+    if isinstance(value, dict):
+      items += [
+        (f"{key}.{k}", v)
+        for k, v in value.items()
+        if isinstance(v, (str, int, float, bool))
+      ]
+    elif isinstance(value, (str, int, float, bool)):
+      items.append((key, value))
+  return "; ".join(f"{k}={v}" for k, v in items)
+
+
+class Run:
+  """One training run: its directory, setting and evaluation reports."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = pathlib.Path(workdir)
+    self.label = runs.run_label(workdir)
+    self.setting = runs.run_setting(runs.load_run_config(workdir))
+    self.reports = runs.eval_reports(workdir)
+
+
+def runs_section(all_runs: Sequence[Run]) -> list[str]:
+  keys = list(all_runs[0].setting)
+  rows = [
+    [run.label] + [run.setting[k] for k in keys] + [", ".join(run.reports)]
+    for run in all_runs
+  ]
+  evaluations = [
+    [
+      run.label,
+      name,
+      results["protocol"]["name"],
+      ", ".join(results["protocol"]["gradient_modes"]),
+      ", ".join(results["protocol"]["betas"]),
+      results["num_examples"],
+      report_labels(results),
+    ]
+    for run in all_runs
+    for name, results in run.reports.items()
+  ]
+  return [
+    "## Runs",
+    "",
+    markdown_table(["run", *keys, "eval reports"], rows),
+    "",
+    "## Evaluation reports",
+    "",
+    markdown_table(
+      [
+        "run",
+        "report",
+        "protocol",
+        "gradient modes",
+        "beta_atk",
+        "examples",
+        "labels",
+      ],
+      evaluations,
+    ),
+    "",
+  ]
+
+
+def table1_section(all_runs: Sequence[Run]) -> list[str]:
+  reports = [r for run in all_runs for r in run.reports.values()]
+  columns = attack_columns(reports)
+  header = ["run", "report", "Natural", *(l for _, l in columns), "Worst case"]
+  rows = [
+    [run.label, name, *table1_row(results, columns)]
+    for run in all_runs
+    for name, results in run.reports.items()
+  ]
+  return [
+    "## Table 1: top-1 accuracy (%)",
+    "",
+    "Each attack's column is the per-example worst case over its runs "
+    "(every beta_atk and gradient mode of the protocol).",
+    "",
+    markdown_table(header, rows),
+    "",
+  ]
+
+
+def paper_section(all_runs: Sequence[Run]) -> list[str]:
+  """Our numbers beside the paper's, for runs in a setting it reports."""
+  header = ["run", "", *(c for c in paper_results.COLUMNS)]
+  rows, notes = [], []
+  for run in all_runs:
+    paper = paper_results.published(run.setting)
+    found = runs.main_report(run.reports)
+    if paper is None or found is None:
+      continue
+    name, results = found
+    ours = {"natural": results["natural"]["top1"]}
+    ours.update(
+      {
+        attack: entry["worst_case"]["top1"]
+        for attack, entry in results["attacks"].items()
+      }
+    )
+    columns = paper_results.COLUMNS
+    rows += [
+      [run.label, f"ours ({name})", *(pct(ours.get(c)) for c in columns)],
+      [
+        run.label,
+        f"paper ({paper.source})",
+        *(pct(paper.accuracies[c]) for c in columns),
+      ],
+      [
+        run.label,
+        "ours - paper",
+        *(
+          "-" if c not in ours else f"{ours[c] - paper.accuracies[c]:+.2f}"
+          for c in columns
+        ),
+      ],
+    ]
+    notes.append(
+      f"{run.label}: the paper's eps is {paper.eps:.5f}, ours "
+      f"{run.setting['eps']:.5f}; {results['num_examples']} test examples."
+    )
+  if not rows:
+    return []
+  return [
+    "## Beside the paper",
+    "",
+    "The paper's numbers are its last-epoch results (Yan et al., ICML "
+    "2021, Tables 1-3).",
+    "",
+    markdown_table(header, rows),
+    "",
+    *(f"- {note}" for note in notes),
+    "",
+  ]
+
+
+def per_beta_section(all_runs: Sequence[Run]) -> list[str]:
+  blocks = ["## Adaptive attack: top-1 per beta_atk (%)", ""]
+  for run in all_runs:
+    for name, results in run.reports.items():
+      attacks = results["attacks"].values()
+      targets = list(
+        dict.fromkeys(t for a in attacks for t in a.get("per_beta", {}))
+      )
+      rows = [
+        [a["label"]]
+        + [pct(a.get("per_beta", {}).get(t)) for t in targets]
+        + [pct(a["worst_case"]["top1"])]
+        for a in attacks
+      ]
+      blocks += [
+        f"### {run.label} / {name}",
+        "",
+        markdown_table(["attack", *targets, "all"], rows),
+        "",
+      ]
+  return blocks
+
+
+def topk_section(all_runs: Sequence[Run]) -> list[str]:
+  rows = []
+  for run in all_runs:
+    for name, results in run.reports.items():
+      summaries = [("Natural", results["natural"])] + [
+        (a["label"], a["worst_case"]) for a in results["attacks"].values()
+      ]
+      rows += [
+        [run.label, name, label] + [pct(s.get(f"top{k}")) for k in (1, 2, 3)]
+        for label, s in summaries
+      ]
+  return [
+    "## Table 4: top-k accuracy (%)",
+    "",
+    markdown_table(
+      ["run", "report", "attack", "top-1", "top-2", "top-3"], rows
+    ),
+    "",
+  ]
+
+
+def table5_section(all_runs: Sequence[Run]) -> list[str]:
+  rows = []
+  heads = list(
+    dict.fromkeys(
+      ["final"]
+      + [
+        head
+        for run in all_runs
+        for results in run.reports.values()
+        for a in results["attacks"].values()
+        for outputs in a.get("table5", {}).values()
+        for head in outputs
+      ]
+    )
+  )
+  for run in all_runs:
+    for name, results in run.reports.items():
+      rows += [
+        [run.label, name, a["label"], point]
+        + [pct(outputs.get(h)) for h in heads]
+        for a in results["attacks"].values()
+        for point, outputs in a.get("table5", {}).items()
+      ]
+  return [
+    "## Table 5: attack point / output head, top-1 (%)",
+    "",
+    "Attack points: final (beta_atk = 0), probes (beta_atk = inf, all "
+    "probes), probe<l> (beta_atk = inf, probe l alone), adaptive (all runs).",
+    "",
+    markdown_table(["run", "report", "attack", "attack point", *heads], rows),
+    "",
+  ]
+
+
+def figures_section(
+  all_runs: Sequence[Run], figure_dir: pathlib.Path, report_dir: pathlib.Path
+) -> list[str]:
+  """Draws the comparison figures into ``figure_dir``; embeds them and the
+  channel figures that ``cifs_jax.analyze`` left in each run."""
+  workdirs = [run.workdir for run in all_runs]
+  figures = []
+  for attack in ("pgd20", "natural"):
+    path = run_figures.per_class_figure(
+      workdirs, attack, figure_dir / f"per_class_{attack}.png"
+    )
+    if path is not None:
+      figures.append((f"Top-1 per class, {attack}", path))
+  figures.append(
+    (
+      "Training curves (Figure 4)",
+      run_figures.training_curves_figure(
+        workdirs, figure_dir / "training_curves.png"
+      ),
+    )
+  )
+  for run in all_runs:
+    figures += [
+      (f"{run.label}: channels, {path.stem}", path)
+      for path in sorted(run.workdir.glob(CHANNEL_FIGURE_GLOB))
+    ]
+  lines = ["## Figures", ""]
+  for title, path in figures:
+    relative = os.path.relpath(path, report_dir)
+    lines += [f"### {title}", "", f"![{title}]({relative})", ""]
+  return lines
+
+
+def build_report(
+  workdirs: Sequence[str | os.PathLike], out_path: str | os.PathLike
+) -> str:
+  """Writes the Markdown report of ``workdirs`` to ``out_path`` and its
+  figures to ``<out_path stem>_figures/``; returns the Markdown."""
+  if not workdirs:
+    raise ValueError("build_report needs at least one run directory.")
+  out_path = pathlib.Path(out_path)
+  figure_dir = out_path.parent / f"{out_path.stem}_figures"
+  all_runs = [Run(workdir) for workdir in workdirs]
+  missing = [run.label for run in all_runs if not run.reports]
+  lines = [
+    "# CIFS reproduction report",
+    "",
+    "Generated by `python -m cifs_jax.report` from the runs' files.",
+    "",
+    *runs_section(all_runs),
+    *table1_section(all_runs),
+    *paper_section(all_runs),
+    *per_beta_section(all_runs),
+    *topk_section(all_runs),
+    *table5_section(all_runs),
+    *figures_section(all_runs, figure_dir, out_path.parent),
+  ]
+  if missing:
+    lines += [f"Runs without eval_*.json reports: {', '.join(missing)}.", ""]
+  markdown = "\n".join(lines)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  out_path.write_text(markdown)
+  return markdown

@@ -1,0 +1,130 @@
+"""What the analysis reads from a training run's directory.
+
+``metrics.jsonl`` (``training.metric_logging``: training rows with
+``train_loss``, evaluation rows with ``epoch``, ``natural_accuracy`` and
+``pgd_accuracy`` in %), the ``eval_*.json`` reports of
+``evaluation.report`` and ``config.json`` (``run_directory.RunDirectory``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from cifs_jax.run_directory import RunDirectory
+from cifs_jax.training.metric_logging import METRICS_FILENAME
+
+EVAL_REPORT_GLOB = "eval_*.json"
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """The rows of ``metrics.jsonl`` by step; of rows repeated by a resumed
+  run (same step and the same keys) the last one is kept."""
+  path = pathlib.Path(workdir) / METRICS_FILENAME
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: not a training run?")
+  rows = {}
+  for number, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}, line {number}: {e}.") from e
+    rows[(row["step"], frozenset(row))] = row
+  return sorted(rows.values(), key=lambda row: row["step"])
+
+
+def training_curves(rows: list[dict]) -> dict[str, np.ndarray]:
+  """Figure 4's curves from ``read_metrics`` rows.
+
+  Returns:
+    {"loss_epoch", "loss"}: the logged training loss at fractional epochs
+    (step / steps per epoch; the step itself when no epoch was evaluated);
+    {"epoch", "natural_accuracy", "pgd_accuracy"}: one entry per evaluated
+    epoch (accuracies in %).
+  """
+  evaluations = [row for row in rows if "epoch" in row]
+  training = [row for row in rows if "train_loss" in row]
+  steps_per_epoch = (
+    evaluations[0]["step"] / evaluations[0]["epoch"] if evaluations else 1.0
+  )
+  column = lambda selected, key: np.array(
+    [row[key] for row in selected], np.float64
+  )
+  return {
+    "loss_epoch": column(training, "step") / steps_per_epoch,
+    "loss": column(training, "train_loss"),
+    "epoch": column(evaluations, "epoch"),
+    "natural_accuracy": column(evaluations, "natural_accuracy"),
+    "pgd_accuracy": column(evaluations, "pgd_accuracy"),
+  }
+
+
+def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
+  """{report name (e.g. "eval_paper_last"): results dict}, sorted by name."""
+  reports = {}
+  for path in sorted(pathlib.Path(workdir).glob(EVAL_REPORT_GLOB)):
+    try:
+      reports[path.stem] = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"Cannot parse {path}: {e}.") from e
+  return reports
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The run's saved config."""
+  return RunDirectory(workdir).load_config()
+
+
+def defense_label(model_config: ml_collections.ConfigDict) -> str:
+  """ "none", "cas", or "cifs" with the IMGF and k when they are not the
+  paper's default (softmax, top-2), e.g. "cifs-sigmoid-top2"."""
+  if model_config.defense != "cifs":
+    return model_config.defense
+  cifs = model_config.cifs
+  if (cifs.imgf, cifs.topk) == ("softmax", 2):
+    return "cifs"
+  return f"cifs-{cifs.imgf}-top{cifs.topk}"
+
+
+def run_setting(config: ml_collections.ConfigDict) -> dict:
+  """The training setting of a run, as the report's run table shows it."""
+  return {
+    "dataset": config.data.name,
+    "model": config.model.name,
+    "width": config.model.width,
+    "defense": defense_label(config.model),
+    "method": config.train.method,
+    "epochs": config.train.epochs,
+    "train_examples": config.train.max_examples,
+    "eps": config.attack.eps,
+    "init_from": config.train.init_from,
+  }
+
+
+def run_label(workdir: str | os.PathLike) -> str:
+  """A run's name in tables and legends: its directory's name."""
+  return pathlib.Path(workdir).resolve().name
+
+
+def main_report(reports: dict[str, dict]) -> tuple[str, dict] | None:
+  """The report the per-class figure reads: the first paper-protocol one
+  (by name), else the first; None without reports."""
+  for name, results in reports.items():
+    if results.get("protocol", {}).get("name") == "paper":
+      return name, results
+  return next(iter(reports.items()), None)
+
+
+def per_class_top1(results: dict, attack: str) -> list[float] | None:
+  """Top-1 (%) per class under ``attack`` ("natural": clean inputs; an
+  attack name: the worst case over its runs); None if not evaluated."""
+  if attack == "natural":
+    return results["natural"]["per_class"]
+  entry = results.get("attacks", {}).get(attack)
+  return None if entry is None else entry["worst_case"]["per_class"]

@@ -1,0 +1,454 @@
+"""The analysis tools (issue 15): channel statistics against hand-computed
+values, the figures' pixel sizes, and the report's numbers against the JSON
+they come from.
+
+The default tests use hand-set models and hand-written run files (seconds);
+``test_commands_on_a_smoke_run`` (slow) trains ``fmnist_resnet10.py:smoke``
+and runs ``python -m cifs_jax.analyze`` and ``python -m cifs_jax.report`` on
+it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from cifs_jax import experiment_config, models
+from cifs_jax.analysis import (
+  channels,
+  class_analysis,
+  features,
+  paper_results,
+  plots,
+  reproduction,
+  run_figures,
+  runs,
+)
+from cifs_jax.evaluation import protocols, report, summary
+from cifs_jax.evaluation.evaluator import protocol_runs
+from cifs_jax.run_directory import RunDirectory
+
+# ----------------------------------------------------- channel statistics
+
+
+def test_channel_statistics_hand_computed():
+  # Three examples, four channels (spatial means).
+  means = np.array(
+    [
+      [2.0, 0.03, 0.0, -1.0],  # largest 2: threshold 0.02
+      [1.0, 0.5, 0.009, 0.0],  # largest 1: threshold 0.01 (0.009 is below)
+      [0.0, 0.0, 0.0, 0.0],  # no channel active
+    ]
+  )
+  weights = np.array([0.1, -0.5, 0.7, 0.1])
+  stats = channels.class_channel_statistics(means, weights)
+  # Descending weight; the tie between channels 0 and 3 keeps index order.
+  np.testing.assert_array_equal(stats.order, [2, 0, 3, 1])
+  np.testing.assert_allclose(stats.weights, [0.7, 0.1, 0.1, -0.5])
+  # Mean |spatial mean| per channel: c0 3/3, c1 0.53/3, c2 0.009/3, c3 1/3.
+  np.testing.assert_allclose(stats.magnitude, [0.009 / 3, 1.0, 1 / 3, 0.53 / 3])
+  # Activated: c0 in ex0, ex1; c1 in ex0, ex1; c2 never; c3 in ex0.
+  np.testing.assert_allclose(stats.frequency, [0.0, 2 / 3, 1 / 3, 2 / 3])
+
+
+def test_activation_threshold_is_relative_to_each_example():
+  # Channel 1 is 1.2 % of example 0's largest and 1.5 % of example 1's.
+  magnitudes = np.array([[100.0, 1.2, 0.5], [1.0, 0.015, 0.005]])
+  frequency = lambda threshold: channels.activation_frequency(
+    magnitudes, threshold
+  )
+  np.testing.assert_allclose(frequency(0.01), [1.0, 1.0, 0.0])
+  # Strictly above: 1.2 is not above 1.2 % of 100.
+  np.testing.assert_allclose(frequency(0.012), [1.0, 0.5, 0.0])
+  np.testing.assert_allclose(frequency(0.02), [1.0, 0.0, 0.0])
+
+
+def test_statistics_refuse_mismatched_channels():
+  with pytest.raises(ValueError, match="class_weights"):
+    channels.class_channel_statistics(np.ones((2, 3)), np.ones(4))
+
+
+# ------------------------------------------------- features of a model
+
+
+def tiny_resnet10(defense: str):
+  """ResNet-10, width 1 (8 channels in layer4), CIFS/CAS at the authors'
+  points (layer3.0, layer4.0)."""
+  config = models.default_config()
+  config.name, config.width, config.defense = "resnet10", 1, defense
+  config.cifs.mlp_hidden = 4
+  return models.build_model(config)
+
+
+def hand_set_variables(model, block_bias, probe_kernel, probe_bias, kernel):
+  """Every parameter zero but layer4_0's bn2 bias (so its output is
+  relu(block_bias) everywhere, for any input), the last CIFS layer's linear
+  probe and the last linear layer; batch statistics mean 0, variance 1."""
+  variables = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+  )
+  zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape), tree)
+  params = zeros(variables["params"])
+  params["layer4_0"]["bn2"]["bias"] = jnp.asarray(block_bias)
+  params["linear"]["kernel"] = jnp.asarray(kernel)
+  if "cifs_layer4_0" in params:
+    head = params["cifs_layer4_0"]["probe"]["head"]
+    head["kernel"], head["bias"] = jnp.asarray(probe_kernel), probe_bias
+  batch_stats = jax.tree_util.tree_map_with_path(
+    lambda path, a: (jnp.ones if path[-1].key == "var" else jnp.zeros)(a.shape),
+    variables["batch_stats"],
+  )
+  return {"params": params, "batch_stats": batch_stats}
+
+
+@pytest.fixture
+def hand_set_cifs():
+  rng = np.random.default_rng(0)
+  block_bias = np.array([0.5, -1.0, 2.0, 0.001, 1.0, 0.0, 3.0, 0.02])
+  probe_kernel = rng.normal(size=(8, 10)).astype(np.float32)
+  probe_bias = jnp.zeros(10)
+  kernel = rng.normal(size=(8, 10)).astype(np.float32)
+  model = tiny_resnet10("cifs")
+  variables = hand_set_variables(
+    model, block_bias, probe_kernel, probe_bias, kernel
+  )
+  return model, variables, block_bias, probe_kernel, kernel
+
+
+def test_cifs_channel_means_of_a_hand_set_model(hand_set_cifs):
+  model, variables, block_bias, probe_kernel, kernel = hand_set_cifs
+  x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+  means = jax.jit(features.channel_means, static_argnums=0)(model, variables, x)
+  assert set(means) == set(features.CIFS_SITES)
+  before = np.maximum(block_bias, 0)  # relu(bias) at every position
+  # Linear probe on the pooled features: logits = before @ W; the top-2
+  # classes' weight columns summed are the relevance (Eq. 1).
+  top2 = np.argsort(-(before @ probe_kernel))[:2]
+  relevance = probe_kernel[:, top2].sum(axis=1)
+  mask = np.exp(relevance) / np.exp(relevance).sum()
+  for row in range(3):
+    np.testing.assert_allclose(means["before_mask"][row], before, rtol=1e-5)
+    np.testing.assert_allclose(
+      means["after_mask"][row], before * mask, rtol=1e-5, atol=1e-7
+    )
+  # The last CIFS layer feeds the head: its output is the penultimate layer.
+  _, state = model.apply(variables, x, mutable=["intermediates"])
+  np.testing.assert_allclose(
+    state["intermediates"]["penultimate"][0],
+    means["after_mask"],
+    rtol=1e-5,
+    atol=1e-7,
+  )
+  # Figures 1/3 for class 3: hand-sorted weights, 1 % threshold.
+  stats = channels.class_channel_statistics(means["before_mask"], kernel[:, 3])
+  np.testing.assert_array_equal(stats.order, np.argsort(-kernel[:, 3]))
+  # Largest magnitude 3: channels above 0.03 are 0, 2, 4, 6 (not 0.02, 0.001).
+  active = np.array([1, 0, 1, 0, 1, 0, 1, 0], float)
+  np.testing.assert_allclose(stats.frequency, active[stats.order])
+
+
+@pytest.mark.parametrize("defense", ["none", "cas"])
+def test_plain_models_give_their_penultimate_features(defense):
+  model = tiny_resnet10(defense)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+  means = jax.jit(features.channel_means, static_argnums=0)(model, variables, x)
+  assert list(means) == ["penultimate"]
+  # Independent truth: the head's input recovered from its output.
+  logits, _ = jax.jit(model.apply)(variables, x)
+  params = variables["params"]["linear"]
+  np.testing.assert_allclose(
+    means["penultimate"] @ params["kernel"] + params["bias"],
+    logits,
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
+def test_analyze_class_on_a_hand_set_model(hand_set_cifs):
+  """The whole pipeline: every example has the same features (the model
+  ignores its input), so natural and adversarial statistics agree."""
+  from cifs_jax import data
+
+  model, variables, block_bias, _, kernel = hand_set_cifs
+  rng = np.random.default_rng(0)
+  split = data.Split(
+    rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8),
+    np.array([0, 3] * 6, np.int32),
+    10,
+  )
+  examples = class_analysis.class_examples(split, 3, 5)
+  assert len(examples) == 5 and set(examples.labels.tolist()) == {3}
+  attack = class_analysis.paper_attack("pgd20", 0.1)
+  analysis = class_analysis.analyze_class(
+    model, variables, examples, 3, attack, batch_size=4
+  )
+  assert analysis["num_examples"] == 5
+  for site in features.CIFS_SITES:
+    natural = analysis["statistics"][site]["natural"]
+    adversarial = analysis["statistics"][site]["adversarial"]
+    np.testing.assert_array_equal(natural.order, np.argsort(-kernel[:, 3]))
+    np.testing.assert_allclose(natural.magnitude, adversarial.magnitude)
+  before = analysis["statistics"]["before_mask"]["natural"]
+  np.testing.assert_allclose(
+    before.magnitude, np.maximum(block_bias, 0)[before.order], rtol=1e-5
+  )
+
+
+# ------------------------------------------------ run files and figures
+
+
+def png_size(path) -> tuple[int, int]:
+  with Image.open(path) as image:
+    assert image.format == "PNG"
+    return image.size
+
+
+def fake_results(seed: int, num_probes: int = 2) -> dict:
+  """An evaluation's results dict from random true-class ranks."""
+  rng = np.random.default_rng(seed)
+  protocol = protocols.paper_protocol(0.1).select(["fgsm", "pgd20"])
+  all_runs = protocol_runs(protocol, num_probes)
+  n = 40
+  ranks = lambda: rng.integers(1, 4, (n, 1 + num_probes))
+  return summary.summarize(
+    protocol,
+    all_runs,
+    labels=rng.integers(0, 10, n),
+    clean_ranks=ranks(),
+    run_ranks={run.name: ranks() for run in all_runs},
+    num_classes=10,
+    class_names=[f"class {c}" for c in range(10)],
+  )
+
+
+def write_fake_run(directory: pathlib.Path, defense: str, seed: int) -> dict:
+  """config.json, metrics.jsonl (2 epochs of 4 steps) and eval_paper.json."""
+  config = experiment_config.base_config()
+  config.model.defense = defense
+  run = RunDirectory(directory)
+  run.save_config(config)
+  rows = [
+    {"step": 2, "train_loss": 2.0, "train_accuracy": 10.0},
+    {"step": 4, "train_loss": 1.5, "train_accuracy": 30.0},
+    {"step": 4, "epoch": 1, "natural_accuracy": 40.0, "pgd_accuracy": 20.0},
+    {"step": 6, "train_loss": 1.2, "train_accuracy": 40.0},
+    {"step": 6, "train_loss": 1.1, "train_accuracy": 45.0},  # resumed: kept
+    {"step": 8, "epoch": 2, "natural_accuracy": 50.0, "pgd_accuracy": 25.0},
+  ]
+  (directory / "metrics.jsonl").write_text(
+    "\n".join(json.dumps(r) for r in rows) + "\n"
+  )
+  results = fake_results(seed, num_probes=0 if defense == "none" else 2)
+  report.write_json(results, str(directory / "eval_paper.json"))
+  return results
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+  results = {}
+  for name, defense, seed in (("vanilla", "none", 1), ("cifs", "cifs", 2)):
+    results[name] = write_fake_run(tmp_path / name, defense, seed)
+  return tmp_path, results
+
+
+def test_training_curves_from_metrics(fake_runs):
+  directory, _ = fake_runs
+  curves = runs.training_curves(runs.read_metrics(directory / "cifs"))
+  np.testing.assert_allclose(curves["loss_epoch"], [0.5, 1.0, 1.5])
+  np.testing.assert_allclose(curves["loss"], [2.0, 1.5, 1.1])
+  np.testing.assert_allclose(curves["epoch"], [1, 2])
+  np.testing.assert_allclose(curves["pgd_accuracy"], [20, 25])
+  np.testing.assert_allclose(curves["natural_accuracy"], [40, 50])
+
+
+def test_figures_have_their_pixel_size(fake_runs, tmp_path):
+  directory, _ = fake_runs
+  workdirs = [directory / "vanilla", directory / "cifs"]
+  path = run_figures.per_class_figure(workdirs, "pgd20", tmp_path / "pc.png")
+  assert png_size(path) == plots.PER_CLASS_SIZE
+  path = run_figures.training_curves_figure(workdirs, tmp_path / "tc.png")
+  assert png_size(path) == plots.TRAINING_CURVES_SIZE
+  assert (
+    run_figures.per_class_figure(workdirs, "cw", tmp_path / "x.png") is None
+  )
+  stats = channels.class_channel_statistics(
+    np.abs(np.random.default_rng(0).normal(size=(5, 16))), np.arange(16.0)
+  )
+  path = plots.plot_channel_panel(
+    {site: {"natural": stats, "adversarial": stats} for site in ("a", "b")},
+    "title",
+    tmp_path / "channels.png",
+  )
+  width, height = plots.CHANNEL_PANEL_COLUMN_SIZE
+  assert png_size(path) == (2 * width, height)
+
+
+def markdown_table(markdown: str, section: str) -> list[list[str]]:
+  """The cells of the first table after the heading ``section`` (header,
+  separator, body rows)."""
+  lines = markdown.split(f"## {section}", 1)[1].splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+  table = []
+  for line in lines[start:]:
+    if not line.startswith("|"):
+      break
+    table.append([cell.strip() for cell in line.strip("|").split("|")])
+  return table
+
+
+def markdown_rows(markdown: str, section: str) -> list[list[str]]:
+  """The body rows of the first table after the heading ``section``."""
+  return markdown_table(markdown, section)[2:]
+
+
+def test_report_numbers_equal_the_json(fake_runs, tmp_path):
+  directory, results = fake_runs
+  out = tmp_path / "out" / "report.md"
+  markdown = reproduction.build_report(
+    [directory / "vanilla", directory / "cifs"], out
+  )
+  assert out.read_text() == markdown
+  table1 = {row[0]: row for row in markdown_rows(markdown, "Table 1")}
+  for name, expected in results.items():
+    row = table1[name]
+    assert row[1] == "eval_paper"
+    values = [float(v) for v in row[2:]]
+    assert values == [
+      round(expected["natural"]["top1"], 2),
+      round(expected["attacks"]["fgsm"]["worst_case"]["top1"], 2),
+      round(expected["attacks"]["pgd20"]["worst_case"]["top1"], 2),
+      round(expected["worst_case"]["top1"], 2),
+    ]
+  topk = markdown_rows(markdown, "Table 4")
+  pgd = next(r for r in topk if r[0] == "cifs" and r[2] == "PGD-20")
+  worst = results["cifs"]["attacks"]["pgd20"]["worst_case"]
+  assert [float(v) for v in pgd[3:]] == [
+    round(worst[f"top{k}"], 2) for k in (1, 2, 3)
+  ]
+  table5_header = markdown_table(markdown, "Table 5")[0]
+  assert table5_header[4:] == ["final", "probe0", "probe1"]
+  per_beta = results["cifs"]["attacks"]["pgd20"]["per_beta"]
+  assert f"| {per_beta['inf/probe1']:.2f} |" in markdown
+  # Embedded figures exist, relative to the report.
+  images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+  assert len(images) == 3  # per class (pgd20, natural), training curves
+  for image in images:
+    assert png_size(out.parent / image)[0] > 0
+
+
+def test_report_sets_the_paper_beside_matching_runs(fake_runs, tmp_path):
+  directory, results = fake_runs
+  # base_config is the paper's CIFAR-10 ResNet-18 PGD-AT setting.
+  markdown = reproduction.build_report([directory / "cifs"], tmp_path / "r.md")
+  rows = markdown_rows(markdown, "Beside the paper")
+  paper = paper_results.PUBLISHED[("cifar10", "resnet18", "cifs", "pgd_at")]
+  assert rows[1][2:] == ["83.86", "58.86", "51.23", "50.16", "48.70"]
+  ours = results["cifs"]["attacks"]["pgd20"]["worst_case"]["top1"]
+  assert float(rows[2][4]) == pytest.approx(
+    ours - paper.accuracies["pgd20"], abs=0.006
+  )
+  assert rows[0][5:] == ["-", "-"]  # C&W and PGD-100 not evaluated
+
+
+def test_setting_names_non_paper_cifs_variants():
+  config = experiment_config.apply_variants(
+    experiment_config.base_config(), "sigmoid,top1"
+  )
+  setting = runs.run_setting(config)
+  assert setting["defense"] == "cifs-sigmoid-top1"
+  assert paper_results.published(setting) is None
+  assert math.isclose(
+    paper_results.published(
+      runs.run_setting(experiment_config.base_config())
+    ).accuracies["natural"],
+    83.86,
+  )
+
+
+# ------------------------------------------------- commands, smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """``fmnist_resnet10.py:smoke`` on real Fashion-MNIST with a minimal final
+  evaluation (FGSM on 64 test examples)."""
+  from tests import test_training_e2e as e2e
+
+  if not (e2e.FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+    pytest.skip("needs Debian's dataset-fashion-mnist")
+  workdir = tmp_path_factory.mktemp("smoke")
+  config = e2e.load_config(
+    "fmnist_resnet10", "smoke", "--config.eval.final_attacks=fgsm"
+  )
+  e2e.trainer_lib.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def run_command(*args: str) -> str:
+  """Runs ``python -m <args>`` in the repository; returns its stdout."""
+  import subprocess
+  import sys
+
+  from tests import test_training_e2e as e2e
+
+  result = subprocess.run(
+    [sys.executable, "-m", *args],
+    cwd=e2e.REPO,
+    env={**e2e.subprocess_env(""), "JAX_NUM_CPU_DEVICES": "1"},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.mark.slow
+def test_commands_on_a_smoke_run(smoke_run, tmp_path):
+  """analyze writes the channel panel (2 columns: before/after the mask),
+  its numbers and the comparison figures; report's Table 1 equals the
+  run's eval JSON and embeds the channel figure."""
+  stdout = run_command(
+    "cifs_jax.analyze",
+    f"--workdir={smoke_run}",
+    "--class=Trouser",
+    "--attack=fgsm",
+    "--num_examples=16",
+  )
+  assert "class 'Trouser': 16 examples" in stdout
+  analysis = smoke_run / "analysis"
+  width, height = plots.CHANNEL_PANEL_COLUMN_SIZE
+  assert png_size(analysis / "channels_Trouser_fgsm.png") == (2 * width, height)
+  numbers = json.loads((analysis / "channels_Trouser_fgsm.json").read_text())
+  assert numbers["class_index"] == 1 and numbers["num_examples"] == 16
+  stats = numbers["statistics"]["after_mask"]["natural"]
+  assert len(stats["order"]) == 64  # layer4 of the width-8 ResNet-10
+  assert stats["weights"] == sorted(stats["weights"], reverse=True)
+  saved = np.load(analysis / "channels_Trouser_fgsm.npz")
+  assert saved["adversarial/before_mask"].shape == (16, 64)
+  assert png_size(analysis / "per_class_fgsm.png") == plots.PER_CLASS_SIZE
+  assert png_size(analysis / "training_curves.png") == (
+    plots.TRAINING_CURVES_SIZE
+  )
+
+  out = tmp_path / "report.md"
+  run_command("cifs_jax.report", "--runs", str(smoke_run), "--out", str(out))
+  markdown = out.read_text()
+  results = json.loads((smoke_run / "eval_paper.json").read_text())
+  (row,) = markdown_rows(markdown, "Table 1")
+  assert row[1] == "eval_paper"
+  assert [float(v) for v in row[2:]] == [
+    round(results["natural"]["top1"], 2),
+    round(results["attacks"]["fgsm"]["worst_case"]["top1"], 2),
+    round(results["worst_case"]["top1"], 2),
+  ]
+  assert "channels_Trouser_fgsm.png" in markdown
