@@ -45,6 +45,7 @@ def backbone(batch):
 
 
 def test_lazy_init_gives_linen_init_and_round_trips(backbone, batch):
+  """The key given to lazy_init yields linen's init(key, x); loads stick."""
   linen_model, variables = backbone
   model = nnx.bridge.ToNNX(linen_model)
   model.lazy_init(batch[0], rngs=jax.random.key(0))
@@ -56,6 +57,7 @@ def test_lazy_init_gives_linen_init_and_round_trips(backbone, batch):
 
 
 def test_load_rejects_variables_of_another_model(backbone, batch):
+  """Wrong shapes, unknown and missing paths are named; nothing is loaded."""
   linen_model, variables = backbone
   model = nnx.bridge.ToNNX(linen_model)
   model.lazy_init(batch[0], rngs=jax.random.key(0))
@@ -66,8 +68,8 @@ def test_load_rejects_variables_of_another_model(backbone, batch):
   ):
     nnx_bridge.load_linen_variables(model, wider)
 
-  extra = {**variables, "params": {**variables["params"], "extra": {}}}
-  extra["params"]["extra"] = {"kernel": jnp.zeros(3)}
+  extra_kernel = {"extra": {"kernel": jnp.zeros(3)}}
+  extra = {**variables, "params": {**variables["params"], **extra_kernel}}
   with pytest.raises(ValueError, match=r"unknown params/extra/kernel \(3,\)"):
     nnx_bridge.load_linen_variables(model, extra)
 
@@ -102,7 +104,11 @@ def test_backbone_training_mode_matches_linen(backbone, batch):
 
 
 class MaskedClassifier(nnx.Module):
-  """An NNX model with a CIFS layer: conv, CIFS, average pool, linear head."""
+  """An NNX model with a CIFS layer: conv, CIFS, average pool, linear head.
+
+  ``features``: an example input of the CIFS layer, (N, H, W, 6), for the
+  shapes of its variables.
+  """
 
   def __init__(self, cifs: models.CIFS, features: jax.Array, rngs: nnx.Rngs):
     self.conv = nnx.Conv(1, 6, (3, 3), rngs=rngs)
