@@ -389,7 +389,7 @@ def train_and_evaluate(
         models.build_model(config.model),  # float32 attacks
         trainer.parallel.unreplicate(state).variables,
         trainer.test_split,
-        trainer.run,
+        trainer.run.path,
         protocol_name=config.eval.final_protocol,
         num_examples=config.eval.final_num_examples,
         attack_names=config.eval.final_attacks,
