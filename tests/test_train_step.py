@@ -200,6 +200,7 @@ def test_friendly_pgd_takes_a_traced_tau():
   assert attack._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_fat_tau_schedule_reaches_the_attack_of_one_compiled_step(
   monkeypatch,
 ):
@@ -242,7 +243,9 @@ def captured_attack_losses(monkeypatch, config, make_step):
 
   monkeypatch.setattr(step_lib.attacks, "pgd", recording_pgd)
   model = models.build_model(config.model, bn_axis_name=BATCH_AXIS)
-  state = train_state.create_train_state(model, (32, 32, 3), config, 1)
+  state = jax.eval_shape(
+    lambda: train_state.create_train_state(model, (32, 32, 3), config, 1)
+  )
   split = random_split(4)
   step, in_axes, args = make_step(model, state, split)
   jax.eval_shape(jax.vmap(step, in_axes=in_axes, axis_name=BATCH_AXIS), *args)
