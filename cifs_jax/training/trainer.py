@@ -365,12 +365,11 @@ def train_and_evaluate(
   try:
     if trainer.is_complete() and not config.eval.rerun_final:
       logging.info(
-        "The run in %s is complete (%d epochs); nothing to do. Its final "
-        "report is %s. Pass --config.eval.rerun_final=True to evaluate it "
-        "again, or a larger --config.train.epochs to train on.",
+        "The run in %s is complete (train.epochs=%d); nothing to do. Pass "
+        "--config.eval.rerun_final=True to evaluate it again, or a larger "
+        "--config.train.epochs to train on.",
         workdir,
         config.train.epochs,
-        trainer.run.report_path(f"eval_{config.eval.final_protocol}", ".json"),
       )
       return {}
     state = trainer.train()
