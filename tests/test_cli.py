@@ -16,6 +16,7 @@ from ml_collections import config_flags
 import pytest
 
 from cifs_jax import experiment_config, library_logs, main
+from cifs_jax import run_directory
 from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training import trainer as trainer_lib
 
@@ -252,3 +253,13 @@ def test_quiet_installs_the_filter_on_absls_handler():
     assert library_filter.level == logging.INFO
   finally:
     handler.removeFilter(library_filter)
+
+
+def test_natural_pretrain_is_the_authors_recipe():
+  """Natural training, 50 epochs at a constant 0.1, ranked by natural
+  accuracy."""
+  config = parse(config="configs/cifar_resnet18.py:natural_pretrain")
+  assert config.train.method == "natural" and config.train.epochs == 50
+  assert config.train.learning_rate == 0.1 and config.train.lr_milestones == ()
+  assert run_directory.best_metric(config) == "natural_accuracy"
+  experiment_config.validate(config)
