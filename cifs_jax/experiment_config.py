@@ -18,6 +18,8 @@ argument of ``--config``, comma-separated). Sections:
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 
 from cifs_jax import data, losses, models, parallel
@@ -25,6 +27,37 @@ from cifs_jax.evaluation import protocols
 from cifs_jax.validation import check_choice, check_known_keys
 
 METHODS = ("natural", "pgd_at", "fat", "trades")
+
+_positive = (lambda v: v > 0, "> 0")
+_non_negative = (lambda v: v >= 0, ">= 0")
+_count_or_all = (lambda v: v == -1 or v > 0, "-1 (all) or > 0")
+# Allowed values of the numeric keys: key -> (test, description). Pixel
+# values are in [0, 1] (images are scaled to [0, 1]).
+RANGES = {
+  "train.epochs": _positive,
+  "train.batch_size": _positive,
+  "train.learning_rate": _positive,
+  "train.lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+  "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+  "train.weight_decay": _non_negative,
+  "train.loss_beta": _non_negative,
+  "train.loss_scale": _positive,
+  "train.max_examples": _count_or_all,
+  "train.log_every_steps": _positive,
+  "attack.eps": (lambda v: 0 <= v <= 1, "in [0, 1] (pixel units; 8/255)"),
+  "attack.step_size": (lambda v: 0 < v <= 1, "in (0, 1] (pixel units)"),
+  "attack.num_steps": _positive,
+  "attack.unroll": _positive,
+  "fat.tau": _non_negative,
+  "trades.beta": _non_negative,
+  "eval.every_epochs": _positive,
+  "eval.num_examples": _count_or_all,
+  "eval.batch_size": _positive,
+  "eval.pgd_steps": _positive,
+  "eval.beta_atk": _non_negative,
+  "eval.final_num_examples": _count_or_all,
+  "checkpoint.keep": _positive,
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
       "lr_decay": 0.1,
       "momentum": 0.9,
       "weight_decay": 2e-4,  # coupled (added to the gradient), as SGD
-      "loss_beta": losses.DEFAULT_BETA,  # Eq. 3's beta (CAS: its beta)
+      # Eq. 3's beta (CAS: its beta), also of the loss PGD maximises to craft
+      # the training examples.
+      "loss_beta": losses.DEFAULT_BETA,
       "loss_scale": losses.REFERENCE_SCALE,  # 3: the authors' loss
       "max_examples": -1,  # train on the first n examples; -1: all
       "log_every_steps": 50,
@@ -56,11 +91,16 @@ def base_config() -> ml_collections.ConfigDict:
       "step_size": 2 / 255,
       "num_steps": 10,
       "random_start": True,
-      "beta": losses.DEFAULT_BETA,  # the joint loss the attacker maximises
       "unroll": 1,  # steps per iteration of the attack loop
     }
   )
-  config.fat = ml_collections.ConfigDict({"tau": 0})
+  config.fat = ml_collections.ConfigDict(
+    {
+      "tau": 0,  # FAT's tau in the first epochs (an int >= 0)
+      # tau + 1 from each of these epochs on: FAT's dynamic tau.
+      "tau_milestones": (50, 90),
+    }
+  )
   config.trades = ml_collections.ConfigDict({"beta": 6.0})
   config.eval = ml_collections.ConfigDict(
     {
@@ -68,7 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
       "num_examples": 1000,  # test subset evaluated during training
       "batch_size": 256,
       "pgd_steps": 20,  # the reference's per-epoch PGD-20
+      "beta_atk": losses.DEFAULT_BETA,  # the per-epoch PGD's joint loss
       "final": True,  # the full evaluation after training
+      "rerun_final": False,  # a complete run, run again: evaluate it again
       "final_protocol": "paper",
       "final_attacks": (),  # subset of fgsm, pgd20, cw, pgd100
       "final_num_examples": -1,  # -1: the whole test set
@@ -97,11 +139,22 @@ def _smoke(config):
   config.eval.final_num_examples = 64
 
 
+def _natural_pretrain(config):
+  """The authors' natural pre-training of a CIFS model, the start of their
+  adversarial training (``train.init_from``): 50 epochs at a constant
+  learning rate 0.1; checkpoints ranked by natural accuracy (their log: best
+  87.88 % at epoch 45)."""
+  config.train.method = "natural"
+  config.train.epochs = 50
+  config.train.lr_milestones = ()
+
+
 VARIANTS = {
   "cifs": lambda c: setattr(c.model, "defense", "cifs"),
   "cas": lambda c: setattr(c.model, "defense", "cas"),
   "vanilla": lambda c: setattr(c.model, "defense", "none"),
   "natural": lambda c: setattr(c.train, "method", "natural"),
+  "natural_pretrain": _natural_pretrain,
   "pgd_at": lambda c: setattr(c.train, "method", "pgd_at"),
   "fat": lambda c: setattr(c.train, "method", "fat"),
   "trades": lambda c: setattr(c.train, "method", "trades"),
@@ -149,28 +202,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   except ValueError as e:
     raise ValueError(f"config.eval.final_attacks: {e}") from e
-  positive = {
-    "config.train.epochs": config.train.epochs,
-    "config.train.batch_size": config.train.batch_size,
-    "config.train.learning_rate": config.train.learning_rate,
-    "config.train.log_every_steps": config.train.log_every_steps,
-    "config.attack.num_steps": config.attack.num_steps,
-    "config.attack.unroll": config.attack.unroll,
-    "config.eval.every_epochs": config.eval.every_epochs,
-    "config.eval.batch_size": config.eval.batch_size,
-    "config.checkpoint.keep": config.checkpoint.keep,
-  }
-  for name, value in positive.items():
-    if not value > 0:
-      raise ValueError(f"{name}={value!r} must be > 0.")
-  if config.attack.eps < 0 or config.attack.step_size < 0:
-    raise ValueError(
-      "config.attack.eps and config.attack.step_size must be >= 0."
-    )
-  if config.fat.tau < 0:
-    raise ValueError(f"config.fat.tau={config.fat.tau!r} must be >= 0.")
-  if list(config.train.lr_milestones) != sorted(config.train.lr_milestones):
-    raise ValueError(
-      "config.train.lr_milestones must be increasing, got "
-      f"{config.train.lr_milestones}."
-    )
+  for key, (in_range, allowed) in RANGES.items():
+    value = _lookup(config, key)
+    if not in_range(value):
+      raise ValueError(f"config.{key}={value!r} must be {allowed}.")
+  for key in ("train.lr_milestones", "fat.tau_milestones"):
+    epochs = list(_lookup(config, key))
+    if epochs != sorted(epochs) or any(e < 0 for e in epochs):
+      raise ValueError(
+        f"config.{key}={tuple(epochs)} must be increasing epochs >= 0."
+      )
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+  """``config["a.b"]`` as ``config.a.b``."""
+  return functools.reduce(lambda node, part: node[part], key.split("."), config)

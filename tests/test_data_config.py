@@ -40,7 +40,6 @@ def test_augment_options_defaults_and_overrides():
   [
     ("name", "mnist", r"name='mnist'.*\('cifar10', 'svhn', 'fashion_mnist'\)"),
     ("source", "npz", r"source='npz'.*\('tfds', 'files'\)"),
-    ("data_dir", 3, "data_dir=3 must be a path"),
   ],
 )
 def test_bad_values_list_the_allowed_ones(key, value, message):
@@ -57,10 +56,18 @@ def test_bad_augment_options():
     ValueError, match="crop_padding=-1 must be None or an int >= 0"
   ):
     data.validate(config)
+
+
+@pytest.mark.parametrize(
+  "key,value", [("data_dir", 3), ("augment.flip", "yes")]
+)
+def test_none_default_keys_are_typed(key, value):
+  """Typed placeholders: the command line can set them, and a value of
+  another type is refused when set, naming the key."""
   config = data.default_config()
-  config.augment.flip = "yes"
-  with pytest.raises(ValueError, match="flip='yes' must be None, True or"):
-    data.validate(config)
+  section, _, name = key.rpartition(".")
+  with pytest.raises(TypeError, match=rf"'{name}'.*cannot be casted"):
+    (config[section] if section else config)[name] = value
 
 
 def test_bad_split_and_unknown_keys():

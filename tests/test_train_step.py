@@ -31,12 +31,21 @@ def random_split(num_examples=48, seed=0):
 
 
 def run_steps(
-  config, state, split, parallel_mode, num_devices, num_steps=3, batch_size=16
+  config,
+  state,
+  split,
+  parallel_mode,
+  num_devices,
+  num_steps=3,
+  batch_size=16,
+  steps_per_epoch=3,
 ):
   model = models.build_model(config.model, bn_axis_name=BATCH_AXIS)
   parallel = Parallel.create(parallel_mode, jax.local_devices()[:num_devices])
   step = parallel.compile(
-    step_lib.make_train_step(model, config, data.augment_options(config.data)),
+    step_lib.make_train_step(
+      model, config, data.augment_options(config.data), steps_per_epoch
+    ),
     sharded_args=(False, False, True),
   )
   state = parallel.replicate(state)
@@ -150,3 +159,131 @@ def test_every_method_trains(method):
   trained = run_steps(config, state, split, "pmap", 2, num_steps=2)
   assert int(trained.step) == 2
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(trained.params))
+
+
+def test_fat_tau_schedule_is_fats_dynamic_tau():
+  """FAT's reference (FAT.py, ``adjust_tau``) with milestones (50, 90):
+  tau 0 in epochs 1-50, 1 in 51-90, 2 after; 10 steps per epoch."""
+  config = smoke_config("fat")
+  config.fat.tau_milestones = (50, 90)
+  tau = jax.jit(step_lib.fat_tau_schedule(config, steps_per_epoch=10))
+  steps = {0: 0, 499: 0, 500: 1, 899: 1, 900: 2, 1199: 2}
+  assert {s: int(tau(s)) for s in steps} == steps
+  config.fat.tau = 3
+  assert int(tau(0)) == 0  # the schedule read the config when made
+  tau = step_lib.fat_tau_schedule(config, steps_per_epoch=10)
+  assert [int(tau(s)) for s in (0, 500, 900)] == [3, 4, 5]
+
+
+def test_friendly_pgd_takes_a_traced_tau():
+  """One compilation serves every tau; examples that the linear model gets
+  wrong from the start take exactly tau steps of 0.02 (the eps-ball of 0.1
+  is not reached)."""
+  rng = np.random.default_rng(0)
+  weights = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
+  x = jnp.asarray(rng.uniform(0.2, 0.8, (32, 12)), jnp.float32)
+  labels = jnp.asarray((np.argmax(np.asarray(x @ weights), 1) + 1) % 3)
+  config = attacks.PGDConfig(
+    eps=0.1, step_size=0.02, num_steps=10, random_start=False
+  )
+  loss = step_lib.defense_loss("none", beta=2.0)
+  attack = jax.jit(
+    lambda tau: attacks.friendly_pgd(
+      linear_logits_fn(weights), x, labels, None, loss, config, tau
+    )
+  )
+  distances = [np.abs(np.asarray(attack(jnp.int32(t)) - x)) for t in range(3)]
+  np.testing.assert_array_equal(distances[0], 0)
+  np.testing.assert_allclose(distances[1], 0.02, rtol=1e-5)
+  # A second step may move a pixel back; it moves none further.
+  assert np.max(distances[2]) == pytest.approx(0.04, rel=1e-5)
+  assert attack._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_fat_tau_schedule_reaches_the_attack_of_one_compiled_step(
+  monkeypatch,
+):
+  """The step passes the scheduled tau to FAT's attack: with a milestone at
+  epoch 1 and 2 steps per epoch, steps 0-3 attack with tau 0, 0, 1, 1
+  (seen on the host as the attack runs), all from one compilation."""
+  taus = []
+  friendly_pgd = attacks.friendly_pgd
+
+  def recording(logits_fn, x, y, key, loss_fn, pgd_config, tau):
+    jax.debug.callback(lambda t: taus.append(int(t)), tau)
+    return friendly_pgd(logits_fn, x, y, key, loss_fn, pgd_config, tau)
+
+  monkeypatch.setattr(step_lib.attacks, "friendly_pgd", recording)
+  config = smoke_config("fat")
+  config.fat.tau_milestones = (1,)
+  model = models.build_model(config.model)
+  state = train_state.create_train_state(model, (32, 32, 3), config, 2)
+  run_steps(
+    config,
+    state,
+    random_split(64),
+    "pmap",
+    1,
+    num_steps=4,
+    steps_per_epoch=2,
+  )
+  assert taus == [0, 0, 1, 1]
+
+
+def captured_attack_losses(monkeypatch, config, make_step):
+  """The loss functions that the step ``make_step(model, state, split) ->
+  (step, vmap in_axes, args)`` passes to ``attacks.pgd`` (traced only)."""
+  losses_seen = []
+  pgd = attacks.pgd
+
+  def recording_pgd(logits_fn, x, y, key, loss_fn, pgd_config):
+    losses_seen.append(loss_fn)
+    return pgd(logits_fn, x, y, key, loss_fn, pgd_config)
+
+  monkeypatch.setattr(step_lib.attacks, "pgd", recording_pgd)
+  model = models.build_model(config.model, bn_axis_name=BATCH_AXIS)
+  state = jax.eval_shape(
+    lambda: train_state.create_train_state(model, (32, 32, 3), config, 1)
+  )
+  split = random_split(4)
+  step, in_axes, args = make_step(model, state, split)
+  jax.eval_shape(jax.vmap(step, in_axes=in_axes, axis_name=BATCH_AXIS), *args)
+  return losses_seen
+
+
+def test_training_attack_uses_the_loss_beta_and_the_check_beta_atk(
+  monkeypatch,
+):
+  """PGD crafting training examples maximises the training loss (beta
+  ``train.loss_beta``); the per-epoch check, the joint loss at
+  ``eval.beta_atk``. Compared on fixed logits with Eq. 3 at those betas."""
+  config = smoke_config()
+  config.train.loss_beta, config.eval.beta_atk = 0.5, 7.0
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(5, 10)), jnp.float32)
+  probes = [jnp.asarray(rng.normal(size=(5, 10)), jnp.float32)] * 2
+  labels = jnp.arange(5)
+
+  def train_step(model, state, split):
+    step = step_lib.make_train_step(
+      model, config, data.augment_options(config.data), 1
+    )
+    indices = np.arange(4, dtype=np.int32)[None]
+    return step, (None, None, 0), (state, split, indices)
+
+  def eval_step(model, state, split):
+    step = step_lib.make_eval_step(model, config)
+    batch = data.Batch(
+      split.images[None], split.labels[None], np.ones((1, 4), bool)
+    )
+    return step, (None, 0), (state, batch)
+
+  for make_step, beta in ((train_step, 0.5), (eval_step, 7.0)):
+    (loss_fn,) = captured_attack_losses(monkeypatch, config, make_step)
+    np.testing.assert_allclose(
+      loss_fn(logits, probes, labels),
+      step_lib.defense_loss("cifs", beta)(logits, probes, labels),
+      rtol=1e-6,
+    )
+    monkeypatch.undo()

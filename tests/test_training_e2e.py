@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 from absl import flags
 import jax
@@ -49,7 +50,13 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 # At least these (the step may add more, e.g. train_grad_norm).
-TRAIN_KEYS = {"step", "train_loss", "train_accuracy", "images_per_second"}
+TRAIN_KEYS = {
+  "step",
+  "train_loss",
+  "train_accuracy",
+  "images_per_second",
+  "learning_rate",
+}
 EVAL_KEYS = {
   "step",
   "epoch",
@@ -254,7 +261,8 @@ def check_workdir(
   lines = read_jsonl(workdir)
   train_lines = [l for l in lines if "train_loss" in l]
   eval_lines = [l for l in lines if "pgd_accuracy" in l]
-  assert len(train_lines) + len(eval_lines) == len(lines)
+  final_lines = [l for l in lines if "final/natural" in l]
+  assert len(train_lines) + len(eval_lines) + len(final_lines) == len(lines)
   every = config.train.log_every_steps
   assert [l["step"] for l in train_lines] == [
     e * steps_per_epoch + s
@@ -265,7 +273,9 @@ def check_workdir(
     assert set(line) >= TRAIN_KEYS
     assert all(math.isfinite(v) for v in line.values())
     assert line["train_loss"] > 0
-    assert 0 <= line["train_accuracy"] <= 1
+    assert 0 <= line["train_accuracy"] <= 100  # percent, as evaluation's
+    # Smoke configs have no milestones: the constant rate.
+    assert line["learning_rate"] == config.train.learning_rate
     assert line["images_per_second"] > 0
   assert [l["step"] for l in eval_lines] == [
     (e + 1) * steps_per_epoch for e in range(epochs)
@@ -317,9 +327,13 @@ def check_workdir(
   reports = sorted(p.name for p in workdir.glob("eval_*.json"))
   if config.eval.final:
     assert reports == [f"eval_{config.eval.final_protocol}.json"]
-    json.loads((workdir / reports[0]).read_text())
+    report = json.loads((workdir / reports[0]).read_text())
+    # Its headline numbers in metrics.jsonl (and so TensorBoard), at the end.
+    assert [l["step"] for l in final_lines] == [total_steps]
+    assert final_lines[0]["final/natural"] == report["natural"]["top1"]
+    assert final_lines[0]["final/worst_case"] == report["worst_case"]["top1"]
   else:
-    assert not reports
+    assert not reports and not final_lines
 
 
 @pytest.fixture(scope="module")
@@ -506,6 +520,10 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(
     timeout=300,
   )
   assert second.returncode == 0, second.stderr[-3000:]
+  # Third-party INFO lines are off by default: Orbax used to log about 30
+  # for this run's one checkpoint save (see --library_verbosity).
+  orbax_lines = [l for l in second.stderr.splitlines() if "orbax" in l]
+  assert len(orbax_lines) <= 2, orbax_lines
   assert (
     f"Resuming from {workdir} at epoch 0, step {stopped_at}." in second.stderr
   )
@@ -515,6 +533,34 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(
   assert steps == [stopped_at, SMOKE_FMNIST_STEPS]
   assert metadata == expected_metadata
   assert_states_equal(state, expected_state)
+
+
+def test_rerunning_a_complete_run_says_so_and_changes_nothing(
+  tmp_path, fmnist_smoke
+):
+  """The finished smoke run, run again: nothing is trained, evaluated or
+  written; with eval.rerun_final the final evaluation runs again (here
+  without the robustness report) and gives the same numbers."""
+  source, config, results, _ = fmnist_smoke
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  before = snapshot(workdir)
+  with contextlib.ExitStack() as stack:
+    messages = stack.enter_context(
+      mock.patch.object(trainer_lib.logging, "info")
+    )
+    assert trainer_lib.train_and_evaluate(config, str(workdir)) == {}
+  assert any("is complete" in str(c) for c in messages.call_args_list)
+  # (The metric logger opens a new, empty TensorBoard file.)
+  without_events = lambda files: {
+    k: v for k, v in files.items() if not k.startswith("tensorboard")
+  }
+  assert without_events(snapshot(workdir)) == without_events(before)
+  again = load_config(
+    "fmnist_resnet10", "smoke", NO_FINAL_EVAL, "--config.eval.rerun_final=True"
+  )
+  assert trainer_lib.train_and_evaluate(again, str(workdir)) == results
+  assert snapshot(workdir / "checkpoints") == snapshot(source / "checkpoints")
 
 
 # ------------------------------------------------------ failures and guards

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from cifs_jax.data.info import DATASETS, SPLITS, get_info
 from cifs_jax.validation import check_choice, check_known_keys
@@ -33,10 +34,11 @@ def default_config(name: str = "cifar10") -> ml_collections.ConfigDict:
     {
       "name": name,
       "source": "tfds",
-      "data_dir": None,
+      # Typed placeholders (None by default) can be set on the command line.
+      "data_dir": config_dict.placeholder(str),
       "augment": {
-        "crop_padding": None,
-        "flip": None,
+        "crop_padding": config_dict.placeholder(int),
+        "flip": config_dict.placeholder(bool),
       },
     }
   )

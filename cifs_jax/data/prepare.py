@@ -8,10 +8,15 @@ TensorFlow)::
   pip install -r requirements-prepare.txt
   python -m cifs_jax.data.prepare --name=cifar10 [--data_dir=DIR]
 
-(``tfds build`` would also need apache-beam, hence this command.)
+(``tfds build`` would also need apache-beam, hence this command.) Without
+those packages it says what to install, or how to read the original files
+instead (``data.source = "files"``, README "Data").
 """
 
 from __future__ import annotations
+
+import importlib.util
+import sys
 
 from absl import app, flags, logging
 import tensorflow_datasets as tfds
@@ -29,8 +34,35 @@ _DATA_DIR = flags.DEFINE_string(
 )
 
 
+# Modules TFDS needs to prepare a dataset, beyond requirements.txt.
+PREPARE_MODULES = ("tensorflow", "importlib_resources")
+
+
+class MissingPackagesError(ModuleNotFoundError):
+  """What preparing needs is not installed; the message says what to do."""
+
+
+def check_prepare_modules() -> None:
+  """Raises MissingPackagesError naming each module of ``PREPARE_MODULES``
+  that is not installed, what to install and the alternative."""
+  missing = [m for m in PREPARE_MODULES if importlib.util.find_spec(m) is None]
+  if missing:
+    raise MissingPackagesError(
+      f"Preparing a TFDS dataset needs {', '.join(missing)} (not installed): "
+      "pip install -r requirements-prepare.txt "
+      "(tensorflow-cpu, importlib_resources). Or prepare nothing: download "
+      "the original files and train with --config.data.source=files "
+      '--config.data.data_dir=DIR (README.md, "Data").'
+    )
+
+
 def prepare(name: str, data_dir: str | None = None) -> str:
-  """Downloads and prepares dataset ``name``; returns its directory."""
+  """Downloads and prepares dataset ``name``; returns its directory.
+
+  Raises:
+    MissingPackagesError: TensorFlow or importlib_resources is missing.
+  """
+  check_prepare_modules()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   # Keep TensorFlow off the accelerators (as flax's examples do).
@@ -44,9 +76,11 @@ def prepare(name: str, data_dir: str | None = None) -> str:
 
 def main(argv):
   del argv
-  logging.info(
-    "Prepared %s in %s.", _NAME.value, prepare(_NAME.value, _DATA_DIR.value)
-  )
+  try:
+    directory = prepare(_NAME.value, _DATA_DIR.value)
+  except MissingPackagesError as e:
+    sys.exit(f"FATAL {e}")
+  logging.info("Prepared %s in %s.", _NAME.value, directory)
 
 
 if __name__ == "__main__":

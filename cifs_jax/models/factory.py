@@ -17,10 +17,13 @@ The ``model`` section (``default_config()``):
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
 
 import flax.linen as nn
 import ml_collections
+from ml_collections import config_dict
 
 from cifs_jax.models.cifs import CIFSOptions
 from cifs_jax.models.defense import KINDS, Defense
@@ -47,22 +50,49 @@ DEFAULT_PLACEMENT = {
 }
 
 
+def typed_placeholder(hint: Any) -> config_dict.FieldReference:
+  """A None config value that the command line can set: its type is the
+  annotation ``hint`` without None (``float | None`` -> float,
+  ``tuple[str, ...]`` -> tuple)."""
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is (
+    typing.Union
+  ):
+    (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+  return config_dict.placeholder(typing.get_origin(hint) or hint)
+
+
+def _dataclass_config(cls: type, defaults: Any = None) -> dict[str, Any]:
+  """The fields of dataclass ``cls`` as config values: those of the
+  instance ``defaults``, a typed placeholder where a default is None (or
+  every field, without ``defaults``)."""
+  hints = typing.get_type_hints(cls)
+  values = {}
+  for field in dataclasses.fields(cls):
+    value = None if defaults is None else getattr(defaults, field.name)
+    values[field.name] = (
+      typed_placeholder(hints[field.name]) if value is None else value
+    )
+  return values
+
+
 def default_config() -> ml_collections.ConfigDict:
-  """The ``model`` config section: CIFS ResNet-18 as in the paper."""
+  """The ``model`` config section: CIFS ResNet-18 as in the paper.
+
+  Keys whose default is None are typed placeholders, so that
+  ``--config.model.width=16`` works on the command line.
+  """
   return ml_collections.ConfigDict(
     {
       "name": "resnet18",
       "num_classes": 10,
-      "width": None,
+      "width": config_dict.placeholder(int),
       "defense": "cifs",
       "cifs": {
-        "layers": None,
-        "probes": None,
-        "mlp_hidden": None,
-        **dataclasses.asdict(CIFSOptions()),
+        **_dataclass_config(Placement),
+        **_dataclass_config(CIFSOptions, CIFSOptions()),
       },
       "cas": {
-        "layers": None,
+        "layers": typed_placeholder(typing.get_type_hints(Placement)["layers"]),
       },
     }
   )
@@ -85,13 +115,28 @@ def defense_from_config(config: ml_collections.ConfigDict) -> Defense:
     probes=tuple(cifs.probes or placement.probes),
     mlp_hidden=cifs.mlp_hidden or placement.mlp_hidden,
     zero_bias=zero_bias,
-    cifs=CIFSOptions(
+    cifs=cifs_options(config),
+  )
+
+
+def cifs_options(config: ml_collections.ConfigDict) -> CIFSOptions:
+  """The ``CIFSOptions`` of a ``model`` section; ValueError naming the key
+  (``model.cifs.<option>``) of a bad value."""
+  try:
+    options = CIFSOptions(
       **{
-        field.name: cifs[field.name]
+        field.name: config.cifs[field.name]
         for field in dataclasses.fields(CIFSOptions)
       }
-    ),
-  )
+    )
+  except ValueError as e:
+    raise ValueError(f"model.cifs.{e}") from e
+  if options.topk > config.num_classes:
+    raise ValueError(
+      f"model.cifs.topk={options.topk} must be <= model.num_classes "
+      f"({config.num_classes})."
+    )
+  return options
 
 
 def build_model(
@@ -113,6 +158,7 @@ def build_model(
   """
   check_known_keys(config, default_config(), "model.")
   check_choice("model.name", config.name, ARCHITECTURES)
+  cifs_options(config)  # checked whatever the defence
   defense = defense_from_config(config)
   if config.name == "wrn28_10":
     return WideResNet(

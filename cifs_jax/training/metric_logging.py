@@ -10,7 +10,9 @@
 * ``<workdir>/tensorboard/events.out.tfevents.*``: TensorBoard scalar events,
   written with tensorboardX, which needs no TensorFlow. (clu's
   ``metric_writers`` imports TensorFlow unconditionally, so it is not used.)
-* an absl ``logging.info`` line per call.
+* an absl ``logging.info`` line per call (unless ``echo=False``).
+
+Accuracies are percentages everywhere (training and evaluation).
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ class MetricLogger:
       filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}",
     )
 
-  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    """Records ``scalars`` (name -> number, incl. 0-d arrays) at ``step``."""
+  def write_scalars(
+    self, step: int, scalars: Mapping[str, float], echo: bool = True
+  ) -> None:
+    """Records ``scalars`` (name -> number, incl. 0-d arrays) at ``step``;
+    ``echo``: also log them (off while a progress bar is drawn)."""
     if not self.is_chief:
       return
     if "step" in scalars:
@@ -70,9 +75,10 @@ class MetricLogger:
     self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     for name, value in values.items():
       self._tensorboard.add_scalar(name, value, global_step=int(step))
-    logging.info(
-      "[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-    )
+    if echo:
+      logging.info(
+        "[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+      )
 
   def close(self) -> None:
     """Flushes and closes the files."""

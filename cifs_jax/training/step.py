@@ -35,8 +35,8 @@ def defense_loss(
 
   CIFS: Eq. 3's joint loss (times ``scale``); CAS: CE + beta * mean of the
   auxiliary CEs (the joint loss with scale 1 + beta); vanilla:
-  cross-entropy. The same function, with the attack's beta, is what PGD
-  maximises during training.
+  cross-entropy. The training loss is also what PGD maximises to craft the
+  training examples.
   """
   if defense_kind == "cas":
     scale = 1.0 + beta
@@ -65,6 +65,25 @@ def attack_config(config: ml_collections.ConfigDict) -> attacks.PGDConfig:
   )
 
 
+def fat_tau_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> Callable[[Array], Array]:
+  """FAT's tau at a training step: ``fat.tau``, plus 1 from each epoch of
+  ``fat.tau_milestones`` on (FAT's dynamic tau: (50, 90) gives 0 in epochs
+  1-50, 1 in 51-90, 2 after).
+
+  Returns ``tau(step)``: the global step (int scalar, may be traced) ->
+  int32 tau, so that one compiled step serves every value.
+  """
+  milestones = jnp.asarray(config.fat.tau_milestones, jnp.int32)
+
+  def tau(step: Array) -> Array:
+    epoch = step // steps_per_epoch
+    return config.fat.tau + jnp.sum(epoch >= milestones, dtype=jnp.int32)
+
+  return tau
+
+
 def _example_keys(state: TrainState, indices: Array) -> tuple[Array, Array]:
   """Per-example (augmentation keys, attack keys), each (B,).
 
@@ -82,6 +101,7 @@ def make_train_step(
   model: nn.Module,
   config: ml_collections.ConfigDict,
   augment_options: dict[str, Any],
+  steps_per_epoch: int,
 ) -> Callable[
   [TrainState, data.Split, Array], tuple[TrainState, dict[str, Array]]
 ]:
@@ -90,26 +110,32 @@ def make_train_step(
   The returned ``step(state, split, indices)`` takes the replicated state,
   the whole training split on the device (uint8 images (N, H, W, C), int32
   labels (N,)) and this device's (B,) example indices; it returns the new
-  state and the batch metrics {"loss", "accuracy", "grad_norm"} averaged
-  over devices.
-  The model must use ``bn_axis_name=BATCH_AXIS``.
+  state and the batch metrics {"loss", "accuracy" (%), "grad_norm"}
+  averaged over devices. ``steps_per_epoch`` places a step in its epoch
+  (FAT's tau schedule). The model must use ``bn_axis_name=BATCH_AXIS``.
   """
   method = config.train.method
   kind = model.defense.kind
   train_loss = defense_loss(
     kind, config.train.loss_beta, config.train.loss_scale
   )
-  attack_loss = defense_loss(kind, config.attack.beta)
   pgd_config = attack_config(config.attack)
+  fat_tau = fat_tau_schedule(config, steps_per_epoch)
 
   def craft(state, x, y, attack_keys):
     """The inputs to train on (gradient stopped)."""
     logits_fn = lambda v: model.apply(state.variables, v, train=False)
     if method == "pgd_at":
-      x = attacks.pgd(logits_fn, x, y, attack_keys, attack_loss, pgd_config)
+      x = attacks.pgd(logits_fn, x, y, attack_keys, train_loss, pgd_config)
     elif method == "fat":
       x = attacks.friendly_pgd(
-        logits_fn, x, y, attack_keys, attack_loss, pgd_config, config.fat.tau
+        logits_fn,
+        x,
+        y,
+        attack_keys,
+        train_loss,
+        pgd_config,
+        fat_tau(state.step),
       )
     elif method == "trades":
       natural_logits = lax.stop_gradient(logits_fn(x)[0])
@@ -165,7 +191,7 @@ def make_train_step(
     # before any checkpoint of the updated parameters is written.
     metrics = {
       "loss": loss,
-      "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+      "accuracy": 100 * jnp.mean(jnp.argmax(logits, -1) == y),
       "grad_norm": optax.tree.norm(grads),
     }
     return state, lax.pmean(metrics, BATCH_AXIS)
@@ -179,7 +205,9 @@ def make_eval_step(
   """The per-device evaluation during training: natural and PGD accuracy.
 
   PGD is the reference's per-epoch check: ``eval.pgd_steps`` steps of size
-  eps / 10 from the clean input on the training attack's loss. Returns
+  eps / 10 from the clean input on the joint loss at beta_atk =
+  ``eval.beta_atk`` (the authors check at 2, whatever the training beta).
+  Returns
   counts summed over devices: {"count", "natural_correct", "pgd_correct"}
   over the valid (mask) rows of the batch.
   """
@@ -191,7 +219,7 @@ def make_eval_step(
     random_start=False,
     unroll=config.attack.unroll,
   )
-  attack_loss = defense_loss(model.defense.kind, config.attack.beta)
+  attack_loss = defense_loss(model.defense.kind, config.eval.beta_atk)
 
   def step(state: TrainState, batch: data.Batch) -> dict[str, Array]:
     x, y = data.to_float(batch.images), batch.labels

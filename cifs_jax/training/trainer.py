@@ -29,7 +29,11 @@ from cifs_jax.parallel import BATCH_AXIS, Parallel
 from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training import metric_logging
 from cifs_jax.training import step as step_lib
-from cifs_jax.training.train_state import TrainState, create_train_state
+from cifs_jax.training.train_state import (
+  TrainState,
+  create_train_state,
+  learning_rate_schedule,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,7 +102,6 @@ class Trainer:
           f"number of devices ({num_devices})."
         )
     self.run.check_compatible(config)
-    self.run.save_config(config)
 
     self.train_split = data.load_split(config.data, "train").head(
       config.train.max_examples
@@ -123,10 +126,19 @@ class Trainer:
       config,
       self.steps_per_epoch,
     )
+    # Written once the config has built the data and the model, so a config
+    # that fails there leaves no config.json behind.
+    self.run.save_config(config)
+    self.learning_rate = learning_rate_schedule(
+      config.train, self.steps_per_epoch
+    )
     self.device_train = self.parallel.replicate(self.train_split)
     self.train_step = self.parallel.compile(
       step_lib.make_train_step(
-        self.model, config, data.augment_options(config.data)
+        self.model,
+        config,
+        data.augment_options(config.data),
+        self.steps_per_epoch,
       ),
       sharded_args=(False, False, True),
       donate_first=True,
@@ -270,16 +282,20 @@ class Trainer:
           window_steps * images_per_step / (now - window_start)
         )
         window_start, window_steps = now, 0
+        global_step = epoch * self.steps_per_epoch + position.step
+        # The bar shows them; a log line would break it.
         self.logger.write_scalars(
-          epoch * self.steps_per_epoch + position.step,
+          global_step,
           {
             **{f"train_{k}": v for k, v in host.items()},
             "images_per_second": images_per_second,
+            "learning_rate": float(self.learning_rate(global_step - 1)),
           },
+          echo=False,
         )
         bar.set_postfix(
           loss=f"{host['loss']:.3f}",
-          acc=f"{host['accuracy']:.3f}",
+          acc=f"{host['accuracy']:.1f}%",
           img_s=f"{images_per_second:.0f}",
         )
       bar.update(1)
@@ -308,9 +324,26 @@ class Trainer:
   def _host_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
 
+  def is_complete(self) -> bool:
+    """Whether the workdir's last checkpoint ends ``train.epochs``."""
+    latest = self.checkpointer.latest_step()
+    return latest is not None and latest >= (
+      self.config.train.epochs * self.steps_per_epoch
+    )
+
   def close(self) -> None:
     self.checkpointer.close()
     self.logger.close()
+
+
+def table1_scalars(results: dict) -> dict[str, float]:
+  """The headline numbers (%) of a ``cifs_jax.evaluation`` results dict:
+  natural accuracy and the worst case of each attack and of all attacks."""
+  scalars = {"final/natural": results["natural"]["top1"]}
+  for name, attack in results["attacks"].items():
+    scalars[f"final/{name}"] = attack["worst_case"]["top1"]
+  scalars["final/worst_case"] = results["worst_case"]["top1"]
+  return scalars
 
 
 def train_and_evaluate(
@@ -320,13 +353,25 @@ def train_and_evaluate(
 
   Returns the evaluation of the final state on ``eval.final_num_examples``
   test examples (natural and PGD accuracy, %); an empty dict if a stop was
-  requested before training finished. With ``eval.final``, also runs the
-  robustness evaluation of ``eval.final_protocol`` (``cifs_jax.evaluation``)
-  and writes ``eval_<protocol>.json`` / ``.md`` to the workdir (single-host
-  runs; on several hosts run ``python -m cifs_jax.evaluate`` afterwards).
+  requested before training finished, or if the workdir's run was already
+  complete (then nothing runs, unless ``eval.rerun_final``). With
+  ``eval.final``, also runs the robustness evaluation of
+  ``eval.final_protocol`` (``cifs_jax.evaluation``), writes
+  ``eval_<protocol>.json`` / ``.md`` to the workdir and its headline numbers
+  (``table1_scalars``) to the metric logs (single-host runs; on several
+  hosts run ``python -m cifs_jax.evaluate`` afterwards).
   """
   trainer = Trainer(config, workdir)
   try:
+    if trainer.is_complete() and not config.eval.rerun_final:
+      logging.info(
+        "The run in %s is complete (train.epochs=%d); nothing to do. Pass "
+        "--config.eval.rerun_final=True to evaluate it again, or a larger "
+        "--config.train.epochs to train on.",
+        workdir,
+        config.train.epochs,
+      )
+      return {}
     state = trainer.train()
     if trainer.stop_request:
       return {}
@@ -338,7 +383,7 @@ def train_and_evaluate(
         "only: run python -m cifs_jax.evaluate afterwards."
       )
     elif config.eval.final:
-      runner.evaluate_and_publish(
+      report = runner.evaluate_and_publish(
         config,
         models.build_model(config.model),  # float32 attacks
         trainer.parallel.unreplicate(state).variables,
@@ -347,6 +392,9 @@ def train_and_evaluate(
         protocol_name=config.eval.final_protocol,
         num_examples=config.eval.final_num_examples,
         attack_names=config.eval.final_attacks,
+      )
+      trainer.logger.write_scalars(
+        config.train.epochs * trainer.steps_per_epoch, table1_scalars(report)
       )
     return results
   finally:

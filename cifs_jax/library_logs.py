@@ -1,0 +1,56 @@
+"""Keeps third-party log lines (Orbax, TensorStore, JAX, ...) off the console.
+
+Orbax alone logs about 60 INFO lines per checkpoint save, which bury the
+progress bar and the results. ``quiet(level)`` drops the records of
+installed packages (files under ``site-packages`` / ``dist-packages``, other
+than ``cifs_jax`` itself) below ``level``; this project's own records pass.
+The entry points call it with their ``--library_verbosity`` flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+from absl import logging as absl_logging
+
+LEVELS = {
+  "debug": logging.DEBUG,
+  "info": logging.INFO,
+  "warning": logging.WARNING,
+  "error": logging.ERROR,
+}
+_INSTALL_DIRS = ("site-packages", "dist-packages")
+_OWN_PACKAGE = "cifs_jax"
+
+
+def installed_package(pathname: str) -> str | None:
+  """The top-level package of an installed file, e.g.
+  ".../site-packages/orbax/checkpoint/x.py" -> "orbax"; None elsewhere."""
+  parts = pathlib.PurePath(pathname).parts
+  for directory, package in zip(parts[:-1], parts[1:]):
+    if directory in _INSTALL_DIRS:
+      return package
+  return None
+
+
+class LibraryFilter(logging.Filter):
+  """Passes this project's records and third-party records at ``level`` or
+  above."""
+
+  def __init__(self, level: int):
+    super().__init__()
+    self.level = level
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    package = installed_package(record.pathname)
+    return package in (None, _OWN_PACKAGE) or record.levelno >= self.level
+
+
+def quiet(level_name: str = "warning") -> LibraryFilter:
+  """Drops third-party records below ``level_name`` (a key of ``LEVELS``)
+  from absl's handler, which prints every record (absl's and Python's) on
+  the console; returns the installed filter."""
+  library_filter = LibraryFilter(LEVELS[level_name])
+  absl_logging.get_absl_handler().addFilter(library_filter)
+  return library_filter
