@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       "num_steps": 10,
       "random_start": True,
       "beta": losses.DEFAULT_BETA,  # the joint loss the attacker maximises
-      "unroll": 1,  # steps per iteration of the attack loop
+      "unroll": 0,  # steps per attack-loop iteration; 0: per backend
     }
   )
   config.fat = ml_collections.ConfigDict({"tau": 0})
@@ -155,7 +155,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "config.train.learning_rate": config.train.learning_rate,
     "config.train.log_every_steps": config.train.log_every_steps,
     "config.attack.num_steps": config.attack.num_steps,
-    "config.attack.unroll": config.attack.unroll,
     "config.eval.every_epochs": config.eval.every_epochs,
     "config.eval.batch_size": config.eval.batch_size,
     "config.checkpoint.keep": config.checkpoint.keep,
@@ -163,6 +162,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, value in positive.items():
     if not value > 0:
       raise ValueError(f"{name}={value!r} must be > 0.")
+  if config.attack.unroll < 0:
+    raise ValueError(
+      f"config.attack.unroll={config.attack.unroll!r} must be >= 0 "
+      "(0: chosen per backend)."
+    )
   if config.attack.eps < 0 or config.attack.step_size < 0:
     raise ValueError(
       "config.attack.eps and config.attack.step_size must be >= 0."

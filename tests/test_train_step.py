@@ -150,3 +150,10 @@ def test_every_method_trains(method):
   trained = run_steps(config, state, split, "pmap", 2, num_steps=2)
   assert int(trained.step) == 2
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(trained.params))
+
+
+def test_config_rejects_a_negative_unroll():
+  config = experiment_config.base_config()
+  config.attack.unroll = -1
+  with pytest.raises(ValueError, match="config.attack.unroll=-1"):
+    experiment_config.validate(config)
