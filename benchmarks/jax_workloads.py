@@ -20,6 +20,7 @@ import numpy as np
 
 from benchmarks import harness
 from cifs_jax import attacks, data, evaluation, experiment_config, models
+from cifs_jax.attacks import geometry
 from cifs_jax.parallel import BATCH_AXIS, Parallel
 from cifs_jax.training import step as step_lib, train_state
 
@@ -81,6 +82,13 @@ def _fully_unrolled(config):
   return config
 
 
+def _unrolls_fully(attack_config) -> bool:
+  """Whether the compiled attack loop is unrolled (then its cost analysis
+  counts every step)."""
+  steps = attack_config.num_steps
+  return geometry.loop_unroll(attack_config.unroll, steps) >= steps
+
+
 def train_step(config, batch_size: int) -> Workload:
   """One training step of ``config`` on a batch of ``batch_size``."""
   model = models.build_model(
@@ -98,14 +106,18 @@ def train_step(config, batch_size: int) -> Workload:
   compiled, compile_s = harness.compile_ahead(
     _train_program(model, config, parallel), *args
   )
-  unrolled = _train_program(model, _fully_unrolled(config), parallel)
+  if _unrolls_fully(config.attack):
+    step_flops = harness.flops(compiled)
+  else:
+    unrolled = _train_program(model, _fully_unrolled(config), parallel)
+    step_flops = harness.flops(unrolled.lower(*args))
   states = [state]
 
   def run():
     states[0], metrics = compiled(states[0], split, indices)
     jax.block_until_ready(metrics)
 
-  return Workload(run, compile_s, harness.flops(unrolled.lower(*args)))
+  return Workload(run, compile_s, step_flops)
 
 
 def _pgd20_correct(attack):
@@ -147,11 +159,14 @@ def pgd20_eval(config, batch_size: int, num_images: int) -> Workload:
   ]
   args = (logits_fn, *batches[0], weights)
   compiled, compile_s = harness.compile_ahead(_pgd20_correct(pgd20), *args)
-  unrolled = dataclasses.replace(
-    pgd20,
-    config=dataclasses.replace(pgd20.config, unroll=pgd20.config.num_steps),
-  )
-  batch_flops = harness.flops(_pgd20_correct(unrolled).lower(*args))
+  if _unrolls_fully(pgd20.config):
+    batch_flops = harness.flops(compiled)
+  else:
+    unrolled = dataclasses.replace(
+      pgd20,
+      config=dataclasses.replace(pgd20.config, unroll=pgd20.config.num_steps),
+    )
+    batch_flops = harness.flops(_pgd20_correct(unrolled).lower(*args))
 
   def run():
     jax.block_until_ready(
