@@ -90,6 +90,7 @@ def _smoke(config):
   config.train.lr_milestones = ()
   config.train.log_every_steps = 2
   config.attack.num_steps = 2
+  config.attack.unroll = 1  # tiny models: compile time dominates, rolled
   config.eval.num_examples = 64
   config.eval.batch_size = 64
   config.eval.pgd_steps = 2
