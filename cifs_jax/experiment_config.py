@@ -47,7 +47,7 @@ RANGES = {
   "attack.eps": (lambda v: 0 <= v <= 1, "in [0, 1] (pixel units; 8/255)"),
   "attack.step_size": (lambda v: 0 < v <= 1, "in (0, 1] (pixel units)"),
   "attack.num_steps": _positive,
-  "attack.unroll": _positive,
+  "attack.unroll": (_non_negative[0], ">= 0 (0: chosen per backend)"),
   "fat.tau": _non_negative,
   "trades.beta": _non_negative,
   "eval.every_epochs": _positive,
@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
       "step_size": 2 / 255,
       "num_steps": 10,
       "random_start": True,
-      "unroll": 1,  # steps per iteration of the attack loop
+      "unroll": 0,  # steps per attack-loop iteration; 0: per backend
     }
   )
   config.fat = ml_collections.ConfigDict(
@@ -132,6 +132,7 @@ def _smoke(config):
   config.train.lr_milestones = ()
   config.train.log_every_steps = 2
   config.attack.num_steps = 2
+  config.attack.unroll = 1  # tiny models: compile time dominates, rolled
   config.eval.num_examples = 64
   config.eval.batch_size = 64
   config.eval.pgd_steps = 2

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifs_jax import attacks
+from cifs_jax.attacks import apgd, geometry
 
 EPS = 8 / 255
 IMAGE_SHAPE = (4, 4, 3)
@@ -437,3 +438,35 @@ def test_attack_on_a_batch_sharded_over_devices_matches_one_device():
   x_adv = attack(*jax.device_put((x, y, keys), sharded))
   assert x_adv.sharding.is_equivalent_to(sharded, x_adv.ndim)
   np.testing.assert_allclose(x_adv, attack(x, y, keys), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "unroll, num_steps, backend, expected",
+  [
+    (3, 10, "cpu", 3),  # explicit: kept
+    (3, 10, "gpu", 3),
+    (0, 10, "cpu", 10),  # automatic on CPU: the whole short loop
+    (0, 100, "cpu", geometry.CPU_MAX_UNROLL),
+    (0, 10, "gpu", 1),  # automatic elsewhere: rolled
+    (0, 100, "tpu", 1),
+  ],
+)
+def test_loop_unroll_is_explicit_or_chosen_per_backend(
+  unroll, num_steps, backend, expected
+):
+  assert geometry.loop_unroll(unroll, num_steps, backend) == expected
+
+
+def test_automatic_unroll_follows_the_default_backend():
+  assert geometry.loop_unroll(0, 5) == (
+    5 if jax.default_backend() == "cpu" else 1
+  )
+
+
+def test_negative_unroll_is_rejected():
+  with pytest.raises(ValueError, match="unroll must be >= 0"):
+    geometry.loop_unroll(-1, 10)
+  with pytest.raises(ValueError, match="unroll must be >= 0"):
+    attacks.PGDConfig(unroll=-1)
+  with pytest.raises(ValueError, match="unroll must be >= 0"):
+    apgd.APGDConfig(unroll=-1)

@@ -265,3 +265,22 @@ def test_config_errors_name_the_problem():
     model.init(jax.random.key(0), jnp.zeros((1, *CIFAR)))
   with pytest.raises(ValueError, match="one probe per layer"):
     dataclasses.replace(model.defense, probes=("mlp",))
+
+
+@pytest.mark.parametrize("name", ["resnet10", "wrn28_10"])
+def test_half_precision_stem_keeps_steps_below_the_bfloat16_grid(name):
+  # Pixels > 0.5 on bfloat16's 1/256 grid; a 0.4/255 step is below half
+  # that spacing, so casting the input to bfloat16 would undo it exactly.
+  width = 1 if name == "wrn28_10" else 4
+  model = models.build_model(
+    model_config(name, "cifs", width=width), dtype=jnp.bfloat16
+  )
+  grid = jax.random.randint(jax.random.key(0), (2, *CIFAR), 129, 255) / 256
+  sign = jnp.sign(jax.random.normal(jax.random.key(1), grid.shape))
+  stepped = grid + 0.4 / 255 * sign
+  assert jnp.all(stepped.astype(jnp.bfloat16) == grid.astype(jnp.bfloat16))
+  variables = model.init(jax.random.key(2), grid)
+  apply = jax.jit(model.apply)
+  assert not np.array_equal(
+    apply(variables, grid)[0], apply(variables, stepped)[0]
+  )

@@ -287,3 +287,10 @@ def test_training_attack_uses_the_loss_beta_and_the_check_beta_atk(
       rtol=1e-6,
     )
     monkeypatch.undo()
+
+
+def test_config_rejects_a_negative_unroll():
+  config = experiment_config.base_config()
+  config.attack.unroll = -1
+  with pytest.raises(ValueError, match="config.attack.unroll=-1"):
+    experiment_config.validate(config)

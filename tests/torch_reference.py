@@ -82,13 +82,16 @@ class CIFSBlock(BasicBlock):
 
 
 class ResNet18CIFS(nn.Module):
-  def __init__(self):
+  """``width``: channels of the first stage; ``cifs=False``: the vanilla
+  ResNet-18 (no CIFS modules, no probe logits)."""
+
+  def __init__(self, width=64, cifs=True):
     super().__init__()
-    self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
+    self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
     blocks = []
-    in_planes = 64
-    for stage, planes in enumerate((64, 128, 256)):
+    in_planes = width
+    for stage, planes in enumerate((width, 2 * width, 4 * width)):
       stride = 1 if stage == 0 else 2
       blocks.append(
         nn.Sequential(
@@ -97,16 +100,23 @@ class ResNet18CIFS(nn.Module):
       )
       in_planes = planes
     self.layer1, self.layer2, self.layer3 = blocks
+    last = 8 * width
     self.layer4 = nn.ModuleList(
-      [CIFSBlock(256, 512, 2, mlp=True), CIFSBlock(512, 512, 1, mlp=False)]
+      [CIFSBlock(in_planes, last, 2, mlp=True), CIFSBlock(last, last, 1, False)]
+      if cifs
+      else [BasicBlock(in_planes, last, 2), BasicBlock(last, last, 1)]
     )
-    self.linear = nn.Linear(512, 10)
+    self.cifs = cifs
+    self.linear = nn.Linear(last, 10)
 
   def forward(self, x, labels=None):
     out = F.relu(self.bn1(self.conv1(x)))
     out = self.layer3(self.layer2(self.layer1(out)))
     probe_logits = []
     for block in self.layer4:
+      if not self.cifs:
+        out = block(out)
+        continue
       out, logits = block(out, labels)
       probe_logits.append(logits)
     out = F.avg_pool2d(out, 4).flatten(1)

@@ -48,9 +48,11 @@ from cifs_jax.attacks.objectives import AttackLoss, LogitsFn
 
 # pgd's helpers, shared rather than rewritten (the package re-exports the
 # function ``pgd`` under the module's name, hence the names).
+from cifs_jax.attacks.geometry import AUTO_UNROLL
 from cifs_jax.attacks.geometry import NORMS
 from cifs_jax.attacks.geometry import ascent_direction
 from cifs_jax.attacks.geometry import keep_stronger
+from cifs_jax.attacks.geometry import loop_unroll
 from cifs_jax.attacks.geometry import per_example_norm
 from cifs_jax.attacks.geometry import project
 
@@ -80,7 +82,8 @@ class APGDConfig:
     rho: the fraction of increasing steps below which a checkpoint halves the
       step size (the reference's ``thr_decr``).
     eot_iter: gradient draws per step; above 1 ``logits_fn`` takes a key.
-    unroll: steps per iteration of the compiled loop (``lax.scan``'s unroll).
+    unroll: steps per iteration of the compiled loop (``lax.scan``'s
+      unroll); 0 (the default) picks per backend (``loop_unroll``).
   """
 
   eps: float = 8 / 255
@@ -91,7 +94,7 @@ class APGDConfig:
   num_target_classes: int = 9
   rho: float = 0.75
   eot_iter: int = 1
-  unroll: int = 1
+  unroll: int = AUTO_UNROLL
 
   def __post_init__(self):
     if self.loss == "ce":
@@ -111,14 +114,14 @@ class APGDConfig:
         self.num_restarts,
         self.num_target_classes,
         self.eot_iter,
-        self.unroll,
       )
       < 1
     ):
       raise ValueError(
-        "num_steps, num_restarts, num_target_classes, eot_iter "
-        "and unroll must be >= 1."
+        "num_steps, num_restarts, num_target_classes and eot_iter must be >= 1."
       )
+    if self.unroll < AUTO_UNROLL:
+      raise ValueError(f"unroll must be >= 0 (0: automatic), {self.unroll=}.")
 
   @property
   def targeted(self) -> bool:
@@ -368,7 +371,9 @@ def _run(draw, loss_fn, x, y, target, key, config):
     jnp.arange(config.num_steps),
     jnp.asarray(checkpoint_lengths(config.num_steps)),
   )
-  state, _ = lax.scan(step, state, schedule, unroll=config.unroll)
+  state, _ = lax.scan(
+    step, state, schedule, unroll=loop_unroll(config.unroll, config.num_steps)
+  )
   point = jnp.where(
     _per_example(state["fooled"], x), state["x_fooled"], state["x_best"]
   )

@@ -1,4 +1,4 @@
-"""Geometry shared by the attacks: norms, projections, per-example keys.
+"""Shared by the attacks: norms, projections, per-example keys, unrolling.
 
 Shapes: ``x`` and iterates are (N, ...) in [0, 1]; ``eps`` is the radius of
 the perturbation ball in input units; ``config`` is any attack config with
@@ -17,6 +17,30 @@ Array = jax.Array
 NORMS = ("linf", "l2")
 # Guards the L-2 normalisations against a zero gradient or perturbation.
 TINY = 1e-12
+# ``unroll`` value that lets ``loop_unroll`` pick per backend.
+AUTO_UNROLL = 0
+# On CPU, loops up to this many steps are unrolled fully, longer ones by it.
+CPU_MAX_UNROLL = 20
+
+
+def loop_unroll(unroll: int, num_steps: int, backend: str | None = None) -> int:
+  """Steps per iteration of an attack's compiled step loop.
+
+  ``unroll`` >= 1 is an explicit choice and is returned as is.
+  ``AUTO_UNROLL`` (0) picks per backend (``jax.default_backend()`` unless
+  ``backend`` is given): on CPU, where XLA runs a rolled loop's body about
+  2x slower than the same steps unrolled (benchmarks/README.md), the whole
+  loop up to ``CPU_MAX_UNROLL`` steps and ``CPU_MAX_UNROLL`` beyond (compile
+  time grows with the unrolled length); on GPU/TPU 1, where a rolled loop
+  costs nothing measurable and compiles fastest.
+  """
+  if unroll < AUTO_UNROLL:
+    raise ValueError(f"unroll must be >= 0 (0: automatic), got {unroll}.")
+  if unroll != AUTO_UNROLL:
+    return unroll
+  if (backend or jax.default_backend()) != "cpu":
+    return 1
+  return min(num_steps, CPU_MAX_UNROLL)
 
 
 def example_keys(key: Array, num_examples: int) -> Array:

@@ -8,9 +8,9 @@ margin (``AttackLoss(kind="cw")``). All are pure functions of
 hashable), so they run under ``jax.jit``, inside a pmap'd or shard_map'd
 training step, and on a batch sharded over devices: examples never interact.
 
-The step loop is one ``lax.scan`` (``unroll`` steps per iteration; unrolling
-pays on CPU, docs/design.md §10), restarts another; there is no host
-round-trip.
+The step loop is one ``lax.scan`` (``unroll`` steps per iteration, by default
+chosen per backend by ``geometry.loop_unroll``; docs/design.md §10),
+restarts another; there is no host round-trip.
 After every step the iterate is projected back onto the intersection of the
 eps-ball around ``x`` and the [0, 1] box.
 
@@ -30,11 +30,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from cifs_jax.attacks.geometry import (
+  AUTO_UNROLL,
   NORMS,
   TINY,
   ascent_direction,
   example_keys,
   keep_stronger,
+  loop_unroll,
   project,
 )
 from cifs_jax.attacks.objectives import LogitsFn, LossFn
@@ -55,7 +57,8 @@ class PGDConfig:
     num_restarts: independent runs (each from its own random start); per
       example the first run that fools the final head is kept, else the one
       with the highest loss. More than one needs ``random_start``.
-    unroll: steps per iteration of the compiled loop (``lax.scan``'s unroll).
+    unroll: steps per iteration of the compiled loop (``lax.scan``'s
+      unroll); 0 (the default) picks per backend (``loop_unroll``).
   """
 
   eps: float = 8 / 255
@@ -64,15 +67,17 @@ class PGDConfig:
   norm: str = "linf"
   random_start: bool = True
   num_restarts: int = 1
-  unroll: int = 1
+  unroll: int = AUTO_UNROLL
 
   def __post_init__(self):
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
     if self.eps < 0 or self.step_size < 0:
       raise ValueError("eps and step_size must be >= 0.")
-    if self.num_steps < 1 or self.num_restarts < 1 or self.unroll < 1:
-      raise ValueError("num_steps, num_restarts and unroll must be >= 1.")
+    if self.num_steps < 1 or self.num_restarts < 1:
+      raise ValueError("num_steps and num_restarts must be >= 1.")
+    if self.unroll < AUTO_UNROLL:
+      raise ValueError(f"unroll must be >= 0 (0: automatic), {self.unroll=}.")
     if self.num_restarts > 1 and not self.random_start:
       raise ValueError("Restarts without a random start repeat the same run.")
 
@@ -158,7 +163,12 @@ def _ascend(logits_fn, x, y, x_start, *, loss_fn, config, return_trajectory):
     return x_adv, (x_adv if return_trajectory else None)
 
   x_start = project(x_start, x, config)
-  return lax.scan(step, x_start, length=config.num_steps, unroll=config.unroll)
+  return lax.scan(
+    step,
+    x_start,
+    length=config.num_steps,
+    unroll=loop_unroll(config.unroll, config.num_steps),
+  )
 
 
 def friendly_pgd(
@@ -205,7 +215,7 @@ def friendly_pgd(
     step,
     (x_start, budget, jnp.ones(y.shape, bool)),
     length=config.num_steps,
-    unroll=config.unroll,
+    unroll=loop_unroll(config.unroll, config.num_steps),
   )
   return x_adv
 

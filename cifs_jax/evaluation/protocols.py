@@ -157,8 +157,9 @@ def _table1_attacks(eps: float, pgd_config) -> tuple[Attack, ...]:
   )
 
 
-def paper_protocol(eps: float = PAPER_EPS, unroll: int = 1) -> Protocol:
-  """The authors' evaluation (the paper's Table 1 columns)."""
+def paper_protocol(eps: float = PAPER_EPS, unroll: int = 0) -> Protocol:
+  """The authors' evaluation (the paper's Table 1 columns); ``unroll`` as
+  ``PGDConfig``'s (0: per backend)."""
   pgd_config = functools.partial(
     attacks.PGDConfig,
     eps=eps,
@@ -177,7 +178,7 @@ def strong_protocol(
   eps: float = PAPER_EPS,
   step_size: float | None = None,
   num_restarts: int = 5,
-  unroll: int = 1,
+  unroll: int = 0,
 ) -> Protocol:
   """Random starts, restarts and both gradient modes; ``step_size`` defaults
   to eps / 4."""

@@ -24,7 +24,7 @@ def build_protocol(
   num_probes: int,
   has_cifs: bool,
   attack_names: Sequence[str] = (),
-  unroll: int = 1,
+  unroll: int = 0,
 ) -> protocols.Protocol:
   """The protocol ``name`` at radius ``eps``, restricted to ``attack_names``.
 

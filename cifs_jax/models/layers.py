@@ -22,6 +22,12 @@ torch_default_kernel_init = nn.initializers.variance_scaling(
   1.0 / 3.0, "fan_in", "uniform"
 )
 
+# The first convolution's computation dtype in every backbone: None, the
+# input's own (float32), also under bfloat16 mixed precision. Casting the
+# input to bfloat16 first would round x + delta to a 1/256 grid for pixels
+# >= 0.5, coarser than PGD-20's 0.8/255 step, and small steps would vanish.
+STEM_DTYPE = None
+
 
 def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
   """PyTorch's default bias init of a layer with ``fan_in`` inputs."""

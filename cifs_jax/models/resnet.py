@@ -59,7 +59,8 @@ class ResNet(nn.Module):
     dtype: computation dtype of convolutions and batch norm: None infers it
       from inputs and parameters (float32, or float64 under x64); bfloat16
       for mixed precision. Parameters and batch statistics stay float32,
-      and the head and CIFS/CAS layers compute in at least float32.
+      and the first convolution, the head and CIFS/CAS layers compute in
+      at least float32.
     bn_axis_name: axis name for synchronised batch norm under pmap or
       shard_map (e.g. "batch"); None on one device.
   """
@@ -96,7 +97,8 @@ class ResNet(nn.Module):
       forward order).
     """
     self.defense.check_layers(self.insertion_points())
-    y = layers.conv3x3(self.width, 1, self.dtype, "conv1")(x)
+    # The stem computes in the input's precision (layers.STEM_DTYPE).
+    y = layers.conv3x3(self.width, 1, layers.STEM_DTYPE, "conv1")(x)
     y = nn.relu(
       layers.batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(y)
     )

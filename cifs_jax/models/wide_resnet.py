@@ -111,8 +111,9 @@ class WideResNet(nn.Module):
   ) -> tuple[Array, list[Array]]:
     """Same contract as ``ResNet.__call__``."""
     self.defense.check_layers(self.insertion_points())
+    # The stem computes in the input's precision (layers.STEM_DTYPE).
     y = layers.conv3x3(
-      16, 1, self.dtype, "conv1", kernel_init=he_normal_fan_out
+      16, 1, layers.STEM_DTYPE, "conv1", kernel_init=he_normal_fan_out
     )(x)
     probe_logits: list[Array] = []
     for group, width in enumerate((16, 32, 64), start=1):
