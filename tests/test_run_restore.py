@@ -20,10 +20,14 @@ from cifs_jax.training import checkpoints
 from cifs_jax.training import trainer as trainer_lib
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(
-  not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-  reason="needs Debian's dataset-fashion-mnist",
-)
+pytestmark = [
+  pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="needs Debian's dataset-fashion-mnist",
+  ),
+  # Each Trainer jits the model's init anew: read it back, not recompile.
+  pytest.mark.usefixtures("compile_cache"),
+]
 STEPS_PER_EPOCH = 2  # 64 training examples, batch 32.
 
 

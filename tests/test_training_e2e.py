@@ -29,7 +29,6 @@ import time
 
 from absl import flags
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 import numpy as np
 import pytest
@@ -66,18 +65,9 @@ NO_FINAL_EVAL = "--config.eval.final=False"
 
 # ------------------------------------------------------------------ helpers
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs (and its
-  subprocesses, through the environment)."""
-  directory = str(tmp_path_factory.mktemp("jax_cache"))
-  previous = jax.config.values["jax_compilation_cache_dir"]
-  jax.config.update("jax_compilation_cache_dir", directory)
-  compilation_cache.reset_cache()
-  yield directory
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
+# A persistent compilation cache for this module's runs (and, through the
+# environment, its subprocesses); see conftest.py.
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def load_config(name: str, variants: str = "smoke", *overrides: str):
