@@ -15,11 +15,9 @@ command continues from the finished attacks
 from absl import app, flags
 from ml_collections import config_flags
 
-from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import protocols, runner
 from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training import checkpoints
-from cifs_jax.training.train_state import create_train_state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 config_flags.DEFINE_config_file(
@@ -67,61 +65,16 @@ def parse_checkpoint(which: str) -> str | int:
 
 
 def restore_variables(config, run: RunDirectory, which: str | int):
-  """(model, variables, checkpoint label) of checkpoint ``which`` of a run,
-  read without writing to the run; see ``runner.checkpoint_label``."""
-  model = models.build_model(config.model)
-  image_shape = data.get_info(config.data.name).image_shape
-  target = create_train_state(model, image_shape, config, steps_per_epoch=1)
-  with run.checkpointer(config, read_only=True) as checkpointer:
-    state, metadata = checkpointer.restore(which, target)
-  label = runner.checkpoint_label(config, which, int(state.step), metadata)
-  return model, state.variables, label
-
-
-def evaluate_run(
-  workdir: str,
-  *,
-  config=None,
-  checkpoint: str = "last",
-  protocol: str = "paper",
-  attacks: tuple[str, ...] = (),
-  num_examples: int = -1,
-  batch_size: int | None = None,
-  output: str | None = None,
-) -> dict:
-  """What ``main`` does with its flags; returns the results dict.
-
-  Raises:
-    app.UsageError: ``checkpoint`` is not "best", "last" or a step.
-    FileNotFoundError: no run directory, config.json or checkpoint.
-    PermissionError: the output directory is not writable (before any
-      attack runs).
-  """
-  run = RunDirectory(workdir)
-  which = parse_checkpoint(checkpoint)
-  config = config or run.load_config()
-  experiment_config.validate(config)
-  model, variables, label = restore_variables(config, run, which)
-  test_split = data.load_split(config.data, "test")
-  return runner.evaluate_and_publish(
-    config,
-    model,
-    variables,
-    test_split,
-    output or workdir,
-    protocol_name=protocol,
-    num_examples=num_examples,
-    attack_names=attacks,
-    batch_size=batch_size,
-    name=f"eval_{protocol}_{checkpoint}",
-    checkpoint=label,
-  )
+  """(model, variables) of checkpoint ``which`` of a run (read-only)."""
+  model, variables, _ = runner.restore_checkpoint(config, run, which)
+  return model, variables
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  evaluate_run(
+  parse_checkpoint(_CHECKPOINT.value)
+  runner.evaluate_checkpoint(
     _WORKDIR.value,
     config=flags.FLAGS.config,
     checkpoint=_CHECKPOINT.value,

@@ -1,6 +1,7 @@
 """Evaluates trained model variables under a protocol and writes the results.
 
-Shared by ``python -m cifs_jax.evaluate`` and the end of training.
+Shared by ``python -m cifs_jax.evaluate`` (``evaluate_checkpoint``) and the
+end of training (``evaluate_and_publish``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cifs_jax import data, models
+from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import evaluator, protocols, report
-from cifs_jax.run_directory import best_metric
+from cifs_jax.run_directory import RunDirectory, best_metric
+from cifs_jax.training import checkpoints
+from cifs_jax.training.train_state import create_train_state
 from cifs_jax.validation import check_choice
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,3 +202,67 @@ def evaluate_and_publish(
   report.publish(results, output_dir, name)
   partial.remove()
   return results
+
+
+def restore_checkpoint(
+  config: ml_collections.ConfigDict, run: RunDirectory, which: str | int
+) -> tuple[nn.Module, Any, dict]:
+  """(model, variables, ``checkpoint_label``) of checkpoint ``which`` of a
+  run, read without writing anything to the run directory."""
+  model = models.build_model(config.model)
+  image_shape = data.get_info(config.data.name).image_shape
+  target = create_train_state(model, image_shape, config, steps_per_epoch=1)
+  with run.checkpointer(config, read_only=True) as checkpointer:
+    state, metadata = checkpointer.restore(which, target)
+  label = checkpoint_label(config, which, int(state.step), metadata)
+  return model, state.variables, label
+
+
+def evaluate_checkpoint(
+  workdir: str | os.PathLike,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  checkpoint: str = "last",
+  protocol: str = "paper",
+  attacks: Sequence[str] = (),
+  num_examples: int = -1,
+  batch_size: int | None = None,
+  output: str | os.PathLike | None = None,
+) -> dict:
+  """``python -m cifs_jax.evaluate``: evaluates checkpoint ``checkpoint`` of
+  the run in ``workdir`` and writes ``eval_<protocol>_<checkpoint>.json`` /
+  ``.md`` to ``output`` (default: ``workdir``); returns the results dict.
+
+  Args:
+    workdir: the training run's directory (only read).
+    config: the run's config (default: its config.json).
+    checkpoint: "last", "best" or a step number (digits).
+    protocol: a key of ``protocols.PROTOCOLS``.
+    attacks: a subset of the protocol's attacks (default: all).
+    num_examples: the first N test examples (-1: all).
+    batch_size: global eval batch (default: ``eval.batch_size``).
+    output: where the reports go.
+
+  Raises:
+    ValueError: ``checkpoint`` is not "best", "last" or a step.
+    FileNotFoundError: no run directory, config.json or such checkpoint.
+    OSError: ``output`` is not writable (before any attack runs).
+  """
+  run = RunDirectory(workdir)
+  which = checkpoints.parse_which(checkpoint)
+  config = config or run.load_config()
+  experiment_config.validate(config)
+  model, variables, label = restore_checkpoint(config, run, which)
+  return evaluate_and_publish(
+    config,
+    model,
+    variables,
+    data.load_split(config.data, "test"),
+    output or workdir,
+    protocol_name=protocol,
+    num_examples=num_examples,
+    attack_names=attacks,
+    batch_size=batch_size,
+    name=f"eval_{protocol}_{checkpoint}",
+    checkpoint=label,
+  )
