@@ -1,21 +1,23 @@
 """Evaluates a checkpoint: ``python -m cifs_jax.evaluate --workdir=DIR``.
 
   python -m cifs_jax.evaluate --workdir=DIR [--config=configs/...py:variant]
-      [--checkpoint=best|last|STEP] [--protocol=paper|strong]
-      [--attacks=fgsm,pgd20,cw,pgd100] [--num_examples=N]
+      [--checkpoint=last|best|STEP] [--protocol=paper|strong]
+      [--attacks=fgsm,pgd20,cw,pgd100] [--num_examples=N] [--output=DIR]
 
 Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
-``eval_<protocol>_<checkpoint>.json`` and ``.md`` to the workdir and prints
-the main tables.
+``eval_<protocol>_<checkpoint>.json`` and ``.md`` to ``--output`` (default:
+the workdir, checked to be writable before any attack runs) and prints the
+main tables. The workdir is only read. Interrupted (Ctrl-C), the same
+command continues from the finished attacks
+(``eval_<protocol>_<checkpoint>.partial.json``).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import protocols, runner
 from cifs_jax.run_directory import RunDirectory
-from cifs_jax.training.train_state import create_train_state
+from cifs_jax.training import checkpoints
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 config_flags.DEFINE_config_file(
@@ -26,9 +28,9 @@ config_flags.DEFINE_config_file(
 )
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint",
-  "best",
-  "'best' (by PGD accuracy during training; natural "
-  "accuracy for natural training), 'last' or a step number.",
+  "last",
+  "'last' (the paper's Table 1), 'best' (by PGD accuracy on the per-epoch "
+  "evaluation; natural accuracy for natural training) or a step number.",
 )
 _PROTOCOL = flags.DEFINE_enum(
   "protocol",
@@ -48,50 +50,39 @@ _NUM_EXAMPLES = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer(
   "batch_size", None, "Global eval batch (default: eval.batch_size)."
 )
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Directory for the reports (default: the workdir)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
 def parse_checkpoint(which: str) -> str | int:
   """ "best", "last" or a step number (ASCII digits) -> what to restore."""
-  if which in ("best", "last"):
-    return which
-  if which.isascii() and which.isdigit():
-    return int(which)
-  raise app.UsageError(
-    f"--checkpoint={which!r}: expected 'best', 'last' or a step number."
-  )
+  try:
+    return checkpoints.parse_which(which)
+  except ValueError as e:
+    raise app.UsageError(f"--checkpoint: {e}") from e
 
 
 def restore_variables(config, run: RunDirectory, which: str | int):
-  """(model, variables) of checkpoint ``which`` of a run."""
-  model = models.build_model(config.model)
-  image_shape = data.get_info(config.data.name).image_shape
-  target = create_train_state(model, image_shape, config, steps_per_epoch=1)
-  with run.checkpointer(config) as checkpointer:
-    state, _ = checkpointer.restore(which, target)
-  return model, state.variables
+  """(model, variables) of checkpoint ``which`` of a run (read-only)."""
+  model, variables, _ = runner.restore_checkpoint(config, run, which)
+  return model, variables
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run = RunDirectory(_WORKDIR.value)
-  which = parse_checkpoint(_CHECKPOINT.value)
-  config = flags.FLAGS.config or run.load_config()
-  experiment_config.validate(config)
-  model, variables = restore_variables(config, run, which)
-  test_split = data.load_split(config.data, "test")
-  runner.evaluate_and_publish(
-    config,
-    model,
-    variables,
-    test_split,
-    run.path,
-    protocol_name=_PROTOCOL.value,
+  parse_checkpoint(_CHECKPOINT.value)
+  runner.evaluate_checkpoint(
+    _WORKDIR.value,
+    config=flags.FLAGS.config,
+    checkpoint=_CHECKPOINT.value,
+    protocol=_PROTOCOL.value,
+    attacks=tuple(_ATTACKS.value),
     num_examples=_NUM_EXAMPLES.value,
-    attack_names=_ATTACKS.value,
     batch_size=_BATCH_SIZE.value,
-    name=f"eval_{_PROTOCOL.value}_{_CHECKPOINT.value}",
+    output=_OUTPUT.value,
   )
 
 

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
       "max_examples": -1,  # train on the first n examples; -1: all
       "log_every_steps": 50,
       "init_from": "",  # a workdir: start from its model weights
+      "init_from_checkpoint": "best",  # of init_from: best, last or a step
     }
   )
   config.attack = ml_collections.ConfigDict(
@@ -116,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
       "final_num_examples": -1,  # -1: the whole test set
     }
   )
-  config.checkpoint = ml_collections.ConfigDict({"keep": 3})
+  config.checkpoint = ml_collections.ConfigDict(
+    {"keep": 3, "restore_step": -1}  # -1: resume from the latest
+  )
   config.parallel = "pmap"
   config.half_precision = False
   return config

@@ -2,6 +2,9 @@
 
   <workdir>/config.json        the run's config (``save_config``)
   <workdir>/checkpoints/       Orbax checkpoints (``checkpointer``)
+  <workdir>/checkpoints_superseded/<name>/
+                               checkpoints set aside when a run resumes from
+                               an older step (``superseded_path``)
   <workdir>/metrics.jsonl      scalar metrics, one JSON object per line
   <workdir>/tensorboard/       TensorBoard event files
   <workdir>/<name>.json, .md   evaluation reports (``report_path``)
@@ -29,6 +32,7 @@ from cifs_jax.training.checkpoints import Checkpointer
 
 CONFIG_FILENAME = "config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
+SUPERSEDED_DIRNAME = "checkpoints_superseded"
 # Config keys (and everything below them) that define the model being trained.
 MODEL_KEYS = ("model", "data.name")
 # Keys that must not change when a run is resumed: the model, the data and
@@ -63,12 +67,37 @@ class RunDirectory:
     """``<workdir>/<name><suffix>``, e.g. ("eval_paper", ".json")."""
     return self.path / f"{name}{suffix}"
 
+  def superseded_path(self, name: str) -> epath.Path:
+    """``<workdir>/checkpoints_superseded/<name>``."""
+    return self.path / SUPERSEDED_DIRNAME / name
+
   def checkpointer(
-    self, config: ml_collections.ConfigDict, **kwargs: Any
+    self,
+    config: ml_collections.ConfigDict,
+    *,
+    read_only: bool = False,
+    **kwargs: Any,
   ) -> Checkpointer:
-    """The run's checkpoints, ranked by ``best_metric(config)``."""
+    """The run's checkpoints, ranked by ``best_metric(config)``.
+
+    Args:
+      config: the run's config.
+      read_only: open existing checkpoints for reading only; creates nothing.
+      **kwargs: more ``Checkpointer`` arguments.
+
+    Raises:
+      FileNotFoundError: ``read_only`` and the run directory or its
+        ``checkpoints/`` does not exist.
+    """
+    if read_only and not self.path.is_dir():
+      raise FileNotFoundError(
+        f"Run directory {self.path} does not exist (nothing was created)."
+      )
     return Checkpointer(
-      self.checkpoints_path, best_metric=best_metric(config), **kwargs
+      self.checkpoints_path,
+      best_metric=best_metric(config),
+      read_only=read_only,
+      **kwargs,
     )
 
   def load_config(self) -> ml_collections.ConfigDict:

@@ -1,6 +1,7 @@
 """Test configuration: two fake CPU devices, float64 on demand."""
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import pytest
 
 # Must run before any JAX computation initialises the CPU backend.
@@ -12,3 +13,18 @@ def x64():
   """Runs a test with 64-bit floats enabled."""
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A persistent JAX compilation cache private to the module that uses it
+  (its directory is yielded, e.g. for subprocesses): programs compiled again
+  (a new ``jax.jit`` of the same model) are read back instead of compiled.
+  It changes no result."""
+  directory = str(tmp_path_factory.mktemp("jax_cache"))
+  previous = jax.config.values["jax_compilation_cache_dir"]
+  jax.config.update("jax_compilation_cache_dir", directory)
+  compilation_cache.reset_cache()
+  yield directory
+  jax.config.update("jax_compilation_cache_dir", previous)
+  compilation_cache.reset_cache()

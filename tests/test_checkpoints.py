@@ -1,6 +1,8 @@
 """cifs_jax.training.checkpoints (the Orbax Checkpointer) and the config
 guard of cifs_jax.run_directory."""
 
+import hashlib
+import json
 import pathlib
 from typing import Any
 
@@ -292,3 +294,130 @@ def test_config_guard_refuses_model_changes(tmp_path):
   assert "model.cifs.topk: 2 (saved) -> 3 (new)" in message
   assert "model.cifs.alpha: '<missing>' (saved) -> 1.0 (new)" in message
   assert "batch_size:" not in message
+
+
+def _flip_bits(path: pathlib.Path, count: int = 16):
+  """Inverts ``count`` bytes in the middle of a file (same size)."""
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + count] = bytes(
+    b ^ 0xFF for b in data[middle : middle + count]
+  )
+  path.write_bytes(bytes(data))
+
+
+def test_checksums_cover_every_file_of_a_step(ckpt_dir):
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5)])
+  manifest = json.loads((ckpt_dir / "1" / "checksums.json").read_text())
+  files = {
+    str(p.relative_to(ckpt_dir / "1")): hashlib.sha256(p.read_bytes())
+    for p in (ckpt_dir / "1").rglob("*")
+    if p.is_file() and p.name != "checksums.json"
+  }
+  assert manifest["algorithm"] == "sha256"
+  assert manifest["files"] == {k: v.hexdigest() for k, v in files.items()}
+  assert any(name.startswith("state/") for name in manifest["files"])
+
+
+@pytest.mark.parametrize(
+  "damage,problem",
+  [
+    (lambda step: _flip_bits(_largest_file(step / "state")), "sha256 differs"),
+    (lambda step: _largest_file(step / "state").unlink(), "missing"),
+    (
+      lambda step: (step / "state" / "extra").write_bytes(b"x"),
+      "not in the checksums",
+    ),
+  ],
+  ids=["flipped_bits", "deleted_file", "added_file"],
+)
+def test_damaged_checkpoint_names_the_file(ckpt_dir, damage, problem):
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5), (2, 0.6)])
+  largest = _largest_file(ckpt_dir / "2" / "state")
+  damage(ckpt_dir / "2")
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    with pytest.raises(checkpoints.CheckpointError) as error:
+      ckpt.restore("last", abstract(make_state(0)))
+    message = str(error.value)
+    name = (
+      "state/extra"
+      if problem.startswith("not")
+      else largest.relative_to(ckpt_dir / "2")
+    )
+    assert f"  {name}: {problem}" in message
+    assert f"Cannot restore checkpoint {ckpt_dir / '2'}: the" in message
+    assert "Existing steps: [1, 2]" in message and "restore_step" in message
+    restored, _ = ckpt.restore(1, abstract(make_state(0)))  # Still fine.
+  assert_trees_equal(restored, make_state(1))
+
+
+def test_step_without_checksums_restores_with_a_warning(ckpt_dir, caplog):
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5)])
+  (ckpt_dir / "1" / "checksums.json").unlink()  # e.g. an older checkpoint.
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    restored, _ = ckpt.restore(1, abstract(make_state(0)))
+  assert_trees_equal(restored, make_state(1))
+  assert "cannot verify" in caplog.text
+
+
+def test_the_only_checkpoint_corrupt_says_there_is_no_other(ckpt_dir):
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5)])
+  _truncate(_largest_file(ckpt_dir / "1" / "state"))
+  (ckpt_dir / "1" / "checksums.json").unlink()  # Let orbax find it.
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    with pytest.raises(
+      checkpoints.CheckpointError,
+      match=r"holds no other checkpoint \(steps \[1\]\)",
+    ):
+      ckpt.restore("last", abstract(make_state(0)))
+
+
+def test_read_only_creates_nothing_and_refuses_to_save(tmp_path, ckpt_dir):
+  missing = tmp_path / "typo" / "checkpoints"
+  with pytest.raises(FileNotFoundError, match=f"{missing} does not exist"):
+    checkpoints.Checkpointer(missing, read_only=True)
+  assert not (tmp_path / "typo").exists()
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5), (2, 0.4)])
+  before = sorted(str(p) for p in tmp_path.rglob("*"))
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+    assert (ckpt.all_steps(), ckpt.best_step()) == ([1, 2], 1)
+    restored, _ = ckpt.restore("best", abstract(make_state(0)))
+    with pytest.raises(ValueError, match="read-only; cannot save step 3"):
+      ckpt.save(3, make_state(3))
+  assert_trees_equal(restored, make_state(1))
+  assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_set_aside_after_moves_later_steps_and_frees_them(tmp_path, ckpt_dir):
+  aside = tmp_path / "superseded"
+  with checkpoints.Checkpointer(ckpt_dir, max_to_keep=5) as ckpt:
+    save_all(ckpt, [(1, 0.5), (2, 0.6), (3, 0.7)])
+    assert ckpt.set_aside_after(1, aside) == [2, 3]
+    assert ckpt.all_steps() == [1] and ckpt.best_step() == 1
+    save_all(ckpt, [(2, 0.1)])  # Step 2 is free again.
+    restored, _ = ckpt.restore(2, abstract(make_state(0)))
+  assert_trees_equal(restored, make_state(2))
+  assert sorted(p.name for p in aside.iterdir()) == ["2", "3"]
+  with checkpoints.Checkpointer(aside, read_only=True) as moved:
+    assert moved.all_steps() == [2, 3]  # Intact, still restorable.
+    restored, _ = moved.restore(3, abstract(make_state(0)))
+  assert_trees_equal(restored, make_state(3))
+
+
+@pytest.mark.parametrize(
+  "which,expected",
+  [("best", "best"), ("last", "last"), ("12", 12), (7, 7), ("0", 0)],
+)
+def test_parse_which_accepts(which, expected):
+  assert checkpoints.parse_which(which) == expected
+
+
+@pytest.mark.parametrize("which", ["²", "-1", "1.5", "", "first", -3, True])
+def test_parse_which_refuses(which):
+  with pytest.raises(ValueError, match="expected 'best', 'last' or a step"):
+    checkpoints.parse_which(which)

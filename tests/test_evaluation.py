@@ -12,7 +12,11 @@ import pytest
 
 from cifs_jax import attacks
 from cifs_jax import data
+from cifs_jax.evaluation import evaluator
 from cifs_jax.evaluation import metrics
+from cifs_jax.evaluation import report
+from cifs_jax.evaluation import runner
+from cifs_jax.evaluation import summary as summary_lib
 from cifs_jax import evaluation
 
 IMAGE_SHAPE = (4, 4, 3)
@@ -283,7 +287,12 @@ def test_publish_writes_json_markdown_and_a_console_table(tmp_path, capsys):
   table1 = markdown.split("## Table 1")[1].split("##")[0]
   natural = f"{results['natural']['top1']:.2f}"
   fgsm = f"{results['attacks']['fgsm']['worst_case']['top1']:.2f}"
-  assert f"| final head | {natural} | {fgsm} |" in table1
+  assert f"| per-example worst case | {natural} | {fgsm} |" in table1
+  fgsm_paper = f"{results['attacks']['fgsm']['min_over_beta']:.2f}"
+  assert (
+    f"| min over beta_atk (paper's comparator) | {natural} | {fgsm_paper} |"
+    in table1
+  )
   for title in (
     "Per beta_atk",
     "Per gradient mode",
@@ -333,3 +342,147 @@ def test_non_finite_logits_never_count_as_correct():
   probe = jnp.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
   ranks = metrics.true_class_ranks(final, [probe], jnp.array([0, 0, 0]))
   np.testing.assert_array_equal(ranks, [[0, 2], [3, 2], [3, 2]])
+
+
+def test_min_over_beta_is_the_papers_comparator_not_the_worst_case():
+  """Hand-made ranks: beta 0 fools examples 0 and 1, beta inf examples 2 and
+  3 (of 5). Each separate attack leaves 60 % correct (the paper's "lowest
+  accuracy over beta_atk"); per example, only example 4 survives both."""
+  protocol = dataclasses.replace(
+    _protocol(False, betas=(0.0, math.inf)),
+    gradient_modes=("stop",),
+  )
+  protocol = dataclasses.replace(protocol, attacks=protocol.attacks[:1])
+  runs = evaluation.protocol_runs(protocol, num_probes=1)
+  assert [run.name for run in runs] == ["fgsm/0/stop", "fgsm/inf/stop"]
+  fooled = {"fgsm/0/stop": [0, 1], "fgsm/inf/stop": [2, 3]}
+  run_ranks = {}
+  for name, examples in fooled.items():
+    ranks = np.zeros((5, 2), np.int32)
+    ranks[examples, 0] = 1
+    run_ranks[name] = ranks
+  results = summary_lib.summarize(
+    protocol,
+    runs,
+    labels=np.zeros(5, np.int64),
+    clean_ranks=np.zeros((5, 2), np.int32),
+    run_ranks=run_ranks,
+    num_classes=2,
+  )
+  fgsm = results["attacks"]["fgsm"]
+  assert fgsm["per_beta"] == {"0": 60.0, "inf": 60.0}
+  assert fgsm["min_over_beta"] == 60.0 == results["min_over_beta"]
+  assert fgsm["worst_case"]["top1"] == 20.0 == results["worst_case"]["top1"]
+  per_beta_table = report.tables(results)[1]
+  assert per_beta_table[1][-1] == "min over beta_atk (paper's comparator)"
+  assert per_beta_table[2] == [["FGSM", "60.00", "60.00", "20.00", "60.00"]]
+
+
+class _InterruptAfter(evaluator.PartialResults):
+  """Saves like PartialResults, then raises KeyboardInterrupt (as Ctrl-C
+  would) once ``runs`` runs are saved; counts the runs it saved."""
+
+  def __init__(self, path, runs):
+    super().__init__(path, {"model": "test"})
+    self.runs_left, self.saved = runs, []
+
+  def save_run(self, name, ranks):
+    super().save_run(name, ranks)
+    self.saved.append(name)
+    if len(self.saved) == self.runs_left:
+      raise KeyboardInterrupt
+
+
+def test_an_interrupted_evaluation_continues_with_the_same_numbers(tmp_path):
+  _, fns = _model()
+  protocol = _protocol(True, betas=(0.0, math.inf))
+  reference = _evaluate(fns, protocol, batch_size=8)
+  path = tmp_path / "eval.partial.json"
+  with pytest.raises(KeyboardInterrupt):
+    _evaluate(fns, protocol, batch_size=8, partial=_InterruptAfter(path, 3))
+  saved = json.loads(path.read_text())
+  assert len(saved["runs"]) == 3
+  assert np.asarray(saved["runs"]["fgsm/0/stop"]).shape == (NUM_EXAMPLES, 3)
+
+  rerun = _InterruptAfter(path, -1)  # Never interrupts.
+  results = _evaluate(fns, protocol, batch_size=5, partial=rerun)
+  assert results == reference
+  all_runs = [run.name for run in evaluation.protocol_runs(protocol, 2)]
+  assert rerun.saved == all_runs[3:]  # The finished runs were skipped.
+
+  # Another evaluation (here another key) does not reuse them.
+  other = _InterruptAfter(path, -1)
+  images, labels = _dataset()
+  evaluation.evaluate(
+    fns,
+    _batches(images, labels, 8),
+    protocol,
+    jax.random.key(1),
+    progress=False,
+    partial=other,
+  )
+  assert other.saved == all_runs
+
+
+def test_one_compile_per_attack_and_gradient_mode():
+  _, fns = _model(seed=5)  # New variables: a new Partial, new traces.
+  evaluator._adversarial_ranks.clear_cache()
+  protocol = _protocol(False, betas=(0.0, 1.0, math.inf))
+  _evaluate(fns, protocol, batch_size=8)
+  # 2 attacks x 2 gradient modes, each over 5 targets and 3 batches.
+  assert evaluator._adversarial_ranks._cache_size() == 4
+
+
+def test_report_header_labels_the_run(tmp_path):
+  _, fns = _model()
+  results = _evaluate(fns, _protocol(False, betas=(0.0,)), batch_size=8)
+  results["run"] = {
+    "dataset": "cifar10",
+    "model": "resnet18",
+    "width": None,
+    "defense": "cifs",
+    "train_method": "pgd_at",
+    "eps": 8 / 255,
+    "protocol": "test",
+    "checkpoint": {
+      "which": "best",
+      "step": 1200,
+      "epoch": 3,
+      "metrics": {},
+      "best_metric": "pgd_accuracy",
+      "per_epoch_eval_examples": 1000,
+    },
+    "num_examples": NUM_EXAMPLES,
+    "date": "2026-11-25T10:00:00+00:00",
+    "device": "2 x cpu (cpu)",
+    "jax_version": "0.10.2",
+    "git_commit": "abc123",
+  }
+  markdown = report.to_markdown(results)
+  header = markdown.split("## Table 1")[0]
+  for text in (
+    "cifar10, resnet18 (width None), defense cifs, trained with pgd_at;"
+    " eps 0.0313725; protocol test; 23 examples.",
+    "Checkpoint: best (step 1200, epoch 3); best = highest pgd_accuracy on"
+    " the first 1000 test examples, measured every epoch.",
+    "Date 2026-11-25T10:00:00+00:00; device 2 x cpu (cpu); jax 0.10.2;"
+    " git commit abc123.",
+  ):
+    assert text in header
+    assert text in report.console_summary(results)
+
+
+def test_an_unwritable_output_fails_before_any_attack(tmp_path, monkeypatch):
+  """``evaluate_and_publish`` checks the output first (root may write
+  anywhere, so the directory is made impossible: below a file)."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  attacked = []
+  monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: attacked.append(1))
+  with pytest.raises(
+    OSError, match=f"Cannot write the evaluation reports to {blocker}/out"
+  ):
+    runner.evaluate_and_publish(
+      None, None, None, None, blocker / "out", protocol_name="paper"
+    )
+  assert not attacked

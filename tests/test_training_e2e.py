@@ -30,7 +30,6 @@ from unittest import mock
 
 from absl import flags
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 import numpy as np
 import pytest
@@ -38,6 +37,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
+from cifs_jax.evaluation import runner
 from cifs_jax.training import checkpoints
 from cifs_jax.training import trainer as trainer_lib
 from tests.event_files import read_scalar_events
@@ -73,18 +73,9 @@ NO_FINAL_EVAL = "--config.eval.final=False"
 
 # ------------------------------------------------------------------ helpers
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs (and its
-  subprocesses, through the environment)."""
-  directory = str(tmp_path_factory.mktemp("jax_cache"))
-  previous = jax.config.values["jax_compilation_cache_dir"]
-  jax.config.update("jax_compilation_cache_dir", directory)
-  compilation_cache.reset_cache()
-  yield directory
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
+# A persistent compilation cache for this module's runs (and, through the
+# environment, its subprocesses); see conftest.py.
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def load_config(name: str, variants: str = "smoke", *overrides: str):
@@ -624,24 +615,21 @@ def _flip_bytes(path: pathlib.Path, count: int = 64):
   path.write_bytes(bytes(data))
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=pytest.fail.Exception,
-  reason=(
-    "Orbax/TensorStore store no checksum of the array data: flipped bytes "
-    "of the same length restore silently (here as NaN parameters)."
-  ),
-)
 def test_bit_flips_in_the_latest_checkpoint_are_detected(tmp_path, two_epochs):
   source, config, _ = two_epochs
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   latest = workdir / "checkpoints" / str(2 * SMOKE_FMNIST_STEPS)
-  _flip_bytes(_largest_file(latest / "state"))
-  # Today nothing is raised ("DID NOT RAISE", the expected failure): the run
-  # resumes with the damaged state.
-  with pytest.raises(checkpoints.CheckpointError):
+  damaged = _largest_file(latest / "state")
+  _flip_bytes(damaged)
+  before = snapshot(workdir / "checkpoints")
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=rf"(?s){damaged.relative_to(latest)}: sha256 differs"
+    rf".*restore one of steps \[{SMOKE_FMNIST_STEPS}\]",
+  ):
     trainer_lib.train_and_evaluate(config, str(workdir))
+  assert snapshot(workdir / "checkpoints") == before
 
 
 def test_moving_the_corrupt_checkpoint_out_resumes_from_the_previous(
@@ -790,6 +778,138 @@ def test_evaluate_command_on_a_trained_run(
     trainer_eval[-1]["natural_accuracy"]
   )
   assert results["worst_case"]["top1"] <= results["natural"]["top1"]
+
+
+# ------------------------------------------- python -m cifs_jax.evaluate
+
+
+def per_epoch_natural_accuracy(workdir) -> dict[int, float]:
+  """{checkpoint step: natural accuracy (%) of the trainer's per-epoch
+  evaluation}."""
+  return {
+    line["step"]: line["natural_accuracy"]
+    for line in read_jsonl(workdir)
+    if "natural_accuracy" in line
+  }
+
+
+@pytest.mark.parametrize(
+  "checkpoint", ["best", str(SMOKE_FMNIST_STEPS)], ids=["best", "step"]
+)
+def test_evaluate_a_chosen_checkpoint_into_another_directory(
+  tmp_path, two_epochs, checkpoint
+):
+  """``--checkpoint=best`` or a step, ``--batch_size``, ``--output``: the
+  natural accuracy is the trainer's per-epoch number on the same checkpoint
+  (the same 64 examples), the report says which checkpoint it is, and the
+  workdir is only read."""
+  workdir = two_epochs[0]
+  before = snapshot(workdir)
+  output = tmp_path / "reports"
+  results = runner.evaluate_checkpoint(
+    str(workdir),
+    checkpoint=checkpoint,
+    attacks=("fgsm",),
+    num_examples=64,
+    batch_size=24,  # 3 batches, the last one padded.
+    output=str(output),
+  )
+  step = best_step(workdir) if checkpoint == "best" else int(checkpoint)
+  assert results["natural"]["top1"] == pytest.approx(
+    per_epoch_natural_accuracy(workdir)[step]
+  )
+  label = results["run"]
+  assert label["checkpoint"]["which"] == checkpoint_which(checkpoint)
+  assert label["checkpoint"]["step"] == step
+  assert label["checkpoint"]["epoch"] == step // SMOKE_FMNIST_STEPS
+  assert label["checkpoint"]["best_metric"] == "pgd_accuracy"
+  assert label["checkpoint"]["per_epoch_eval_examples"] == 64
+  assert (label["dataset"], label["model"], label["defense"]) == (
+    "fashion_mnist",
+    "resnet10",
+    "cifs",
+  )
+  assert label["eps"] == 0.1 and label["num_examples"] == 64
+  assert label["jax_version"] == jax.__version__
+  assert label["git_commit"] == runner.project_commit()
+  name = f"eval_paper_{checkpoint}"
+  assert json.loads((output / f"{name}.json").read_text()) == results
+  assert f"step {step}, epoch" in (output / f"{name}.md").read_text()
+  assert sorted(p.name for p in output.iterdir()) == [
+    f"{name}.json",
+    f"{name}.md",
+  ]  # The partial results are gone.
+  assert snapshot(workdir) == before
+
+
+def checkpoint_which(flag: str) -> str | int:
+  return flag if flag in ("best", "last") else int(flag)
+
+
+def test_evaluate_refuses_bad_input_before_any_attack(tmp_path, two_epochs):
+  """A missing config.json, a missing run, ``--checkpoint=²`` and an
+  unwritable output are clear errors, and nothing is created."""
+  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    runner.evaluate_checkpoint(str(tmp_path / "typo"))
+  config = two_epochs[1]
+  with pytest.raises(FileNotFoundError, match=r"typo does not exist"):
+    runner.evaluate_checkpoint(str(tmp_path / "typo"), config=config)
+  assert not (tmp_path / "typo").exists()
+  with pytest.raises(ValueError, match=r"expected 'best', .* got '²'"):
+    runner.evaluate_checkpoint(str(two_epochs[0]), checkpoint="²")
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(OSError, match="Cannot write the evaluation reports"):
+    runner.evaluate_checkpoint(str(two_epochs[0]), output=str(blocker / "out"))
+
+
+@pytest.mark.slow
+def test_evaluate_command_strong_protocol_and_config_flag(
+  tmp_path, two_epochs, compile_cache
+):
+  """``--config`` (instead of config.json), ``--protocol=strong`` and the
+  default ``--checkpoint=last``, as a command; then ``--checkpoint=²`` is a
+  usage error without a traceback."""
+  workdir = tmp_path / "run"
+  shutil.copytree(two_epochs[0], workdir)
+  (workdir / "config.json").unlink()
+  command = [
+    sys.executable,
+    "-m",
+    "cifs_jax.evaluate",
+    f"--workdir={workdir}",
+    "--config=configs/fmnist_resnet10.py:smoke",
+    "--protocol=strong",
+    "--attacks=fgsm",
+    "--num_examples=32",
+  ]
+  run = lambda *extra: subprocess.run(  # noqa: E731
+    command + list(extra),
+    check=False,
+    cwd=REPO,
+    env=subprocess_env(compile_cache),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  result = run()
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((workdir / "eval_strong_last.json").read_text())
+  assert results["protocol"]["gradient_modes"] == ["stop", "full"]
+  assert {r["gradient"] for r in results["attacks"]["fgsm"]["runs"]} == {
+    "stop",
+    "full",
+  }
+  assert results["run"]["checkpoint"]["step"] == 2 * SMOKE_FMNIST_STEPS
+  natural = per_epoch_natural_accuracy(workdir)[2 * SMOKE_FMNIST_STEPS]
+  # The trainer measured 64 examples; these are the first 32 of them.
+  assert results["natural"]["top1"] * 32 / 100 <= natural * 64 / 100
+  assert "min over beta_atk (paper's comparator)" in result.stdout
+
+  bad = run("--checkpoint=²")
+  assert bad.returncode != 0
+  assert "--checkpoint: expected 'best', 'last' or a step" in bad.stderr
+  assert "Traceback" not in bad.stderr
 
 
 # ------------------------------------------------- learning, real data

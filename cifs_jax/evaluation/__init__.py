@@ -7,6 +7,7 @@ evaluation.publish(results, workdir, "eval_strong")
 """
 
 from cifs_jax.evaluation.evaluator import evaluate
+from cifs_jax.evaluation.evaluator import PartialResults
 from cifs_jax.evaluation.evaluator import protocol_runs
 from cifs_jax.evaluation.evaluator import Run
 from cifs_jax.evaluation.protocols import adaptive_targets
@@ -26,6 +27,7 @@ __all__ = [
   "Attack",
   "GradientAttack",
   "PROTOCOLS",
+  "PartialResults",
   "Protocol",
   "Run",
   "adaptive_targets",

@@ -4,11 +4,18 @@
 (final_logits, [probe_logits])`` per CIFS gradient mode ("stop", "full"), and
 an iterable of eval batches; it returns the results dict (``summary.py``).
 
-A run is (attack, beta_atk, probe, gradient mode). Each run is one jitted
-program, compiled on the first batch and reused for all others (eval batches
-share one shape; the last one is padded, with a validity mask). Per example
-and run it keeps the rank of the true class under every head
-(``metrics.true_class_ranks``); all tables come from those ranks.
+A run is (attack, beta_atk, probe, gradient mode). Each (attack, gradient
+mode) is one jitted program, compiled on the first batch and reused for all
+other batches and targets (eval batches share one shape; the last one is
+padded, with a validity mask). Per example and run it keeps the rank of the
+true class under every head (``metrics.true_class_ranks``); all tables come
+from those ranks.
+
+Runs are the outer loop: the batches are read once (and kept on the
+devices), then each run goes over all of them. With a ``PartialResults``,
+each finished run's ranks are written to disk at once, and a later call with
+the same file skips the runs found there, so an interrupted evaluation (e.g.
+Ctrl-C) loses at most the run in progress.
 
 Batches are ``data.Batch``es (uint8 images (B, H, W, C), int labels (B,), a
 (B,) bool mask that is False on padding), e.g. from ``data.eval_batches``.
@@ -24,8 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
+import tempfile
 import zlib
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -105,16 +118,93 @@ def _run_key(key: Array, run: Run) -> Array:
   return jax.random.fold_in(key, zlib.crc32(run.name.encode()))
 
 
+class PartialResults:
+  """The ranks of finished runs in a JSON file, for an evaluation to resume.
+
+  The file holds ``{"fingerprint": ..., "runs": {run name: (N, 1 + P) ranks
+  as lists}}``. The fingerprint identifies the evaluation (the caller's
+  description, e.g. the checkpoint, plus the protocol, the key and the
+  labels and clean ranks of the examples); runs saved under another
+  fingerprint are not reused.
+  """
+
+  def __init__(self, path: str | os.PathLike, description: Mapping[str, Any]):
+    """``path``: the JSON file; ``description``: JSON-serialisable dict
+    identifying the model and data evaluated (part of the fingerprint)."""
+    self.path = os.fspath(path)
+    self.description = dict(description)
+    self._fingerprint = None
+    self._runs: dict[str, list] = {}
+
+  def start(self, fingerprint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Sets the evaluation's fingerprint; returns the saved runs' ranks if
+    the file has the same fingerprint (else {})."""
+    self._fingerprint = json.loads(
+      json.dumps({**self.description, **fingerprint})
+    )
+    self._runs = {}
+    if not os.path.exists(self.path):
+      return {}
+    try:
+      with open(self.path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning("Ignoring unreadable %s: %s", self.path, e)
+      return {}
+    if saved.get("fingerprint") != self._fingerprint:
+      logging.warning(
+        "Ignoring %s: it was written by a different evaluation.", self.path
+      )
+      return {}
+    self._runs = dict(saved["runs"])
+    logging.info(
+      "Continuing the evaluation in %s: %d runs done.",
+      self.path,
+      len(self._runs),
+    )
+    return {name: np.asarray(r, np.int32) for name, r in self._runs.items()}
+
+  def save_run(self, name: str, ranks: np.ndarray) -> None:
+    """Adds a finished run and rewrites the file (atomically)."""
+    self._runs[name] = np.asarray(ranks).tolist()
+    directory = os.path.dirname(self.path) or "."
+    handle, tmp = tempfile.mkstemp(
+      prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory
+    )
+    try:
+      with os.fdopen(handle, "w") as f:
+        json.dump({"fingerprint": self._fingerprint, "runs": self._runs}, f)
+      os.replace(tmp, self.path)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+
+  def remove(self) -> None:
+    """Deletes the file (once the full results are written)."""
+    if os.path.exists(self.path):
+      os.remove(self.path)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+  """sha256 of the arrays' bytes, shapes and dtypes."""
+  digest = hashlib.sha256()
+  for array in arrays:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.shape}{array.dtype}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def evaluate(
   logits_fns: Mapping[str, LogitsFn],
   batches: Iterable[data.Batch],
   protocol: Protocol,
   key: Array,
   *,
-  num_batches: int | None = None,
   class_names: Sequence[str] | None = None,
   devices: Sequence[jax.Device] | None = None,
   progress: bool = True,
+  partial: PartialResults | None = None,
 ) -> dict:
   """Evaluates a model under ``protocol``; returns the results dict.
 
@@ -128,10 +218,11 @@ def evaluate(
     batches: eval ``data.Batch``es (see the module docstring).
     protocol: attacks, betas and gradient modes to run.
     key: PRNG key of the random starts.
-    num_batches: length of ``batches`` for the progress bar, if known.
     class_names: one name per class for the per-class tables.
     devices: devices to shard the batch over (default: all local devices).
     progress: show a tqdm progress bar over batches.
+    partial: where finished runs are saved and found again (see the module
+      docstring); None: nothing is saved.
 
   Returns:
     The results dict of ``summary.summarize``.
@@ -149,33 +240,49 @@ def evaluate(
     for mode in protocol.gradient_modes
   }
   clean_fn = fns[protocol.gradient_modes[0]]
-  runs = None
-  labels, clean_ranks = [], []
-  run_ranks: dict[str, list[np.ndarray]] = {}
+  device_batches, masks, labels, clean_ranks = [], [], [], []
   num_seen = 0
-  for batch in tqdm.tqdm(
-    batches,
-    total=num_batches,
-    disable=not progress,
-    desc=f"eval ({protocol.name})",
-    unit="batch",
-  ):
+  for batch in batches:
     batch = _pad_rows(batch, parallel.num_local_devices)
     mask = batch.mask.astype(bool)
     example_ids = (num_seen + np.cumsum(mask) - 1).astype(np.int32)
     num_seen += int(mask.sum())
-    images, y, example_ids = parallel.shard(
-      (batch.images, batch.labels, example_ids)
+    sharded = parallel.shard((batch.images, batch.labels, example_ids))
+    device_batches.append(sharded)
+    masks.append(mask)
+    labels.append(batch.labels[mask])
+    clean_ranks.append(np.asarray(_clean_ranks(clean_fn, *sharded[:2]))[mask])
+  if not device_batches:
+    raise ValueError("No eval batches.")
+  labels, clean_ranks = np.concatenate(labels), np.concatenate(clean_ranks)
+  num_probes = clean_ranks.shape[1] - 1
+  runs = protocol_runs(protocol, num_probes)
+  num_classes = jax.eval_shape(
+    clean_fn, jax.ShapeDtypeStruct(device_batches[0][0].shape, jnp.float32)
+  )[0].shape[-1]
+  run_ranks = {}
+  if partial is not None:
+    done = partial.start(
+      {
+        "protocol": protocol.settings(),
+        "key": _digest(np.asarray(jax.random.key_data(key))),
+        "examples": _digest(labels, clean_ranks),
+      }
     )
-    batch_clean = _clean_ranks(clean_fn, images, y)
-    if runs is None:
-      num_probes = batch_clean.shape[1] - 1
-      runs = protocol_runs(protocol, num_probes)
-      num_classes = jax.eval_shape(
-        clean_fn, jax.ShapeDtypeStruct(images.shape, jnp.float32)
-      )[0].shape[-1]
-    batch_runs = {
-      run.name: _adversarial_ranks(
+    run_ranks = {run.name: done[run.name] for run in runs if run.name in done}
+  bar = tqdm.tqdm(
+    total=len(runs) * len(device_batches),
+    initial=len(run_ranks) * len(device_batches),
+    disable=not progress,
+    desc=f"eval ({protocol.name})",
+    unit="batch",
+  )
+  for run in runs:
+    if run.name in run_ranks:
+      continue
+    ranks = []
+    for (images, y, example_ids), mask in zip(device_batches, masks):
+      batch_ranks = _adversarial_ranks(
         fns[run.gradient],
         images,
         y,
@@ -184,20 +291,18 @@ def evaluate(
         attacks.head_weights(run.beta, run.probe, num_probes),
         attack=run.attack,
       )
-      for run in runs
-    }
-    labels.append(batch.labels[mask])
-    clean_ranks.append(np.asarray(batch_clean)[mask])
-    for name, ranks in batch_runs.items():
-      run_ranks.setdefault(name, []).append(np.asarray(ranks)[mask])
-  if runs is None:
-    raise ValueError("No eval batches.")
+      ranks.append(np.asarray(batch_ranks)[mask])
+      bar.update(1)
+    run_ranks[run.name] = np.concatenate(ranks)
+    if partial is not None:
+      partial.save_run(run.name, run_ranks[run.name])
+  bar.close()
   return summary.summarize(
     protocol,
     runs,
-    labels=np.concatenate(labels),
-    clean_ranks=np.concatenate(clean_ranks),
-    run_ranks={name: np.concatenate(r) for name, r in run_ranks.items()},
+    labels=labels,
+    clean_ranks=clean_ranks,
+    run_ranks=run_ranks,
     num_classes=num_classes,
     class_names=class_names,
   )

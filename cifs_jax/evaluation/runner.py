@@ -1,21 +1,29 @@
 """Evaluates trained model variables under a protocol and writes the results.
 
-Shared by ``python -m cifs_jax.evaluate`` and the end of training.
+Shared by ``python -m cifs_jax.evaluate`` (``evaluate_checkpoint``) and the
+end of training (``evaluate_and_publish``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Sequence
+import datetime
+import os
+import subprocess
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 
-from cifs_jax import data, models
+from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import evaluator, protocols, report
+from cifs_jax.run_directory import RunDirectory, best_metric
+from cifs_jax.training import checkpoints
+from cifs_jax.training.train_state import create_train_state
 from cifs_jax.validation import check_choice
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_protocol(
@@ -52,22 +60,111 @@ def logits_functions(model: nn.Module, variables: Any) -> dict[str, Any]:
   }
 
 
+def project_commit() -> str:
+  """``git rev-parse HEAD`` of the project's checkout, or "unknown"."""
+  try:
+    result = subprocess.run(
+      ["git", "rev-parse", "HEAD"],
+      cwd=_PACKAGE_DIR,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=False,
+    )
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  commit = result.stdout.strip()
+  return commit if result.returncode == 0 and commit else "unknown"
+
+
+def checkpoint_label(
+  config: ml_collections.ConfigDict,
+  which: str | int,
+  step: int,
+  metadata: Mapping[str, Any],
+) -> dict:
+  """What a report says about the checkpoint it evaluated.
+
+  Args:
+    config: the run's config.
+    which: how it was chosen: "best", "last", a step, or "final state" (the
+      end of training).
+    step: its global step.
+    metadata: its saved metadata (epoch, "metrics" of the per-epoch
+      evaluation).
+
+  Returns:
+    {which, step, epoch, metrics, best_metric, per_epoch_eval_examples}:
+    "best" is the checkpoint with the highest ``best_metric`` on the first
+    ``per_epoch_eval_examples`` test examples, measured every epoch.
+  """
+  metrics = dict(metadata.get("metrics", {}))
+  return {
+    "which": which,
+    "step": step,
+    "epoch": metadata.get("epoch"),
+    "metrics": metrics,
+    "best_metric": best_metric(config),
+    "per_epoch_eval_examples": int(
+      metrics.get("eval_examples", config.eval.num_examples)
+    ),
+  }
+
+
+def run_label(
+  config: ml_collections.ConfigDict,
+  protocol: protocols.Protocol,
+  checkpoint: Mapping[str, Any] | None,
+  num_examples: int,
+) -> dict:
+  """What was evaluated, where and when: the ``run`` entry of a report."""
+  device = jax.local_devices()[0]
+  return {
+    "dataset": config.data.name,
+    "model": config.model.name,
+    "width": config.model.width,
+    "defense": config.model.defense,
+    "train_method": config.train.method,
+    "eps": config.attack.eps,
+    "protocol": protocol.name,
+    "checkpoint": dict(checkpoint) if checkpoint else None,
+    "num_examples": num_examples,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"
+    ),
+    "device": f"{jax.local_device_count()} x {device.device_kind}"
+    f" ({device.platform})",
+    "jax_version": jax.__version__,
+    "git_commit": project_commit(),
+  }
+
+
 def evaluate_and_publish(
   config: ml_collections.ConfigDict,
   model: nn.Module,
   variables: Any,
   test_split: data.Split,
-  output_dir: str,
+  output_dir: str | os.PathLike,
   *,
   protocol_name: str,
   num_examples: int = -1,
   attack_names: Sequence[str] = (),
   batch_size: int | None = None,
   name: str | None = None,
+  checkpoint: Mapping[str, Any] | None = None,
 ) -> dict:
   """Runs the protocol on the first ``num_examples`` test examples (-1: all)
   and writes ``<name>.json`` / ``<name>.md`` (default ``eval_<protocol>``)
-  to ``output_dir``; returns the results dict."""
+  to ``output_dir``; returns the results dict.
+
+  ``output_dir`` is checked to be writable before any attack runs. Each
+  finished run is saved to ``<name>.partial.json`` there, and a rerun after
+  an interruption continues from it (``evaluator.PartialResults``); the file
+  is removed once the report is written. ``checkpoint`` (``checkpoint_label``)
+  goes into the report's ``run`` entry.
+  """
+  output_dir = os.fspath(output_dir)
+  report.check_writable(output_dir)
   test_split = test_split.head(num_examples)
   num_probes = len(
     jax.eval_shape(
@@ -82,14 +179,90 @@ def evaluate_and_publish(
     attack_names,
     config.attack.unroll,
   )
+  name = name or f"eval_{protocol.name}"
+  label = run_label(config, protocol, checkpoint, len(test_split))
+  partial = evaluator.PartialResults(
+    os.path.join(output_dir, f"{name}.partial.json"),
+    {
+      key: label[key]
+      for key in ("dataset", "model", "width", "defense", "checkpoint")
+    }
+    | {"seed": config.seed},
+  )
   batch_size = batch_size or config.eval.batch_size
   results = evaluator.evaluate(
     logits_functions(model, variables),
     data.eval_batches(test_split, batch_size),
     protocol,
     jax.random.key(config.seed),
-    num_batches=math.ceil(len(test_split) / batch_size),
     class_names=data.get_info(config.data.name).class_names,
+    partial=partial,
   )
-  report.publish(results, output_dir, name or f"eval_{protocol.name}")
+  results["run"] = label
+  report.publish(results, output_dir, name)
+  partial.remove()
   return results
+
+
+def restore_checkpoint(
+  config: ml_collections.ConfigDict, run: RunDirectory, which: str | int
+) -> tuple[nn.Module, Any, dict]:
+  """(model, variables, ``checkpoint_label``) of checkpoint ``which`` of a
+  run, read without writing anything to the run directory."""
+  model = models.build_model(config.model)
+  image_shape = data.get_info(config.data.name).image_shape
+  target = create_train_state(model, image_shape, config, steps_per_epoch=1)
+  with run.checkpointer(config, read_only=True) as checkpointer:
+    state, metadata = checkpointer.restore(which, target)
+  label = checkpoint_label(config, which, int(state.step), metadata)
+  return model, state.variables, label
+
+
+def evaluate_checkpoint(
+  workdir: str | os.PathLike,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  checkpoint: str = "last",
+  protocol: str = "paper",
+  attacks: Sequence[str] = (),
+  num_examples: int = -1,
+  batch_size: int | None = None,
+  output: str | os.PathLike | None = None,
+) -> dict:
+  """``python -m cifs_jax.evaluate``: evaluates checkpoint ``checkpoint`` of
+  the run in ``workdir`` and writes ``eval_<protocol>_<checkpoint>.json`` /
+  ``.md`` to ``output`` (default: ``workdir``); returns the results dict.
+
+  Args:
+    workdir: the training run's directory (only read).
+    config: the run's config (default: its config.json).
+    checkpoint: "last", "best" or a step number (digits).
+    protocol: a key of ``protocols.PROTOCOLS``.
+    attacks: a subset of the protocol's attacks (default: all).
+    num_examples: the first N test examples (-1: all).
+    batch_size: global eval batch (default: ``eval.batch_size``).
+    output: where the reports go.
+
+  Raises:
+    ValueError: ``checkpoint`` is not "best", "last" or a step.
+    FileNotFoundError: no run directory, config.json or such checkpoint.
+    OSError: ``output`` is not writable (before any attack runs).
+  """
+  run = RunDirectory(workdir)
+  which = checkpoints.parse_which(checkpoint)
+  config = config or run.load_config()
+  experiment_config.validate(config)
+  model, variables, label = restore_checkpoint(config, run, which)
+  return evaluate_and_publish(
+    config,
+    model,
+    variables,
+    data.load_split(config.data, "test"),
+    output or workdir,
+    protocol_name=protocol,
+    num_examples=num_examples,
+    attack_names=attacks,
+    batch_size=batch_size,
+    name=f"eval_{protocol}_{checkpoint}",
+    checkpoint=label,
+  )

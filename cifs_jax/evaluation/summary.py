@@ -11,12 +11,19 @@ Accuracies are percentages of the valid examples. Layout::
                                    top3, probes_top1}, ...]  one per run
                    per_beta:     {"0": top1, ..., "inf/probe0": top1}
                                  worst case over gradient modes, per target
+                   min_over_beta: the lowest per_beta value: the paper's
+                                 comparator (its "worst robust accuracy"
+                                 over separate attacks, one per beta_atk
+                                 target), weaker than worst_case
                    per_gradient: {"stop": top1, "full": top1}
                                  worst case over targets, per gradient mode
                    worst_case:   heads summary of the per-example worst case
                                  over all runs of the attack
                    table5:       {attack point: {output head: top1}}}}
   worst_case:    heads summary of the worst case over every run of every attack
+  min_over_beta: the lowest min_over_beta of the attacks
+  run:           what was evaluated (dataset, model, checkpoint, ...), added
+                 by ``runner.evaluate_and_publish``
 
 A heads summary is {top1, top2, top3, per_class (top-1 per class), probes_top1
 (top-1 of each probe's own prediction)}; top-k and per-class read the final
@@ -68,13 +75,15 @@ def summarize(
   attacks = {}
   for attack in protocol.attacks:
     attack_runs = [run for run in runs if run.attack.name == attack.name]
+    per_beta = _top1_by(
+      attack_runs, worst, lambda run: beta_label(run.beta, run.probe)
+    )
     attacks[attack.name] = {
       "label": attack.label,
       "settings": attack.settings(),
       "runs": [_run_entry(run, run_ranks[run.name]) for run in attack_runs],
-      "per_beta": _top1_by(
-        attack_runs, worst, lambda run: beta_label(run.beta, run.probe)
-      ),
+      "per_beta": per_beta,
+      "min_over_beta": min(per_beta.values()),
       "per_gradient": _top1_by(attack_runs, worst, lambda run: run.gradient),
       "worst_case": heads(worst(attack_runs)),
       "table5": _table5(attack_runs, worst, num_probes),
@@ -88,6 +97,7 @@ def summarize(
     "natural": heads(clean_ranks),
     "attacks": attacks,
     "worst_case": heads(worst(runs)),
+    "min_over_beta": min(a["min_over_beta"] for a in attacks.values()),
   }
 
 

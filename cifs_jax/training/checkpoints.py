@@ -24,7 +24,20 @@ answers ``best_step``) only when it is.
 Saves are asynchronous by default: ``save`` returns once the arrays are copied
 off the device and writing continues in a background thread. Call
 ``wait_until_finished`` (or ``close``) before the process exits, e.g. after a
-SIGTERM save. All processes must call ``save``/``restore``; orbax coordinates
+SIGTERM save.
+
+Orbax stores no checksum of the array data, so flipped bits of the same length
+would restore silently. Once a save is committed (in ``wait_until_finished``,
+which every later ``save``, ``restore`` and ``close`` calls first), process 0
+writes ``<step>/checksums.json``: the sha256 of every file of the step
+directory. ``restore`` checks them first and refuses a checkpoint whose files
+differ, naming the file. A step without the file (written before checksums
+existed, or by a process killed between the commit and the checksums) restores
+with a warning that it cannot be verified.
+
+``read_only=True`` opens an existing directory for reading only (evaluation,
+``train.init_from``): nothing is created, and a missing directory is an
+error. All processes must call ``save``/``restore``; orbax coordinates
 which process writes what.
 
 States of ``jax.pmap`` training carry a leading device axis: unreplicate them
@@ -33,13 +46,17 @@ before ``save`` and restore into an unreplicated target.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
+import os
+import tempfile
 from typing import Any, Mapping, NoReturn
 
 from absl import logging
 from etils import epath
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -48,6 +65,8 @@ PyTree = Any
 _STATE = "state"
 _METADATA = "metadata"
 _METRICS_KEY = "metrics"
+CHECKSUMS_FILENAME = "checksums.json"
+_HASH_CHUNK_BYTES = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -75,8 +94,9 @@ class Checkpointer:
     max_to_keep: int = 3,
     best_metric: str = "pgd_accuracy",
     async_save: bool = True,
+    read_only: bool = False,
   ):
-    """Opens (creating if needed) a checkpoint directory.
+    """Opens (creating if needed, unless ``read_only``) a checkpoint directory.
 
     Args:
       directory: where the step directories live.
@@ -85,10 +105,23 @@ class Checkpointer:
       best_metric: key of ``metrics`` (in ``save``) ranking checkpoints; higher
         is better.
       async_save: write in a background thread (see the module docstring).
+      read_only: only read: create nothing, and refuse ``save``.
+
+    Raises:
+      FileNotFoundError: ``read_only`` and ``directory`` does not exist.
+      CheckpointError: the directory holds an unreadable step.
     """
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
+    directory = epath.Path(directory)
+    if read_only and not directory.is_dir():
+      raise FileNotFoundError(
+        f"Checkpoint directory {directory} does not exist (opened for reading"
+        " only; nothing was created)."
+      )
     self.best_metric = best_metric
+    self.read_only = read_only
+    self._steps_without_checksums: set[int] = set()
 
     def rank(metrics: Mapping[str, float]) -> float:
       return metrics.get(best_metric, -math.inf)
@@ -107,8 +140,11 @@ class Checkpointer:
         ]
       ),
       enable_async_checkpointing=async_save,
+      read_only=read_only,
+      create=not read_only,
+      # Saving is off when read-only; 0 says so without orbax's warning.
+      save_interval_steps=0 if read_only else 1,
     )
-    directory = epath.Path(directory)
     try:
       # Reads every step's metrics, so one corrupt step fails here.
       self._manager = ocp.CheckpointManager(
@@ -184,6 +220,10 @@ class Checkpointer:
       CheckpointError: this save, or the previous asynchronous one, failed.
         Earlier checkpoints are untouched.
     """
+    if self.read_only:
+      raise ValueError(
+        f"{self.directory} was opened read-only; cannot save step {step}."
+      )
     self.wait_until_finished()
     if step in self.all_steps():
       raise ValueError(
@@ -230,6 +270,7 @@ class Checkpointer:
       self._manager.save(step, args=args, metrics=ranking, force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._raise_save_error(step, e)
+    self._steps_without_checksums.add(step)
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight (if any) is on disk.
@@ -241,7 +282,13 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
+      self._steps_without_checksums.clear()
       self._raise_save_error(step, e)
+    committed = self._steps_without_checksums & set(self.all_steps())
+    self._steps_without_checksums.clear()
+    if jax.process_index() == 0:
+      for saved in sorted(committed):
+        write_checksums(self.step_path(saved))
 
   def _raise_save_error(self, step: int | None, error: Exception) -> NoReturn:
     # A failed save may have dropped steps from orbax's in-memory list (those
@@ -271,12 +318,19 @@ class Checkpointer:
     Raises:
       FileNotFoundError: there is no such checkpoint (the message lists what
         exists).
-      CheckpointError: the checkpoint is unreadable (corrupt or truncated) or
-        does not match ``target``. Nothing falls back to a fresh start.
+      CheckpointError: a file differs from its checksum, or the checkpoint is
+        unreadable (corrupt or truncated) or does not match ``target``.
+        Nothing falls back to a fresh start.
     """
     self.wait_until_finished()
     step = self._resolve(which)
     path = self.step_path(step)
+    try:
+      verify_checksums(path)
+    except CheckpointError as e:
+      raise CheckpointError(
+        f"Cannot restore checkpoint {path}: {e} {self._alternatives(step)}"
+      ) from e
     args = ocp.args.Composite(
       **{
         _STATE: ocp.args.StandardRestore(target),
@@ -286,16 +340,55 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except
-      others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(
         f"Cannot restore checkpoint {path}: {type(e).__name__}:"
         f" {_shorten(e)}\nThe checkpoint is corrupt or truncated, or does not"
         " match the target state (did the model config change?). Not"
-        " starting from scratch. To resume from another checkpoint, restore"
-        f" one of steps {others} explicitly, or move {path} out of"
-        f" {self.directory} and restart."
+        f" starting from scratch. {self._alternatives(step)}"
       ) from e
     return restored[_STATE], dict(restored[_METADATA])
+
+  def _alternatives(self, step: int) -> str:
+    """How to go on without the damaged checkpoint at ``step``."""
+    others = [s for s in self.all_steps() if s != step]
+    if not others:
+      return (
+        f"{self.directory} holds no other checkpoint (steps {self.all_steps()})"
+        ": restore a copy, or start a new run in a new workdir."
+      )
+    return (
+      f"Existing steps: {self.all_steps()}. To resume from another"
+      f" checkpoint, restore one of steps {others} explicitly (training:"
+      " --config.checkpoint.restore_step=STEP), or move"
+      f" {self.step_path(step)} out of {self.directory} and restart."
+    )
+
+  def set_aside_after(
+    self, step: int, destination: epath.PathLike
+  ) -> list[int]:
+    """Moves the checkpoints after ``step`` into ``destination``, so training
+    can resume from ``step`` and save those steps again; returns their steps.
+
+    Nothing is deleted: each ``<directory>/<s>`` becomes ``destination/<s>``.
+
+    Raises:
+      FileExistsError: ``destination/<s>`` exists already.
+    """
+    self.wait_until_finished()
+    later = [s for s in self.all_steps() if s > step]
+    destination = epath.Path(destination)
+    for moved in later:
+      if (destination / str(moved)).exists():
+        raise FileExistsError(
+          f"Cannot set aside checkpoint {self.step_path(moved)}:"
+          f" {destination / str(moved)} exists already."
+        )
+    if later and jax.process_index() == 0:
+      destination.mkdir(parents=True, exist_ok=True)
+      for moved in later:
+        self.step_path(moved).rename(destination / str(moved))
+    self._manager.reload()
+    return later
 
   def _resolve(self, which: str | int) -> int:
     steps = self.all_steps()
@@ -332,6 +425,99 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def parse_which(which: str | int) -> str | int:
+  """ "best", "last", a step (int) or its ASCII digits -> what to restore.
+
+  Raises:
+    ValueError: anything else (e.g. "²", which passes ``str.isdigit``).
+  """
+  if which in ("best", "last"):
+    return which
+  if isinstance(which, numbers.Integral) and not isinstance(which, bool):
+    if which >= 0:
+      return int(which)
+  elif isinstance(which, str) and which.isascii() and which.isdigit():
+    return int(which)
+  raise ValueError(f"expected 'best', 'last' or a step number, got {which!r}.")
+
+
+def _file_digests(step_dir: epath.Path) -> dict[str, str]:
+  """{path relative to ``step_dir``: sha256 hex} of its files but the
+  checksums file."""
+  root = os.fspath(step_dir)
+  digests = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      relative = os.path.relpath(path, root)
+      if relative == CHECKSUMS_FILENAME:
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+          digest.update(chunk)
+      digests[relative] = digest.hexdigest()
+  return dict(sorted(digests.items()))
+
+
+def write_checksums(step_dir: epath.Path) -> None:
+  """Writes ``<step_dir>/checksums.json`` (sha256 of each file), atomically:
+  through a fresh temporary file in the same directory."""
+  text = json.dumps(
+    {"algorithm": "sha256", "files": _file_digests(step_dir)}, indent=1
+  )
+  handle, tmp = tempfile.mkstemp(
+    prefix=CHECKSUMS_FILENAME + ".", suffix=".tmp", dir=os.fspath(step_dir)
+  )
+  try:
+    with os.fdopen(handle, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.fspath(step_dir / CHECKSUMS_FILENAME))
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def verify_checksums(step_dir: epath.Path) -> None:
+  """Checks every file of a step directory against its ``checksums.json``.
+
+  Raises:
+    CheckpointError: naming each file that changed, is missing or was added,
+      or the checksums file if it is unreadable.
+  """
+  checksums_path = step_dir / CHECKSUMS_FILENAME
+  if not checksums_path.exists():
+    logging.warning(
+      "%s has no %s: cannot verify its files.", step_dir, CHECKSUMS_FILENAME
+    )
+    return
+  try:
+    expected = json.loads(checksums_path.read_text())["files"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(
+      f"Cannot read {checksums_path}: {type(e).__name__}: {_shorten(e)}."
+    ) from e
+  actual = _file_digests(step_dir)
+  problems = [
+    f"  {name}: "
+    + (
+      "missing"
+      if name not in actual
+      else "not in the checksums"
+      if name not in expected
+      else "sha256 differs"
+    )
+    for name in sorted(set(expected) | set(actual))
+    if expected.get(name) != actual.get(name)
+  ]
+  if problems:
+    raise CheckpointError(
+      "the checkpoint is corrupt or truncated: its files differ from"
+      f" {checksums_path}:\n" + "\n".join(problems) + "\nNot starting from"
+      " scratch."
+    )
 
 
 def _shorten(error: Exception, limit: int = 500) -> str:

@@ -27,6 +27,7 @@ from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import runner
 from cifs_jax.parallel import BATCH_AXIS, Parallel
 from cifs_jax.run_directory import RunDirectory
+from cifs_jax.training import checkpoints
 from cifs_jax.training import metric_logging
 from cifs_jax.training import step as step_lib
 from cifs_jax.training.train_state import (
@@ -74,6 +75,35 @@ class StopRequest:
         signal.signal(s, h)
 
 
+def parse_init_from_checkpoint(config: ml_collections.ConfigDict) -> str | int:
+  """``train.init_from_checkpoint`` as ``Checkpointer.restore`` takes it.
+
+  Raises:
+    ValueError: naming the key and its allowed values.
+  """
+  try:
+    return checkpoints.parse_which(config.train.init_from_checkpoint)
+  except ValueError as e:
+    raise ValueError(f"config.train.init_from_checkpoint: {e}") from e
+
+
+def check_checkpoint_keys(config: ml_collections.ConfigDict) -> None:
+  """Checks ``checkpoint.restore_step`` and ``train.init_from_checkpoint``.
+
+  Raises:
+    ValueError: naming the key and its allowed values.
+  """
+  restore_step = config.checkpoint.restore_step
+  if isinstance(restore_step, bool) or not (
+    isinstance(restore_step, int) and restore_step >= -1
+  ):
+    raise ValueError(
+      f"config.checkpoint.restore_step={restore_step!r}: expected -1 (the"
+      " latest checkpoint) or a checkpoint step >= 0."
+    )
+  parse_init_from_checkpoint(config)
+
+
 def _check_finite(metrics: dict[str, float], where: str) -> None:
   if not all(math.isfinite(v) for v in metrics.values()):
     raise NonFiniteLossError(
@@ -88,6 +118,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     experiment_config.validate(config)
+    check_checkpoint_keys(config)
     self.config = config
     self.run = RunDirectory(workdir)
     self.parallel = Parallel.create(config.parallel)
@@ -155,34 +186,116 @@ class Trainer:
   # -- State ---------------------------------------------------------------
 
   def restore_or_initialise(self) -> tuple[TrainState, Position]:
-    """The last checkpoint of this workdir, else a fresh (or ``init_from``)
-    state. A checkpoint that fails to restore raises; it is never replaced
-    by a fresh start."""
+    """This workdir's checkpoint (the latest, or ``checkpoint.restore_step``),
+    else a fresh (or ``init_from``) state. A checkpoint that fails to restore
+    raises; it is never replaced by a fresh start."""
     if self.checkpointer.latest_step() is not None:
-      state, metadata = self.checkpointer.restore("last", self.initial_state)
-      position = Position(metadata["epoch"], metadata["step_in_epoch"])
-      logging.info(
-        "Resuming from %s at epoch %d, step %d.",
-        self.run.path,
-        position.epoch,
-        position.step,
+      return self._resume()
+    if self.config.checkpoint.restore_step != -1:
+      raise FileNotFoundError(
+        "config.checkpoint.restore_step="
+        f"{self.config.checkpoint.restore_step}, but"
+        f" {self.checkpointer.directory} holds no checkpoint."
       )
-      return state, position
-    state = self.initial_state
     if self.config.train.init_from:
-      # The finished model of the source run (its last checkpoint), as the
-      # reference initialises AT from a fully trained natural model.
-      source = RunDirectory(self.config.train.init_from)
-      with source.checkpointer(self.config) as checkpointer:
-        restored, _ = checkpointer.restore("last", self.initial_state)
-      state = state.replace(
-        params=restored.params, batch_stats=restored.batch_stats
+      return self._initialise_from(self.config.train.init_from), Position()
+    return self.initial_state, Position()
+
+  def _resume(self) -> tuple[TrainState, Position]:
+    """Restores the checkpoint ``checkpoint.restore_step`` (-1: the latest).
+
+    Resuming from an older step moves the later checkpoints to
+    ``<workdir>/checkpoints_superseded/`` (nothing is deleted), so training
+    can save those steps again.
+    """
+    restore_step = self.config.checkpoint.restore_step
+    which = "last" if restore_step == -1 else restore_step
+    state, metadata = self.checkpointer.restore(which, self.initial_state)
+    step = int(state.step)
+    position = self._checked_position(metadata, step)
+    if which != "last":
+      destination = self.run.superseded_path(
+        f"after_step_{step}_{time.strftime('%Y%m%d-%H%M%S')}"
       )
-      logging.info(
-        "Initialised the model from the last checkpoint of %s.",
-        self.config.train.init_from,
+      moved = self.checkpointer.set_aside_after(step, destination)
+      if moved:
+        logging.warning(
+          "Resuming from step %d: moved the later checkpoints %s to %s.",
+          step,
+          moved,
+          destination,
+        )
+    logging.info(
+      "Resuming from %s at epoch %d, step %d.",
+      self.run.path,
+      position.epoch,
+      position.step,
+    )
+    return state, position
+
+  def _checked_position(self, metadata: dict[str, Any], step: int) -> Position:
+    """The training position saved with the checkpoint at global ``step``,
+    checked against the config.
+
+    Raises:
+      ValueError: the epoch or the step in the epoch is not an integer, is
+        out of range (0 <= epoch <= train.epochs, 0 <= step_in_epoch <
+        steps per epoch) or disagrees with ``step``.
+    """
+    epoch, step_in_epoch = (
+      metadata.get("epoch"),
+      metadata.get("step_in_epoch"),
+    )
+    where = f"checkpoint {self.checkpointer.step_path(step)}"
+    if not all(
+      isinstance(v, int) and not isinstance(v, bool)
+      for v in (epoch, step_in_epoch)
+    ):
+      raise ValueError(
+        f"The metadata of {where} has epoch={epoch!r},"
+        f" step_in_epoch={step_in_epoch!r}; expected integers."
       )
-    return state, Position()
+    epochs, steps_per_epoch = self.config.train.epochs, self.steps_per_epoch
+    if not (0 <= epoch <= epochs and 0 <= step_in_epoch < steps_per_epoch):
+      raise ValueError(
+        f"The metadata of {where} is out of range: epoch={epoch} (allowed 0"
+        f" to train.epochs={epochs}), step_in_epoch={step_in_epoch} (allowed"
+        f" 0 to {steps_per_epoch - 1}, the steps per epoch less one)."
+      )
+    if epoch == epochs and step_in_epoch:
+      raise ValueError(
+        f"The metadata of {where} is past the end of training: epoch={epoch}"
+        f" of train.epochs={epochs}, step_in_epoch={step_in_epoch}."
+      )
+    if epoch * steps_per_epoch + step_in_epoch != step:
+      raise ValueError(
+        f"The metadata of {where} (epoch={epoch},"
+        f" step_in_epoch={step_in_epoch}, {steps_per_epoch} steps per epoch)"
+        f" disagrees with its step counter {step}."
+      )
+    return Position(epoch, step_in_epoch)
+
+  def _initialise_from(self, source_dir: str) -> TrainState:
+    """A fresh state (optimiser, step, schedule) with the model weights of
+    checkpoint ``train.init_from_checkpoint`` of the run in ``source_dir``.
+
+    "best" (the default) ranks the source's checkpoints by the source's own
+    metric (its config.json), as the reference starts adversarial training
+    from its best natural model.
+    """
+    which = parse_init_from_checkpoint(self.config)
+    source = RunDirectory(source_dir)
+    source_config = (
+      source.load_config() if source.config_path.exists() else self.config
+    )
+    with source.checkpointer(source_config, read_only=True) as checkpointer:
+      restored, _ = checkpointer.restore(which, self.initial_state)
+    logging.info(
+      "Initialised the model from checkpoint %r of %s.", which, source_dir
+    )
+    return self.initial_state.replace(
+      params=restored.params, batch_stats=restored.batch_stats
+    )
 
   def save(
     self,
@@ -383,15 +496,22 @@ def train_and_evaluate(
         "only: run python -m cifs_jax.evaluate afterwards."
       )
     elif config.eval.final:
+      host_state = trainer.parallel.unreplicate(state)
       report = runner.evaluate_and_publish(
         config,
         models.build_model(config.model),  # float32 attacks
-        trainer.parallel.unreplicate(state).variables,
+        host_state.variables,
         trainer.test_split,
         trainer.run.path,
         protocol_name=config.eval.final_protocol,
         num_examples=config.eval.final_num_examples,
         attack_names=config.eval.final_attacks,
+        checkpoint=runner.checkpoint_label(
+          config,
+          "final state",
+          int(host_state.step),
+          {"epoch": config.train.epochs},
+        ),
       )
       trainer.logger.write_scalars(
         config.train.epochs * trainer.steps_per_epoch, table1_scalars(report)
