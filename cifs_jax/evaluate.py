@@ -12,7 +12,7 @@ the main tables.
 from absl import app, flags
 from ml_collections import config_flags
 
-from cifs_jax import data, experiment_config, models
+from cifs_jax import data, distributed, experiment_config, models
 from cifs_jax.evaluation import protocols, runner
 from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training.train_state import create_train_state
@@ -75,6 +75,7 @@ def restore_variables(config, run: RunDirectory, which: str | int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   run = RunDirectory(_WORKDIR.value)
   which = parse_checkpoint(_CHECKPOINT.value)
   config = flags.FLAGS.config or run.load_config()

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from cifs_jax import experiment_config
+from cifs_jax import distributed, experiment_config
 from cifs_jax.training import trainer
 
 _WORKDIR = flags.DEFINE_string(
@@ -66,6 +66,7 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   if jax.process_count() > 1:
     logging.info("Process %d of %d.", jax.process_index(), jax.process_count())
   logging.info("Devices: %s", jax.devices())

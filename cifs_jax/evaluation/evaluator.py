@@ -12,8 +12,12 @@ and run it keeps the rank of the true class under every head
 
 Batches are ``data.Batch``es (uint8 images (B, H, W, C), int labels (B,), a
 (B,) bool mask that is False on padding), e.g. from ``data.eval_batches``.
-They are sharded over the local devices along the batch (padded to a
-multiple of the device count); the model's variables are replicated.
+They are sharded over the devices of all processes along the batch (each
+process's rows padded to a multiple of its device count); the model's
+variables are replicated. With several processes each passes its own rows of
+every global batch, process 0's first (as ``data.eval_batches`` gives them);
+the ranks are gathered from all processes, so every process returns the
+same results and counts each example once.
 
 Randomness does not depend on the batching: an example's random starts come
 from a key folded with the run's name and the example's index in the stream
@@ -29,6 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
@@ -130,7 +135,8 @@ def evaluate(
     key: PRNG key of the random starts.
     num_batches: length of ``batches`` for the progress bar, if known.
     class_names: one name per class for the per-class tables.
-    devices: devices to shard the batch over (default: all local devices).
+    devices: devices to shard the batch over (default: all devices of all
+      processes).
     progress: show a tqdm progress bar over batches.
 
   Returns:
@@ -143,7 +149,7 @@ def evaluate(
       f"{protocol.gradient_modes}; logits_fns lacks "
       f"{sorted(missing)}."
     )
-  parallel = Parallel.create("shard_map", devices or jax.local_devices())
+  parallel = Parallel.create("shard_map", devices or jax.devices())
   fns = {
     mode: parallel.replicate(_as_pytree(logits_fns[mode]))
     for mode in protocol.gradient_modes
@@ -161,11 +167,9 @@ def evaluate(
     unit="batch",
   ):
     batch = _pad_rows(batch, parallel.num_local_devices)
-    mask = batch.mask.astype(bool)
-    example_ids = (num_seen + np.cumsum(mask) - 1).astype(np.int32)
-    num_seen += int(mask.sum())
-    images, y, example_ids = parallel.shard(
-      (batch.images, batch.labels, example_ids)
+    example_ids, num_seen = _example_ids(batch.mask.astype(bool), num_seen)
+    images, y, example_ids, mask = parallel.shard(
+      (batch.images, batch.labels, example_ids, batch.mask.astype(bool))
     )
     batch_clean = _clean_ranks(clean_fn, images, y)
     if runs is None:
@@ -186,10 +190,13 @@ def evaluate(
       )
       for run in runs
     }
-    labels.append(batch.labels[mask])
-    clean_ranks.append(np.asarray(batch_clean)[mask])
+    batch_labels, batch_clean, batch_runs = _valid_rows(
+      (y, batch_clean, batch_runs), mask
+    )
+    labels.append(batch_labels)
+    clean_ranks.append(batch_clean)
     for name, ranks in batch_runs.items():
-      run_ranks.setdefault(name, []).append(np.asarray(ranks)[mask])
+      run_ranks.setdefault(name, []).append(ranks)
   if runs is None:
     raise ValueError("No eval batches.")
   return summary.summarize(
@@ -201,6 +208,38 @@ def evaluate(
     num_classes=num_classes,
     class_names=class_names,
   )
+
+
+def _example_ids(mask: np.ndarray, num_seen: int) -> tuple[np.ndarray, int]:
+  """Indices in the stream of valid examples of this process's rows.
+
+  Args:
+    mask: bool (B_host,), this process's rows of a global batch.
+    num_seen: valid examples in the global batches before this one.
+
+  Returns:
+    (int32 (B_host,) ids, meaningful where ``mask`` is True; ``num_seen``
+    after this batch). The valid rows of lower process indices come first.
+  """
+  counts = multihost_utils.process_allgather(np.int32(mask.sum()))
+  first = num_seen + int(counts[: jax.process_index()].sum())
+  ids = (first + np.cumsum(mask) - 1).astype(np.int32)
+  return ids, num_seen + int(counts.sum())
+
+
+def _valid_rows(tree, mask: Array):
+  """Host numpy copies of the valid rows of every process.
+
+  Args:
+    tree: pytree of global arrays (B, ...) sharded along axis 0 like
+      ``mask``.
+    mask: bool (B,) global array, True on valid rows.
+
+  Returns:
+    ``tree`` with leaves (num_valid, ...), rows in the global batch order.
+  """
+  tree, mask = multihost_utils.process_allgather((tree, mask), tiled=True)
+  return jax.tree.map(lambda x: x[mask], tree)
 
 
 def _as_pytree(logits_fn: LogitsFn) -> jax.tree_util.Partial:

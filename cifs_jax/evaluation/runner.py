@@ -67,7 +67,8 @@ def evaluate_and_publish(
 ) -> dict:
   """Runs the protocol on the first ``num_examples`` test examples (-1: all)
   and writes ``<name>.json`` / ``<name>.md`` (default ``eval_<protocol>``)
-  to ``output_dir``; returns the results dict."""
+  to ``output_dir``; returns the results dict. Every process of a
+  multi-process run calls it and gets the results; process 0 writes."""
   test_split = test_split.head(num_examples)
   num_probes = len(
     jax.eval_shape(
@@ -91,5 +92,6 @@ def evaluate_and_publish(
     num_batches=math.ceil(len(test_split) / batch_size),
     class_names=data.get_info(config.data.name).class_names,
   )
-  report.publish(results, output_dir, name or f"eval_{protocol.name}")
+  if jax.process_index() == 0:
+    report.publish(results, output_dir, name or f"eval_{protocol.name}")
   return results

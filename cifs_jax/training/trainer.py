@@ -322,8 +322,8 @@ def train_and_evaluate(
   test examples (natural and PGD accuracy, %); an empty dict if a stop was
   requested before training finished. With ``eval.final``, also runs the
   robustness evaluation of ``eval.final_protocol`` (``cifs_jax.evaluation``)
-  and writes ``eval_<protocol>.json`` / ``.md`` to the workdir (single-host
-  runs; on several hosts run ``python -m cifs_jax.evaluate`` afterwards).
+  and writes ``eval_<protocol>.json`` / ``.md`` to the workdir (on several
+  processes: all of them evaluate, process 0 writes).
   """
   trainer = Trainer(config, workdir)
   try:
@@ -332,18 +332,13 @@ def train_and_evaluate(
       return {}
     results = trainer.evaluate(state, config.eval.final_num_examples)
     logging.info("Final evaluation: %s", results)
-    if config.eval.final and jax.process_count() > 1:
-      logging.warning(
-        "The final robustness evaluation runs on one host "
-        "only: run python -m cifs_jax.evaluate afterwards."
-      )
-    elif config.eval.final:
+    if config.eval.final:
       runner.evaluate_and_publish(
         config,
         models.build_model(config.model),  # float32 attacks
         trainer.parallel.unreplicate(state).variables,
         trainer.test_split,
-        trainer.run,
+        trainer.run.path,
         protocol_name=config.eval.final_protocol,
         num_examples=config.eval.final_num_examples,
         attack_names=config.eval.final_attacks,
