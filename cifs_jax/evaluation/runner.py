@@ -91,6 +91,7 @@ def evaluate_and_publish(
     jax.random.key(config.seed),
     num_batches=math.ceil(len(test_split) / batch_size),
     class_names=data.get_info(config.data.name).class_names,
+    progress=jax.process_index() == 0,
   )
   if jax.process_index() == 0:
     report.publish(results, output_dir, name or f"eval_{protocol.name}")
