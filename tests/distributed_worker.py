@@ -20,7 +20,6 @@ from absl import app
 import jax
 import numpy as np
 
-from cifs_jax import main
 from cifs_jax.training import trainer as trainer_lib
 
 
@@ -69,6 +68,10 @@ def hang_after(steps: int, out_dir: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
+  # Only here: importing main defines its absl flags, which would clash with
+  # cifs_jax.evaluate's in a test process that imports flat_params.
+  from cifs_jax import main
+
   out, hang_steps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
   dump_params_after_training(out)
   if hang_steps > 0:

@@ -33,11 +33,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from cifs_jax import distributed
+from cifs_jax import data, distributed, models
+from cifs_jax.evaluation import evaluator
+from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training import checkpoints
+from cifs_jax.training.train_state import create_train_state
 from tests.distributed_worker import flat_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -97,6 +101,39 @@ def test_auto_detects_and_passes_only_the_given_overrides():
 def test_bad_combinations_name_the_flags(arguments, message):
   with pytest.raises(ValueError, match=message):
     distributed.initialize_arguments(*arguments)
+
+
+# ------------------------------------- fast: evaluation ids across processes
+
+
+@pytest.mark.parametrize("num_examples", [24, 13, 32])
+def test_example_ids_are_split_indices_on_every_process(
+  monkeypatch, num_examples
+):
+  """Each process's valid rows get their index in the split (the stream of
+  valid examples), which fixes their random starts, as on one process. The
+  processes are simulated: the all-gather of the valid counts returns both
+  processes' counts."""
+  batch_size, count = 16, 2
+  per_process = [
+    list(
+      data.eval_index_batches(
+        num_examples, batch_size, process_index=p, process_count=count
+      )
+    )
+    for p in range(count)
+  ]
+  for p in range(count):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    num_seen = 0
+    for b, (indices, mask) in enumerate(per_process[p]):
+      counts = np.array([per_process[q][b][1].sum() for q in range(count)])
+      monkeypatch.setattr(
+        evaluator.multihost_utils, "process_allgather", lambda _: counts
+      )
+      ids, num_seen = evaluator._example_ids(mask, num_seen)
+      np.testing.assert_array_equal(ids[mask], indices[mask])
+    assert num_seen == num_examples
 
 
 # ----------------------------------------------------- slow: real processes
@@ -211,9 +248,19 @@ def read_params(path) -> dict[str, np.ndarray]:
 
 
 def checkpoint_params(workdir, step: int) -> dict[str, np.ndarray]:
-  with checkpoints.Checkpointer(workdir / "checkpoints") as ckpt:
-    state, _ = ckpt.restore(step, None)
-  return flat_params(state["params"])
+  """The parameters of a run's checkpoint, restored on this process's
+  devices (the checkpoint was written on 4)."""
+  run = RunDirectory(workdir)
+  config = run.load_config()
+  target = create_train_state(
+    models.build_model(config.model),
+    data.get_info(config.data.name).image_shape,
+    config,
+    steps_per_epoch=1,
+  )
+  with run.checkpointer(config) as ckpt:
+    state, _ = ckpt.restore(step, target)
+  return flat_params(state.params)
 
 
 def assert_params_close(actual, expected):
