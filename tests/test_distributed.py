@@ -15,9 +15,10 @@ starts real processes on this machine (CPU, loopback, gloo collectives):
 4. ``python -m cifs_jax.evaluate`` of the final checkpoint on one process.
 
 Checks: both processes hold bit-identical parameters; the checkpoints (after
-epoch 1 on 2 processes, after the resumed epoch 2) and the per-epoch
-evaluations match the reference's to float tolerance; the distributed final
-evaluation equals the single-process evaluation of the same checkpoint.
+epoch 1 on 2 processes, after the resumed epoch 2) match the reference's to
+float tolerance (``MAX_RELATIVE_DISTANCE``) and the per-epoch evaluations
+equal its; the distributed final evaluation equals the single-process
+evaluation of the same checkpoint.
 
   python -m pytest -q tests/test_distributed.py -m slow
 """
@@ -50,6 +51,12 @@ STEPS_PER_EPOCH = 4  # max_examples / batch_size below.
 HANG_AFTER_STEPS = 6  # mid-epoch 2
 PHASE_TIMEOUT_S = 600
 NUM_EVAL_EXAMPLES = 24
+# 2 processes x 2 devices sum gradients in another order than 1 x 4; the
+# sign steps of PGD amplify such float differences (measured: 5e-8 after
+# epoch 1, 4e-5 after epoch 2, 2-core x86_64), while one training step moves
+# the parameters by about 2 % (8 % in 4 steps): a missed, repeated or
+# reordered step would be far above this bound.
+MAX_RELATIVE_DISTANCE = 1e-3
 EVAL_BATCH_SIZE = 16
 CONFIG_FLAGS = (
   "--config=configs/fmnist_resnet10.py:smoke",
@@ -264,11 +271,13 @@ def checkpoint_params(workdir, step: int) -> dict[str, np.ndarray]:
 
 
 def assert_params_close(actual, expected):
+  """Same leaves, at a relative L2 distance below ``MAX_RELATIVE_DISTANCE``."""
   assert sorted(actual) == sorted(expected)
-  for key in expected:
-    np.testing.assert_allclose(
-      actual[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key
-    )
+  distance = np.sqrt(
+    sum(np.sum((actual[k] - expected[k]) ** 2) for k in actual)
+  )
+  norm = np.sqrt(sum(np.sum(expected[k] ** 2) for k in expected))
+  assert distance / norm < MAX_RELATIVE_DISTANCE, distance / norm
 
 
 def epoch_evaluations(workdir) -> list[dict]:
