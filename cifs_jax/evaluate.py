@@ -15,6 +15,7 @@ command continues from the finished attacks
 from absl import app, flags
 from ml_collections import config_flags
 
+from cifs_jax import distributed
 from cifs_jax.evaluation import protocols, runner
 from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training import checkpoints
@@ -73,6 +74,7 @@ def restore_variables(config, run: RunDirectory, which: str | int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   parse_checkpoint(_CHECKPOINT.value)
   runner.evaluate_checkpoint(
     _WORKDIR.value,

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from cifs_jax import experiment_config, library_logs
+from cifs_jax import distributed, experiment_config, library_logs
 from cifs_jax.training import trainer
 
 _WORKDIR = flags.DEFINE_string(
@@ -126,6 +126,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   library_logs.quiet(_LIBRARY_VERBOSITY.value)
+  distributed.initialize_from_flags()
   if jax.process_count() > 1:
     logging.info("Process %d of %d.", jax.process_index(), jax.process_count())
   logging.info("Devices: %s", jax.devices())

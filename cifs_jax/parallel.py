@@ -105,10 +105,25 @@ class Parallel:
     )
 
   def unreplicate(self, tree: Any) -> Any:
-    """The single-copy view of a replicated pytree (drops pmap's axis)."""
-    if self.mode == "pmap":
+    """The single-copy view of a replicated pytree (drops pmap's axis).
+
+    On several processes every leaf is a global array, fully replicated over
+    all processes' devices, which Orbax can save (pmap's ``x[0]`` alone is
+    local to each process); every process must hold the same values.
+    """
+    if self.mode == "shard_map":
+      return tree
+    if jax.process_count() == 1:
       return jax.tree.map(lambda x: x[0], tree)
-    return tree
+    everywhere = NamedSharding(
+      Mesh(np.asarray(jax.devices()), (BATCH_AXIS,)), PartitionSpec()
+    )
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(
+        everywhere, np.asarray(x[0])
+      ),
+      tree,
+    )
 
   def shard(self, tree: Any) -> Any:
     """Puts this process's rows of a global batch on its devices.

@@ -58,10 +58,13 @@ def epoch_permutation(
   """The order of the examples in epoch ``epoch``: int32 (num_examples,).
 
   A function of (key, epoch) alone, computed on the CPU so that every host
-  and backend gets the same order; resuming needs nothing else.
+  and backend gets the same order; resuming needs nothing else. (This
+  process's own CPU: with several processes on the CPU backend, ``jax.devices``
+  lists the other processes' CPUs too.)
   """
-  with jax.default_device(jax.devices("cpu")[0]):
-    key = jax.device_put(key, jax.devices("cpu")[0])
+  cpu = jax.local_devices(backend="cpu")[0]
+  with jax.default_device(cpu):
+    key = jax.device_put(key, cpu)
     order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
   return np.asarray(order, np.int32)
 

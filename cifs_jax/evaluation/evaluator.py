@@ -19,8 +19,12 @@ Ctrl-C) loses at most the run in progress.
 
 Batches are ``data.Batch``es (uint8 images (B, H, W, C), int labels (B,), a
 (B,) bool mask that is False on padding), e.g. from ``data.eval_batches``.
-They are sharded over the local devices along the batch (padded to a
-multiple of the device count); the model's variables are replicated.
+They are sharded over the devices of all processes along the batch (each
+process's rows padded to a multiple of its device count); the model's
+variables are replicated. With several processes each passes its own rows of
+every global batch, process 0's first (as ``data.eval_batches`` gives them);
+the ranks are gathered from all processes, so every process returns the
+same results and counts each example once.
 
 Randomness does not depend on the batching: an example's random starts come
 from a key folded with the run's name and the example's index in the stream
@@ -42,6 +46,7 @@ from absl import logging
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 
@@ -219,7 +224,8 @@ def evaluate(
     protocol: attacks, betas and gradient modes to run.
     key: PRNG key of the random starts.
     class_names: one name per class for the per-class tables.
-    devices: devices to shard the batch over (default: all local devices).
+    devices: devices to shard the batch over (default: all devices of all
+      processes).
     progress: show a tqdm progress bar over batches.
     partial: where finished runs are saved and found again (see the module
       docstring); None: nothing is saved.
@@ -234,24 +240,27 @@ def evaluate(
       f"{protocol.gradient_modes}; logits_fns lacks "
       f"{sorted(missing)}."
     )
-  parallel = Parallel.create("shard_map", devices or jax.local_devices())
+  parallel = Parallel.create("shard_map", devices or jax.devices())
   fns = {
     mode: parallel.replicate(_as_pytree(logits_fns[mode]))
     for mode in protocol.gradient_modes
   }
   clean_fn = fns[protocol.gradient_modes[0]]
-  device_batches, masks, labels, clean_ranks = [], [], [], []
+  device_batches, labels, clean_ranks = [], [], []
   num_seen = 0
   for batch in batches:
     batch = _pad_rows(batch, parallel.num_local_devices)
-    mask = batch.mask.astype(bool)
-    example_ids = (num_seen + np.cumsum(mask) - 1).astype(np.int32)
-    num_seen += int(mask.sum())
-    sharded = parallel.shard((batch.images, batch.labels, example_ids))
+    example_ids, num_seen = _example_ids(batch.mask.astype(bool), num_seen)
+    sharded = parallel.shard(
+      (batch.images, batch.labels, example_ids, batch.mask.astype(bool))
+    )
     device_batches.append(sharded)
-    masks.append(mask)
-    labels.append(batch.labels[mask])
-    clean_ranks.append(np.asarray(_clean_ranks(clean_fn, *sharded[:2]))[mask])
+    images, y, _, mask = sharded
+    batch_labels, batch_clean = _valid_rows(
+      (y, _clean_ranks(clean_fn, images, y)), mask
+    )
+    labels.append(batch_labels)
+    clean_ranks.append(batch_clean)
   if not device_batches:
     raise ValueError("No eval batches.")
   labels, clean_ranks = np.concatenate(labels), np.concatenate(clean_ranks)
@@ -281,7 +290,7 @@ def evaluate(
     if run.name in run_ranks:
       continue
     ranks = []
-    for (images, y, example_ids), mask in zip(device_batches, masks):
+    for images, y, example_ids, mask in device_batches:
       batch_ranks = _adversarial_ranks(
         fns[run.gradient],
         images,
@@ -291,10 +300,10 @@ def evaluate(
         attacks.head_weights(run.beta, run.probe, num_probes),
         attack=run.attack,
       )
-      ranks.append(np.asarray(batch_ranks)[mask])
+      ranks.append(_valid_rows(batch_ranks, mask))
       bar.update(1)
     run_ranks[run.name] = np.concatenate(ranks)
-    if partial is not None:
+    if partial is not None and jax.process_index() == 0:
       partial.save_run(run.name, run_ranks[run.name])
   bar.close()
   return summary.summarize(
@@ -306,6 +315,38 @@ def evaluate(
     num_classes=num_classes,
     class_names=class_names,
   )
+
+
+def _example_ids(mask: np.ndarray, num_seen: int) -> tuple[np.ndarray, int]:
+  """Indices in the stream of valid examples of this process's rows.
+
+  Args:
+    mask: bool (B_host,), this process's rows of a global batch.
+    num_seen: valid examples in the global batches before this one.
+
+  Returns:
+    (int32 (B_host,) ids, meaningful where ``mask`` is True; ``num_seen``
+    after this batch). The valid rows of lower process indices come first.
+  """
+  counts = multihost_utils.process_allgather(np.int32(mask.sum()))
+  first = num_seen + int(counts[: jax.process_index()].sum())
+  ids = (first + np.cumsum(mask) - 1).astype(np.int32)
+  return ids, num_seen + int(counts.sum())
+
+
+def _valid_rows(tree, mask: Array):
+  """Host numpy copies of the valid rows of every process.
+
+  Args:
+    tree: pytree of global arrays (B, ...) sharded along axis 0 like
+      ``mask``.
+    mask: bool (B,) global array, True on valid rows.
+
+  Returns:
+    ``tree`` with leaves (num_valid, ...), rows in the global batch order.
+  """
+  tree, mask = multihost_utils.process_allgather((tree, mask), tiled=True)
+  return jax.tree.map(lambda x: x[mask], tree)
 
 
 def _as_pytree(logits_fn: LogitsFn) -> jax.tree_util.Partial:

@@ -155,7 +155,8 @@ def evaluate_and_publish(
 ) -> dict:
   """Runs the protocol on the first ``num_examples`` test examples (-1: all)
   and writes ``<name>.json`` / ``<name>.md`` (default ``eval_<protocol>``)
-  to ``output_dir``; returns the results dict.
+  to ``output_dir``; returns the results dict. Every process of a
+  multi-process run calls it and gets the results; process 0 writes.
 
   ``output_dir`` is checked to be writable before any attack runs. Each
   finished run is saved to ``<name>.partial.json`` there, and a rerun after
@@ -197,10 +198,12 @@ def evaluate_and_publish(
     jax.random.key(config.seed),
     class_names=data.get_info(config.data.name).class_names,
     partial=partial,
+    progress=jax.process_index() == 0,
   )
   results["run"] = label
-  report.publish(results, output_dir, name)
-  partial.remove()
+  if jax.process_index() == 0:
+    report.publish(results, output_dir, name)
+    partial.remove()
   return results
 
 

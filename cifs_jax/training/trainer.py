@@ -471,8 +471,8 @@ def train_and_evaluate(
   ``eval.final``, also runs the robustness evaluation of
   ``eval.final_protocol`` (``cifs_jax.evaluation``), writes
   ``eval_<protocol>.json`` / ``.md`` to the workdir and its headline numbers
-  (``table1_scalars``) to the metric logs (single-host runs; on several
-  hosts run ``python -m cifs_jax.evaluate`` afterwards).
+  (``table1_scalars``) to the metric logs (on several processes: all of them
+  evaluate, process 0 writes).
   """
   trainer = Trainer(config, workdir)
   try:
@@ -490,12 +490,7 @@ def train_and_evaluate(
       return {}
     results = trainer.evaluate(state, config.eval.final_num_examples)
     logging.info("Final evaluation: %s", results)
-    if config.eval.final and jax.process_count() > 1:
-      logging.warning(
-        "The final robustness evaluation runs on one host "
-        "only: run python -m cifs_jax.evaluate afterwards."
-      )
-    elif config.eval.final:
+    if config.eval.final:
       host_state = trainer.parallel.unreplicate(state)
       report = runner.evaluate_and_publish(
         config,
