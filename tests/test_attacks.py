@@ -387,15 +387,17 @@ def test_beta_inf_ignores_the_final_head(probe):
 
 def test_attack_loss_rejects_inconsistent_settings():
   final, probes, labels = _random_heads(1)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"beta must be >= 0 .*got -1.0"):
     attacks.AttackLoss(beta=-1.0)
-  with pytest.raises(ValueError):
+  with pytest.raises(
+    ValueError, match=r"only with beta = inf, got beta = 2.0 and probe = 0"
+  ):
     attacks.AttackLoss(beta=2.0, probe=0)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"kind must be one of .*got 'dlr'"):
     attacks.AttackLoss(kind="dlr")
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"beta = inf attacks only the probes"):
     attacks.AttackLoss(beta=math.inf)(final, [], labels)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"Restarts without a random start"):
     attacks.PGDConfig(random_start=False, num_restarts=2)
 
 

@@ -354,3 +354,34 @@ def test_bad_options_raise_clear_errors():
     models.CIFS(10, options=models.CIFSOptions(topk=11)).init(
       jax.random.key(0), features
     )
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_mask_scale_multiplies_the_masked_features_and_nothing_else(train):
+  """model.cifs.mask_scale = 2 doubles the mask and the masked features,
+  exactly (a power of two); the probe logits and relevances do not move."""
+  features = jax.random.normal(jax.random.key(0), (3, 2, 2, 6))
+  labels = jnp.array([0, 3, 1])
+  plain = models.CIFS(4, probe="mlp", mlp_hidden=5)
+  doubled = models.CIFS(
+    4, probe="mlp", mlp_hidden=5, options=models.CIFSOptions(mask_scale=2.0)
+  )
+  variables = plain.init(jax.random.key(1), features)
+
+  def run(layer):
+    return layer.apply(
+      variables, features, labels, train, mutable=["intermediates"]
+    )
+
+  (masked, logits), sown = run(plain)
+  (masked2, logits2), sown2 = run(doubled)
+  np.testing.assert_array_equal(masked2, 2 * masked)
+  np.testing.assert_array_equal(logits2, logits)
+  mask = sown["intermediates"]["mask"][0]
+  np.testing.assert_array_equal(sown2["intermediates"]["mask"][0], 2 * mask)
+  np.testing.assert_allclose(mask.sum(-1), 1, rtol=1e-6)  # softmax
+  np.testing.assert_array_equal(
+    sown2["intermediates"]["relevance"][0],
+    sown["intermediates"]["relevance"][0],
+  )
+  np.testing.assert_allclose(masked, features * mask[:, None, None, :])

@@ -56,10 +56,19 @@ def run_steps(
   return jax.tree.map(np.asarray, parallel.unreplicate(state))
 
 
-@pytest.mark.parametrize("method", ["pgd_at"])
+@pytest.mark.parametrize(
+  "method",
+  [
+    "pgd_at",
+    pytest.param("natural", marks=pytest.mark.slow),
+    pytest.param("fat", marks=pytest.mark.slow),
+    pytest.param("trades", marks=pytest.mark.slow),
+  ],
+)
 def test_two_devices_equal_one_device(x64, method):
   """pmap and shard_map over 2 devices give the 1-device parameters after 3
-  PGD-AT steps on the same global batches (float64, synced batch norm)."""
+  steps of ``method`` on the same global batches (float64, synced batch
+  norm)."""
   config = smoke_config(method)
   split = random_split()
   model = models.build_model(config.model)
@@ -110,6 +119,36 @@ def test_learning_rate_schedule_and_weight_decay_match_reference():
   np.testing.assert_allclose(weights, expected_w, rtol=1e-6)
 
 
+def clip_to_ball(x_adv, x, eps):
+  """Into the L-inf ball of radius eps around x, then into [0, 1]."""
+  return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+
+def reference_pgd(logits_fn, loss_fn, x, y, config, tau=None, x_start=None):
+  """L-inf PGD from ``x_start`` (default x), written out step by step.
+
+  With ``tau``, FAT's early stop: an example stops moving at the check where
+  the final head misclassifies it for the (tau + 1)-th time.
+  """
+  x_adv = x if x_start is None else clip_to_ball(x_start, x, config.eps)
+  misses = np.zeros(len(y), int)
+  moving = np.ones(len(y), bool)
+  total_loss = lambda v: jnp.sum(loss_fn(*logits_fn(v), y))
+  gradient = jax.jit(jax.grad(total_loss))
+  for _ in range(config.num_steps):
+    grad = gradient(x_adv)
+    if tau is not None:
+      wrong = np.argmax(logits_fn(x_adv)[0], -1) != np.asarray(y)
+      misses += wrong & moving
+      moving &= misses <= tau
+    stepped = clip_to_ball(
+      x_adv + config.step_size * jnp.sign(grad), x, config.eps
+    )
+    keep = moving.reshape((-1,) + (1,) * (x.ndim - 1))
+    x_adv = jnp.where(keep, stepped, x_adv)
+  return x_adv
+
+
 def linear_logits_fn(weights):
   return lambda x: (x.reshape(x.shape[0], -1) @ weights, [])
 
@@ -143,11 +182,19 @@ def test_friendly_pgd_freezes_misclassified_examples():
   np.testing.assert_allclose(
     x_fat[never_fooled], x_pgd[never_fooled], atol=1e-6
   )
-  # A larger tau perturbs at least as far on average.
-  x_tau = attacks.friendly_pgd(
-    linear_logits_fn(weights), x, labels, None, loss, config, tau=3
-  )
-  assert np.abs(x_tau - x).sum() >= np.abs(x_fat - x).sum()
+  # tau: the number of misclassified checks an example may survive.
+  results = {}
+  for tau in (0, 1, 3):
+    results[tau] = attacks.friendly_pgd(
+      linear_logits_fn(weights), x, labels, None, loss, config, tau=tau
+    )
+    expected = reference_pgd(
+      linear_logits_fn(weights), loss, x, labels, config, tau=tau
+    )
+    np.testing.assert_allclose(results[tau], expected, rtol=0, atol=1e-6)
+  # The case is one where tau matters: fewer examples are frozen early.
+  assert np.abs(results[3] - results[0]).max() > 0.01
+  assert np.abs(results[3] - x).sum() > np.abs(results[0] - x).sum()
 
 
 @pytest.mark.parametrize("method", ["natural", "fat", "trades"])
@@ -294,3 +341,168 @@ def test_config_rejects_a_negative_unroll():
   config.attack.unroll = -1
   with pytest.raises(ValueError, match="config.attack.unroll=-1"):
     experiment_config.validate(config)
+
+
+# ------------------------------------------------- one update, by hand
+
+
+def cross_entropy(logits, labels):
+  """-log softmax(logits)[label], per example: (N,)."""
+  log_probs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
+def reference_training_loss(kind, config):
+  """The per-example training loss (N,) of a model with defence ``kind``:
+  CIFS: the authors' 3 / (1 + beta) * (CE + beta * mean probe CE); CAS:
+  CE + beta * mean auxiliary CE (Bai et al.)."""
+  beta, scale = config.train.loss_beta, config.train.loss_scale
+
+  def loss(logits, probes, labels):
+    probe_term = sum(cross_entropy(p, labels) for p in probes) / len(probes)
+    if kind == "cas":
+      return cross_entropy(logits, labels) + beta * probe_term
+    return (
+      scale / (1 + beta) * (cross_entropy(logits, labels) + beta * probe_term)
+    )
+
+  return loss
+
+
+def kl_divergence(natural_logits, adversarial_logits):
+  """KL(softmax(natural) || softmax(adversarial)) per example: (N,)."""
+  p = jax.nn.softmax(natural_logits, axis=-1)
+  return jnp.sum(
+    p
+    * (
+      jax.nn.log_softmax(natural_logits, axis=-1)
+      - jax.nn.log_softmax(adversarial_logits, axis=-1)
+    ),
+    axis=-1,
+  )
+
+
+def one_step_config(method, defense):
+  """A ResNet-10 of width 2, no augmentation, a deterministic 2-step attack
+  and a weight decay large enough to show in the update (float64 tests)."""
+  config = smoke_config(method, defense)
+  config.model.width = 2
+  config.model.cifs.mlp_hidden = 8
+  config.data.augment.crop_padding = 0
+  config.data.augment.flip = False
+  # TRADES' inner KL has a zero gradient at the natural input: it needs its
+  # random start (drawn below as the step draws it).
+  config.attack.random_start = method == "trades"
+  # Dyadic radius and step: on binary images every iterate is exact in
+  # float32, whatever the order of the attack's additions and clips.
+  config.attack.eps = 1 / 32
+  config.attack.step_size = 1 / 64
+  config.train.weight_decay = 0.01
+  config.fat.tau = 1
+  return config
+
+
+def expected_update(config, state, x, y):
+  """(params, batch_stats) after one step of ``config.train.method`` on the
+  batch (x, y), computed here: the attack written out, the loss written out,
+  its gradient, and SGD's first step w - lr * (g + wd * w)."""
+  method = config.train.method
+  model = models.build_model(config.model)
+  kind = model.defense.kind
+  train_loss = reference_training_loss(kind, config)
+  eval_fn = lambda v: model.apply(state.variables, v, train=False)
+  attack = step_lib.attack_config(config.attack)
+  x_train = x
+  if method in ("pgd_at", "fat"):
+    tau = config.fat.tau if method == "fat" else None
+    x_train = reference_pgd(eval_fn, train_loss, x, y, attack, tau)
+  elif method == "trades":
+    natural = eval_fn(x)[0]
+    inner = lambda logits, probes, labels: kl_divergence(labels, logits)
+    # The step's per-example attack keys, folded with the restart number
+    # (0); a uniform draw in the eps-ball.
+    indices = jnp.arange(len(y), dtype=jnp.int32)
+    _, keys = step_lib._example_keys(state, indices)
+    keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+    noise = jax.vmap(
+      lambda key, image: jax.random.uniform(
+        key, image.shape, image.dtype, -attack.eps, attack.eps
+      )
+    )(keys, x)
+    x_train = reference_pgd(eval_fn, inner, x, natural, attack, None, x + noise)
+
+  def forward(params, inputs, batch_stats):
+    variables = {"params": params, "batch_stats": batch_stats}
+    return model.apply(
+      variables, inputs, train=True, labels=y, mutable=["batch_stats"]
+    )
+
+  def objective(params):
+    if method != "trades":
+      (logits, probes), _ = forward(params, x_train, state.batch_stats)
+      return jnp.mean(train_loss(logits, probes, y))
+    # In training mode the outputs use batch statistics only.
+    (logits, probes), _ = forward(params, x, state.batch_stats)
+    (adversarial, _), _ = forward(params, x_train, state.batch_stats)
+    return jnp.mean(
+      train_loss(logits, probes, y)
+      + config.trades.beta * kl_divergence(logits, adversarial)
+    )
+
+  grads = jax.jit(jax.grad(objective))(state.params)
+  rate, decay = config.train.learning_rate, config.train.weight_decay
+  params = jax.tree.map(
+    lambda w, g: w - rate * (g + decay * w), state.params, grads
+  )
+  stats = forward(state.params, x_train, state.batch_stats)[1]["batch_stats"]
+  if method == "trades":
+    # Running statistics move twice: r1 = 0.9 r + 0.1 m_nat, then
+    # 0.9 r1 + 0.1 m_adv = 0.9 r1 + (r_adv - 0.9 r), with r_adv the one
+    # update from r on the adversarial batch alone.
+    natural_stats = forward(state.params, x, state.batch_stats)[1]
+    stats = jax.tree.map(
+      lambda once_natural, once_adversarial, old: 0.9 * once_natural
+      + once_adversarial
+      - 0.9 * old,
+      natural_stats["batch_stats"],
+      stats,
+      state.batch_stats,
+    )
+  return params, stats
+
+
+@pytest.mark.parametrize(
+  "method,defense",
+  [
+    # TRADES exercises most (two forward passes, KL, the random start): it
+    # runs by default; each of the others takes ~40 s of CPU.
+    ("trades", "cifs"),
+    pytest.param("natural", "cifs", marks=pytest.mark.slow),
+    pytest.param("pgd_at", "cifs", marks=pytest.mark.slow),
+    pytest.param("fat", "cas", marks=pytest.mark.slow),
+  ],
+)
+def test_one_update_matches_the_loss_and_sgd_written_out(x64, method, defense):
+  config = one_step_config(method, defense)
+  # Binary images: 0 and 1 are exact in float32 however they are computed.
+  split = random_split(8, seed=1)
+  binary = np.where(split.images > 127, 255, 0).astype(np.uint8)
+  split = data.Split(binary, split.labels, split.num_classes)
+  model = models.build_model(config.model)
+  state = train_state.create_train_state(model, (32, 32, 3), config, 1)
+  to64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+  state = state.replace(
+    params=to64(state.params), batch_stats=to64(state.batch_stats)
+  )
+  trained = run_steps(config, state, split, "pmap", 1, 1, batch_size=8)
+  x = jnp.asarray(split.images, jnp.float32) / 255.0
+  params, stats = expected_update(config, state, x, jnp.asarray(split.labels))
+  jax.tree.map(
+    # Float32 attack gradients that vanish can take either sign: a relative
+    # 1e-6 of each array's scale.
+    lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max()
+    ),
+    (trained.params, trained.batch_stats),
+    (params, stats),
+  )

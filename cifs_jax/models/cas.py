@@ -59,6 +59,9 @@ class CAS(nn.Module):
       classes = labels
     else:
       classes = jnp.argmax(logits, axis=-1)
-    class_weights = classifier.variables["params"]["kernel"].T[classes]
+    # jnp: the kernel may be a numpy array (variables given as numpy), which
+    # cannot be indexed by traced classes.
+    kernel = jnp.asarray(classifier.variables["params"]["kernel"])
+    class_weights = kernel.T[classes]
     masked = features * class_weights[:, None, None, :].astype(features.dtype)
     return masked, logits
