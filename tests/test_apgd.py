@@ -4,6 +4,8 @@ import dataclasses
 import functools
 import math
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,10 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from cifs_jax.attacks import apgd as apgd_lib
 from cifs_jax.attacks import objectives
 from cifs_jax.attacks.pgd import PGDConfig, pgd
 from tests.test_attacks import EPS, IMAGE_SHAPE, _toy_cifs, _uniform
+
+# The module (the package exports the function 'apgd' under its name).
+apgd_lib = importlib.import_module("cifs_jax.attacks.apgd")
 
 LINEAR_DIM, LINEAR_CLASSES = 12, 4
 

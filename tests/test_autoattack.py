@@ -3,13 +3,14 @@ distrust of components, compilation."""
 
 import math
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifs_jax.attacks import autoattack as aa
 from cifs_jax.attacks.objectives import AttackLoss
 from tests.test_apgd import (
   LINEAR_CLASSES,
@@ -19,6 +20,9 @@ from tests.test_apgd import (
   robust_flags,
 )
 from tests.test_attacks import IMAGE_SHAPE, _toy_cifs, _uniform
+
+# The module (the package exports the function 'autoattack' under its name).
+aa = importlib.import_module("cifs_jax.attacks.autoattack")
 
 EPS = 0.1
 W, B, LINEAR = linear_model(0)
@@ -200,11 +204,11 @@ def test_padded_sizes():
 
 def test_versions_follow_the_reference_and_the_authors():
   loss = AttackLoss(beta=2.0)
-  names, settings = aa._plan("joint", None, eps=EPS, norm="linf", loss=loss)
+  names, settings = aa.plan("joint", None, eps=EPS, norm="linf", loss=loss)
   assert names == ("apgd-ce", "square")
   _, config = aa.COMPONENTS["apgd-ce"](settings)
   assert (config.num_restarts, config.loss, config.num_steps) == (5, loss, 100)
-  names, settings = aa._plan("standard", None, eps=EPS, norm="l2", loss=None)
+  names, settings = aa.plan("standard", None, eps=EPS, norm="l2", loss=None)
   assert names == ("apgd-ce", "apgd-t", "fab-t", "square")
   _, config = aa.COMPONENTS["apgd-t"](settings)
   assert (config.num_target_classes, config.num_restarts, config.norm) == (
@@ -213,7 +217,7 @@ def test_versions_follow_the_reference_and_the_authors():
     "l2",
   )
   assert settings.square_queries == 5000
-  names, settings = aa._plan("rand", None, eps=EPS, norm="linf", loss=None)
+  names, settings = aa.plan("rand", None, eps=EPS, norm="linf", loss=None)
   assert names == ("apgd-ce", "apgd-dlr") and settings.eot_iter == 20
   for version, attacks, loss in [
     ("joint", None, None),
@@ -222,7 +226,7 @@ def test_versions_follow_the_reference_and_the_authors():
     ("plus", None, None),
   ]:
     with pytest.raises(ValueError):
-      aa._plan(version, attacks, eps=EPS, norm="linf", loss=loss)
+      aa.plan(version, attacks, eps=EPS, norm="linf", loss=loss)
 
 
 @pytest.mark.slow
