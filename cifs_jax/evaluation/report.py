@@ -14,7 +14,7 @@ from typing import Sequence
 Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
 
 # The tables printed on the console (the others are in the Markdown file).
-CONSOLE_TABLES = 3
+CONSOLE_TABLES = 4
 
 
 def publish(
@@ -84,7 +84,8 @@ def console_summary(results: dict) -> str:
 
 
 def tables(results: dict) -> list[Table]:
-  """Table 1, per beta_atk, per gradient mode, Table 4, Table 5, per class."""
+  """Table 1, stages, per beta_atk, per gradient mode, Table 4, Table 5, per
+  class."""
   attacks = results["attacks"]
   natural = results["natural"]
   columns = (
@@ -103,6 +104,14 @@ def tables(results: dict) -> list[Table]:
       "Table 1: top-1, per-example worst case over beta_atk and gradient modes",
       [""] + [label for label, _ in columns],
       [["final head"] + [_pct(summary["top1"]) for _, summary in columns]],
+    ),
+    (
+      "Robust accuracy after each stage (cumulative worst case, in order)",
+      ["after", "top-1"],
+      [
+        [attacks[name]["label"] if name in attacks else name, _pct(top1)]
+        for name, top1 in results["stages"].items()
+      ],
     ),
     (
       "Per beta_atk (worst case over gradient modes)",

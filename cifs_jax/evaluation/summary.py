@@ -17,6 +17,10 @@ Accuracies are percentages of the valid examples. Layout::
                                  over all runs of the attack
                    table5:       {attack point: {output head: top1}}}}
   worst_case:    heads summary of the worst case over every run of every attack
+  stages:        {"clean": top1, attack name: top1, ...}: the final head's
+                 top-1 after each attack in protocol order, per example the
+                 worst case over the clean input and every run so far
+                 (AutoAttack's "robust accuracy after each stage")
 
 A heads summary is {top1, top2, top3, per_class (top-1 per class), probes_top1
 (top-1 of each probe's own prediction)}; top-k and per-class read the final
@@ -88,7 +92,26 @@ def summarize(
     "natural": heads(clean_ranks),
     "attacks": attacks,
     "worst_case": heads(worst(runs)),
+    "stages": _stages(protocol, runs, clean_ranks, run_ranks),
   }
+
+
+def _stages(
+  protocol: Protocol,
+  runs: Sequence,
+  clean_ranks: np.ndarray,
+  run_ranks: Mapping[str, np.ndarray],
+) -> dict:
+  """Final-head top-1 after each attack: cumulative worst case, in order."""
+  worst_so_far = clean_ranks[:, 0]
+  stages = {"clean": metrics.top_k_accuracy(worst_so_far)}
+  for attack in protocol.attacks:
+    worst_so_far = metrics.worst_case(
+      [worst_so_far]
+      + [run_ranks[r.name][:, 0] for r in runs if r.attack.name == attack.name]
+    )
+    stages[attack.name] = metrics.top_k_accuracy(worst_so_far)
+  return stages
 
 
 def _accuracies(ranks: np.ndarray) -> dict:
