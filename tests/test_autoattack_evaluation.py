@@ -1,5 +1,6 @@
-"""AutoAttack as evaluation protocols: runs, stages, the evaluate command."""
+"""AutoAttack as evaluation protocols: components, runs, stages, report."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -29,11 +30,8 @@ def _fewer_steps(attack):
   """The component with 3 gradient steps (APGD and FAB-T)."""
   if not hasattr(attack.config, "num_steps"):
     return attack
-  config = type(attack.config)(
-    **{**vars(attack.config), "num_steps": 3}  # frozen: rebuild
-  )
-  return evaluation.protocols.ComponentAttack(
-    attack.name, attack.label, attack.attack, config
+  return dataclasses.replace(
+    attack, config=dataclasses.replace(attack.config, num_steps=3)
   )
 
 
