@@ -56,6 +56,9 @@ pytestmark = [
 def trained(tmp_path_factory):
   """(JAX logits_fn, PyTorch model, x (N, 28, 28, 1), y (N,)) of a vanilla
   ResNet-10 PGD-trained on real Fashion-MNIST."""
+  # One intra-op thread: a run with torch's default thread pool next to
+  # JAX's aborted once inside torchattacks' FAB backward ("double free").
+  torch.set_num_threads(1)
   workdir = tmp_path_factory.mktemp("fmnist_vanilla")
   config = load_config(
     "fmnist_resnet10",
@@ -137,11 +140,20 @@ def torch_robust(model, x_adv, y):
     return (model(x_adv).argmax(1) == torch.from_numpy(y)).numpy()
 
 
+def comparison(name, ours, theirs):
+  """A line: both robust accuracies (%) and the per-example agreement."""
+  return (
+    f"{name:8s} JAX {100 * ours.mean():6.2f} %  torchattacks "
+    f"{100 * theirs.mean():6.2f} %  per-example agreement "
+    f"{100 * np.mean(ours == theirs):6.2f} %"
+  )
+
+
 def test_components_and_ensemble_agree_with_torchattacks(trained):
   logits_fn, torch_model, x, y = trained
   x_torch, y_torch = to_torch(x), torch.from_numpy(y)
   clean = jax_robust(logits_fn, x, y)
-  lines = [f"clean accuracy {100 * clean.mean():.2f} % on {len(y)} points"]
+  print(f"clean accuracy {100 * clean.mean():.2f} % on {len(y)} points")
   ours, theirs = {}, {}
   torch_attacks, torch_standard = torch_components(torch_model)
   for i, (name, (attack, config)) in enumerate(jax_components().items()):
@@ -150,6 +162,7 @@ def test_components_and_ensemble_agree_with_torchattacks(trained):
     ours[name] = jax_robust(logits_fn, x_adv, y) & clean
     adv = torch_attacks[name](x_torch, y_torch)
     theirs[name] = torch_robust(torch_model, adv, y) & clean
+    print(comparison(name, ours[name], theirs[name]), flush=True)
   result = attacks.autoattack(
     logits_fn,
     x,
@@ -164,17 +177,10 @@ def test_components_and_ensemble_agree_with_torchattacks(trained):
   ours["standard"] = result.robust
   adv = torch_standard(x_torch, y_torch)
   theirs["standard"] = torch_robust(torch_model, adv, y) & clean
-  for name in ours:
-    a, b = 100 * ours[name].mean(), 100 * theirs[name].mean()
-    agree = 100 * np.mean(ours[name] == theirs[name])
-    lines.append(
-      f"{name:8s} JAX {a:6.2f} %  torchattacks {b:6.2f} %  "
-      f"per-example agreement {agree:6.2f} %"
-    )
-  print("\n".join(lines))
+  print(comparison("standard", ours["standard"], theirs["standard"]))
   for name in ours:
     assert abs(ours[name].mean() - theirs[name].mean()) * 100 <= TOLERANCE, (
-      "\n".join(lines)
+      comparison(name, ours[name], theirs[name])
     )
   # The ensemble is at least as strong as each of its components.
   assert all(result.robust_accuracy <= ours[n].mean() for n in jax_components())
