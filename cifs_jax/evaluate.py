@@ -1,8 +1,10 @@
 """Evaluates a checkpoint: ``python -m cifs_jax.evaluate --workdir=DIR``.
 
   python -m cifs_jax.evaluate --workdir=DIR [--config=configs/...py:variant]
-      [--checkpoint=last|best|STEP] [--protocol=paper|strong]
-      [--attacks=fgsm,pgd20,cw,pgd100] [--num_examples=N] [--output=DIR]
+      [--checkpoint=last|best|STEP]
+      [--protocol=paper|strong|autoattack|autoattack-joint]
+      [--attacks=fgsm,pgd20,cw,pgd100|apgd-ce,apgd-t,fab-t,square]
+      [--num_examples=N] [--output=DIR]
 
 Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
 ``eval_<protocol>_<checkpoint>.json`` and ``.md`` to ``--output`` (default:

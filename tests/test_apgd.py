@@ -4,6 +4,8 @@ import dataclasses
 import functools
 import math
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,10 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from cifs_jax.attacks import apgd as apgd_lib
 from cifs_jax.attacks import objectives
 from cifs_jax.attacks.pgd import PGDConfig, pgd
 from tests.test_attacks import EPS, IMAGE_SHAPE, _toy_cifs, _uniform
+
+# The module (the package exports the function 'apgd' under its name).
+apgd_lib = importlib.import_module("cifs_jax.attacks.apgd")
 
 LINEAR_DIM, LINEAR_CLASSES = 12, 4
 
@@ -367,4 +371,34 @@ def test_config_rejects_bad_settings():
   with pytest.raises(ValueError):
     apgd_lib.dlr_targeted_loss(
       jnp.zeros((2, 3)), jnp.zeros(2, int), jnp.ones(2, int)
+    )
+
+
+def test_per_example_keys_make_each_example_independent_of_its_batch():
+  keys = jax.random.split(jax.random.key(3), TOY_X.shape[0])
+  whole = run_apgd(TOY, TOY_X, TOY_Y, keys, TOY_CONFIG)
+  half = run_apgd(TOY, TOY_X[::2], TOY_Y[::2], keys[::2], TOY_CONFIG)
+  np.testing.assert_allclose(whole[::2], half, atol=1e-6)
+
+
+def test_loss_fn_replaces_the_attack_loss():
+  # Eq. 3 at beta = 2 as traced head weights (1/3 on the final head, 1/3 on
+  # each of the two probes) attacks exactly as AttackLoss(beta=2).
+  weights = objectives.head_weights(2.0, None, 2)
+  np.testing.assert_allclose(weights, [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+  loss_fn = functools.partial(objectives.weighted_head_loss, weights=weights)
+  key = jax.random.key(7)
+  np.testing.assert_allclose(
+    apgd_lib.apgd(TOY, TOY_X, TOY_Y, key, TOY_CONFIG, loss_fn=loss_fn),
+    run_apgd(TOY, TOY_X, TOY_Y, key, TOY_CONFIG),
+    atol=1e-6,
+  )
+  with pytest.raises(ValueError, match="loss_fn replaces an AttackLoss"):
+    apgd_lib.apgd(
+      TOY,
+      TOY_X,
+      TOY_Y,
+      key,
+      dataclasses.replace(TOY_CONFIG, loss="dlr"),
+      loss_fn=loss_fn,
     )

@@ -3,13 +3,14 @@ distrust of components, compilation."""
 
 import math
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifs_jax.attacks import autoattack as aa
 from cifs_jax.attacks.objectives import AttackLoss
 from tests.test_apgd import (
   LINEAR_CLASSES,
@@ -18,7 +19,11 @@ from tests.test_apgd import (
   linear_model,
   robust_flags,
 )
+from tests import linear_classifier
 from tests.test_attacks import IMAGE_SHAPE, _toy_cifs, _uniform
+
+# The module (the package exports the function 'autoattack' under its name).
+aa = importlib.import_module("cifs_jax.attacks.autoattack")
 
 EPS = 0.1
 W, B, LINEAR = linear_model(0)
@@ -200,11 +205,11 @@ def test_padded_sizes():
 
 def test_versions_follow_the_reference_and_the_authors():
   loss = AttackLoss(beta=2.0)
-  names, settings = aa._plan("joint", None, eps=EPS, norm="linf", loss=loss)
+  names, settings = aa.plan("joint", None, eps=EPS, norm="linf", loss=loss)
   assert names == ("apgd-ce", "square")
   _, config = aa.COMPONENTS["apgd-ce"](settings)
   assert (config.num_restarts, config.loss, config.num_steps) == (5, loss, 100)
-  names, settings = aa._plan("standard", None, eps=EPS, norm="l2", loss=None)
+  names, settings = aa.plan("standard", None, eps=EPS, norm="l2", loss=None)
   assert names == ("apgd-ce", "apgd-t", "fab-t", "square")
   _, config = aa.COMPONENTS["apgd-t"](settings)
   assert (config.num_target_classes, config.num_restarts, config.norm) == (
@@ -213,7 +218,7 @@ def test_versions_follow_the_reference_and_the_authors():
     "l2",
   )
   assert settings.square_queries == 5000
-  names, settings = aa._plan("rand", None, eps=EPS, norm="linf", loss=None)
+  names, settings = aa.plan("rand", None, eps=EPS, norm="linf", loss=None)
   assert names == ("apgd-ce", "apgd-dlr") and settings.eot_iter == 20
   for version, attacks, loss in [
     ("joint", None, None),
@@ -222,7 +227,7 @@ def test_versions_follow_the_reference_and_the_authors():
     ("plus", None, None),
   ]:
     with pytest.raises(ValueError):
-      aa._plan(version, attacks, eps=EPS, norm="linf", loss=loss)
+      aa.plan(version, attacks, eps=EPS, norm="linf", loss=loss)
 
 
 @pytest.mark.slow
@@ -264,3 +269,46 @@ def test_rand_version_on_a_model_with_a_random_gradient():
   assert list(result.accuracy) == ["clean", "apgd-ce", "apgd-dlr"]
   assert np.all(result.robust[exact])
   assert result.robust_accuracy <= exact.mean() + 0.03
+
+
+def test_the_real_standard_ensemble_on_a_linear_image_classifier():
+  # All four real components, with reduced budgets, on images (Square
+  # needs them); exact L-inf robustness of the linear model is the truth.
+  model = linear_classifier.random_classifier(3, 4, 4 * 4 * 2)
+  x, y = linear_classifier.correctly_labelled_points(model, 4, (48, 4, 4, 2))
+  x, y = x.astype(np.float32), y.astype(np.int32)
+  reduced = {
+    "apgd-ce": (aa.apgd, aa.APGDConfig(eps=EPS, num_steps=10)),
+    "apgd-t": (
+      aa.apgd,
+      aa.APGDConfig(eps=EPS, num_steps=10, loss="dlr-targeted"),
+    ),
+    "fab-t": (aa.fab_targeted, aa.FABConfig(eps=EPS, num_steps=10)),
+    "square": (aa.square, aa.SquareConfig(eps=EPS, num_queries=50)),
+  }
+  lines = []
+  result = aa.autoattack(
+    model.logits_fn,
+    x,
+    y,
+    jax.random.key(8),
+    eps=EPS,
+    log=lines.append,
+    batch_size=16,
+    components={name: (lambda s, c=c: c) for name, c in reduced.items()},
+  )
+  assert list(result.accuracy) == ["clean"] + list(reduced)
+  assert len(lines) == 5
+  stages = list(result.accuracy.values())
+  assert stages == sorted(stages, reverse=True)
+  assert stages[0] == 1.0 and stages[-1] == result.robust_accuracy
+  exact = model.linf_robust(x, y, EPS)
+  assert 0.2 < exact.mean() < 0.8
+  assert np.all(result.robust[exact])  # never claims a provably robust point
+  assert result.robust_accuracy <= exact.mean() + 1 / 48
+  # Re-checked: the flags are the model's verdict at the returned points.
+  np.testing.assert_array_equal(
+    result.robust, robust_flags(model.logits_fn, result.x_adv, y)
+  )
+  assert np.abs(result.x_adv - x).max() <= EPS * (1 + 1e-5)
+  assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1

@@ -1,19 +1,24 @@
 """Square attack: schedule, gradient-free success, exact linear robustness."""
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifs_jax.attacks import square
 from cifs_jax.attacks.objectives import AttackLoss
 from cifs_jax.attacks.pgd import PGDConfig, pgd
 from tests import linear_classifier
 
+# The module (the package exports the function 'square' under its name).
+square = importlib.import_module("cifs_jax.attacks.square")
+
 square_with_queries = jax.jit(
   square.square_with_queries, static_argnums=0, static_argnames="config"
 )
+
 IMAGE = (4, 4, 2)  # H, W, C: 32 input values
 NUM_CLASSES, NUM_POINTS = 4, 300
 MODEL = linear_classifier.random_classifier(0, NUM_CLASSES, int(np.prod(IMAGE)))

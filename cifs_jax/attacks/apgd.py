@@ -30,8 +30,10 @@ Randomised models (EOT): with ``eot_iter > 1`` the model is
 key for the batch, and each gradient is the mean over ``eot_iter`` draws.
 
 Shapes: ``x`` is (N, ...) float in [0, 1], ``y`` (N,) integer labels, ``key``
-one PRNG key; eps in input units. Everything compiles into one program (no
-host round-trip per step); ``logits_fn`` and the config are static.
+one PRNG key or (N,) per-example keys (then an example's random starts do
+not depend on the rest of the batch); eps in input units. Everything
+compiles into one program (no host round-trip per step); ``logits_fn`` and
+the config are static.
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cifs_jax.attacks.objectives import AttackLoss, LogitsFn
+from cifs_jax.attacks.objectives import AttackLoss, LogitsFn, LossFn
 
 # pgd's helpers, shared rather than rewritten (the package re-exports the
 # function ``pgd`` under the module's name, hence the names).
 from cifs_jax.attacks.geometry import AUTO_UNROLL
 from cifs_jax.attacks.geometry import NORMS
 from cifs_jax.attacks.geometry import ascent_direction
+from cifs_jax.attacks.geometry import example_keys
 from cifs_jax.attacks.geometry import keep_stronger
 from cifs_jax.attacks.geometry import loop_unroll
 from cifs_jax.attacks.geometry import per_example_norm
@@ -65,6 +68,8 @@ MOMENTUM = 0.75
 INITIAL_STEP = 2.0
 # Guards the DLR denominators and the start's normalisation (the reference's).
 _TINY = 1e-12
+# Folded into the first example's key for the model's draws (EOT).
+_MODEL_DRAWS = 0x5EED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +141,12 @@ class APGDConfig:
 
 
 def apgd(
-  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: APGDConfig
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  key: Array,
+  config: APGDConfig,
+  loss_fn: LossFn | None = None,
 ) -> Array:
   """APGD on ``config.loss`` within the eps-ball around ``x`` and [0, 1].
 
@@ -145,8 +155,12 @@ def apgd(
       ``(x, key)`` -> the same when ``config.eot_iter > 1``.
     x: clean inputs, (N, ...) in [0, 1].
     y: integer labels, (N,).
-    key: one PRNG key (random starts and EOT draws).
+    key: one PRNG key or (N,) per-example keys (random starts); the EOT
+      draws, one per batch, come from the first example's key.
     config: the attack's settings.
+    loss_fn: (final_logits, probe_logits, y) -> (N,) loss to maximise in
+      place of an ``AttackLoss`` ``config.loss`` (e.g. Eq. 3 with traced head
+      weights, ``attacks.weighted_head_loss``); not with the DLR losses.
 
   Returns:
     (N, ...) like ``x``: for an example that some run fooled (the final head's
@@ -155,10 +169,13 @@ def apgd(
     point of the highest loss over all runs.
   """
   draw = _logits_draw(logits_fn, config.eot_iter)
-  clean_key, runs_key = jax.random.split(key)
+  start_keys = example_keys(key, x.shape[0])
+  clean_key, draws_key = jax.random.split(
+    jax.random.fold_in(start_keys[0], _MODEL_DRAWS)
+  )
   final_logits, _ = draw(x, clean_key)
   targets = _targets(final_logits, config)  # (R, N)
-  loss_fn = _example_loss(config.loss)
+  loss_fn = _example_loss(config.loss, loss_fn)
   clean_fooled = jnp.argmax(final_logits, axis=-1) != y
 
   def one_run(best, run):
@@ -169,7 +186,8 @@ def apgd(
         x,
         y,
         targets[run],
-        jax.random.fold_in(runs_key, run),
+        _fold_in_each(start_keys, run),
+        jax.random.fold_in(draws_key, run),
         config,
       )
       return keep_stronger(best, candidate)
@@ -258,8 +276,23 @@ def _logits_draw(logits_fn, eot_iter):
   return lambda x, key: logits_fn(x)
 
 
-def _example_loss(loss):
-  """(final_logits, probe_logits, y, target) -> per-example loss (N,)."""
+def _fold_in_each(keys: Array, data: int | Array) -> Array:
+  """Each of the (N,) keys folded with ``data``: (N,)."""
+  return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+
+
+def _example_loss(loss, loss_fn=None):
+  """(final_logits, probe_logits, y, target) -> per-example loss (N,).
+
+  ``loss_fn`` (final_logits, probe_logits, y) -> (N,), if given, replaces
+  an ``AttackLoss``.
+  """
+  if loss_fn is not None:
+    if not isinstance(loss, AttackLoss):
+      raise ValueError(
+        f"loss_fn replaces an AttackLoss config.loss, not {loss!r}."
+      )
+    return lambda final, probes, y, target: loss_fn(final, probes, y)
   if isinstance(loss, AttackLoss):
     return lambda final, probes, y, target: loss(final, probes, y)
   if loss == "dlr":
@@ -313,32 +346,34 @@ def _per_example(v: Array, like: Array) -> Array:
   return v.reshape(v.shape + (1,) * (like.ndim - 1))
 
 
-def _random_start(key: Array, x: Array, config: APGDConfig) -> Array:
+def _random_start(keys: Array, x: Array, config: APGDConfig) -> Array:
   """The reference's start: x + eps * t / ||t|| per example, in [0, 1].
 
-  ``t`` is uniform in [-1, 1]^d (L-inf) or standard normal (L-2); ``||.||``
-  is the attack's norm, so the start lies on the sphere of the eps-ball.
+  ``t`` is uniform in [-1, 1]^d (L-inf) or standard normal (L-2), drawn
+  with the example's key of ``keys`` (N,); ``||.||`` is the attack's norm,
+  so the start lies on the sphere of the eps-ball.
   """
   if config.norm == "linf":
-    t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    draw = lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0)
+    t = jax.vmap(draw)(keys)
     size = jnp.max(jnp.abs(t), axis=tuple(range(1, x.ndim)), keepdims=True)
   else:
-    t = jax.random.normal(key, x.shape, x.dtype)
+    t = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
     size = per_example_norm(t)
   return jnp.clip(x + config.eps * t / (size + _TINY), 0.0, 1.0)
 
 
-def _run(draw, loss_fn, x, y, target, key, config):
+def _run(draw, loss_fn, x, y, target, start_keys, eot_key, config):
   """One APGD run: (point, fooled (N,) bool, best loss (N,)).
 
+  ``start_keys`` (N,) draw the random starts, ``eot_key`` the model's draws.
   The point is the latest misclassified iterate where the run fooled the
   final head, else the point of the highest loss.
   """
-  start_key, eot_key = jax.random.split(key)
   evaluate = functools.partial(
     _loss_and_grad, draw, loss_fn, y=y, target=target, eot_iter=config.eot_iter
   )
-  x_start = _random_start(start_key, x, config)
+  x_start = _random_start(start_keys, x, config)
   loss, grad, final = evaluate(x_start, key=jax.random.fold_in(eot_key, 0))
   fooled = jnp.argmax(final, axis=-1) != y
   state = dict(

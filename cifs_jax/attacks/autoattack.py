@@ -23,8 +23,9 @@ most ``batch_size``, each padded to ``batch_size`` or a power of two, so a
 shrinking robust set reuses a few compiled programs instead of compiling one
 per subset size. Components are ``attack(logits_fn, x, y, key, config) ->
 x_adv`` with a hashable config, looked up by name in ``COMPONENTS`` (or in
-the ``components`` argument); FAB-T and Square come from
-``cifs_jax.attacks.fab`` and ``cifs_jax.attacks.square``, imported when used.
+the ``components`` argument). ``plan`` gives a version's components and
+settings; the "autoattack" evaluation protocols build on it
+(``cifs_jax.evaluation.protocols``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifs_jax.attacks.apgd import APGDConfig, apgd
+from cifs_jax.attacks.fab import FABConfig, fab_targeted
+from cifs_jax.attacks.square import SquareConfig, square
 from cifs_jax.attacks.objectives import AttackLoss, LogitsFn
 from cifs_jax.attacks.geometry import NORMS
 from cifs_jax.attacks.geometry import per_example_norm
@@ -64,6 +67,7 @@ class Settings:
     eot_iter: gradient draws per APGD step (above 1 for randomised models).
     num_target_classes: targets of APGD-T and FAB-T.
     square_queries: queries of Square.
+    unroll: APGD steps per iteration of its compiled loop.
   """
 
   eps: float
@@ -73,6 +77,7 @@ class Settings:
   eot_iter: int = 1
   num_target_classes: int = 9
   square_queries: int = 5000
+  unroll: int = 1
 
 
 # A component: Settings -> (attack, its config).
@@ -86,6 +91,7 @@ def _apgd_ce(s: Settings):
     loss=s.loss,
     num_restarts=s.apgd_restarts,
     eot_iter=s.eot_iter,
+    unroll=s.unroll,
   )
 
 
@@ -96,6 +102,7 @@ def _apgd_dlr(s: Settings):
     loss="dlr",
     num_restarts=s.apgd_restarts,
     eot_iter=s.eot_iter,
+    unroll=s.unroll,
   )
 
 
@@ -106,21 +113,18 @@ def _apgd_t(s: Settings):
     loss="dlr-targeted",
     num_target_classes=s.num_target_classes,
     eot_iter=s.eot_iter,
+    unroll=s.unroll,
   )
 
 
 def _fab_t(s: Settings):
-  from cifs_jax.attacks import fab  # pylint: disable=g-import-not-at-top
-
-  return fab.fab_targeted, fab.FABConfig(
+  return fab_targeted, FABConfig(
     eps=s.eps, norm=s.norm, num_target_classes=s.num_target_classes
   )
 
 
 def _square(s: Settings):
-  from cifs_jax.attacks import square  # pylint: disable=g-import-not-at-top
-
-  return square.square, square.SquareConfig(
+  return square, SquareConfig(
     eps=s.eps, norm=s.norm, num_queries=s.square_queries
   )
 
@@ -199,7 +203,7 @@ def autoattack(
   Returns:
     An ``AutoAttackResult``.
   """
-  names, settings = _plan(version, attacks, eps=eps, norm=norm, loss=loss)
+  names, settings = plan(version, attacks, eps=eps, norm=norm, loss=loss)
   registry = {**COMPONENTS, **(components or {})}
   unknown = [name for name in names if name not in registry]
   if unknown:
@@ -242,8 +246,16 @@ def autoattack(
   return AutoAttackResult(x_adv=x_adv, robust=robust, accuracy=accuracy)
 
 
-def _plan(version, attacks, *, eps, norm, loss):
-  """(component names, Settings) of a version."""
+def plan(
+  version: str,
+  attacks: Sequence[str] | None = None,
+  *,
+  eps: float,
+  norm: str = "linf",
+  loss: AttackLoss | None = None,
+) -> tuple[tuple[str, ...], Settings]:
+  """(component names in order, Settings) of a version (see ``autoattack``
+  for the arguments); raises ValueError on an inconsistent request."""
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
   if version == "joint" and loss is None:

@@ -12,6 +12,8 @@ from cifs_jax.evaluation.evaluator import protocol_runs
 from cifs_jax.evaluation.evaluator import Run
 from cifs_jax.evaluation.protocols import adaptive_targets
 from cifs_jax.evaluation.protocols import Attack
+from cifs_jax.evaluation.protocols import autoattack_protocol
+from cifs_jax.evaluation.protocols import ComponentAttack
 from cifs_jax.evaluation.protocols import GradientAttack
 from cifs_jax.evaluation.protocols import paper_protocol
 from cifs_jax.evaluation.protocols import Protocol
@@ -25,12 +27,14 @@ from cifs_jax.evaluation.report import write_markdown
 
 __all__ = [
   "Attack",
+  "ComponentAttack",
   "GradientAttack",
   "PROTOCOLS",
   "PartialResults",
   "Protocol",
   "Run",
   "adaptive_targets",
+  "autoattack_protocol",
   "console_summary",
   "evaluate",
   "paper_protocol",

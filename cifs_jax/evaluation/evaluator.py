@@ -78,12 +78,21 @@ class Run:
 
 
 def protocol_runs(protocol: Protocol, num_probes: int) -> list[Run]:
-  """Every run of ``protocol`` on a model with ``num_probes`` probes."""
+  """Every run of ``protocol`` on a model with ``num_probes`` probes.
+
+  An attack that is not ``adaptive`` runs on the final head only, one that
+  is not ``gradient_based`` with the first gradient mode only.
+  """
+  targets = adaptive_targets(protocol.betas, num_probes)
   return [
     Run(attack, beta, probe, gradient)
     for attack in protocol.attacks
-    for beta, probe in adaptive_targets(protocol.betas, num_probes)
-    for gradient in protocol.gradient_modes
+    for beta, probe in (targets if attack.adaptive else [(0.0, None)])
+    for gradient in (
+      protocol.gradient_modes
+      if attack.gradient_based
+      else protocol.gradient_modes[:1]
+    )
   ]
 
 

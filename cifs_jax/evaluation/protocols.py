@@ -12,14 +12,22 @@ mode); an example is robust against an attack only if it survives all runs.
   C&W margin with confidence 50 (step 0.1 * eps); the authors' gradient.
 - ``strong_protocol``: PGD and C&W-inf with step eps / 4 (2/255 at
   eps = 8/255), random start and restarts; both gradient modes.
+- ``autoattack_protocol``: AutoAttack's components (``ComponentAttack``),
+  version "standard" (APGD-CE, APGD-T, FAB-T, Square; protocol
+  "autoattack") or the CIFS authors' "joint" (APGD-CE with 5 restarts and
+  Square; protocol "autoattack-joint"). APGD-CE attacks Eq. 3 at every
+  beta_atk; the others read the final head only and run once per gradient
+  mode (Square, gradient-free, once). Each runs on every point of the batch
+  (no compaction between stages): the per-example worst case over the
+  components is AutoAttack's result, and the robust accuracy after each
+  stage is the summary's cumulative worst case in protocol order.
 
 ``PROTOCOLS`` maps each name to its constructor; every caller (the
 ``evaluate`` command, the final evaluation of training, config validation)
 picks protocols and checks attack names through it and ``Protocol.select``.
 
 Extension point: the evaluator needs of an attack only what ``Attack`` below
-states, so AutoAttack's components (a later issue) join a protocol's
-``attacks`` as further ``Attack`` implementations.
+states.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import jax
 
 from cifs_jax import attacks
 from cifs_jax import losses
+from cifs_jax.attacks.autoattack import COMPONENTS, plan
 
 Array = jax.Array
 
@@ -48,10 +57,16 @@ class Attack(TypingProtocol):
   Attributes:
     name: key in the results ("fgsm", "pgd20", ...).
     label: column header ("FGSM", "PGD-20", ...).
+    adaptive: whether ``head_weights`` matter: run at every (beta_atk,
+      probe) target; otherwise once, on the final head (beta_atk = 0).
+    gradient_based: whether the gradient mode matters: run with each;
+      otherwise once, with the protocol's first.
   """
 
   name: str
   label: str
+  adaptive: bool
+  gradient_based: bool
 
   def __call__(
     self,
@@ -82,6 +97,8 @@ class GradientAttack:
   config: attacks.PGDConfig
   loss_kind: str = "ce"
   confidence: float = losses.DEFAULT_CW_CONFIDENCE
+  adaptive = True
+  gradient_based = True
 
   def __call__(self, logits_fn, x, y, keys, head_weights):
     loss = functools.partial(
@@ -97,6 +114,58 @@ class GradientAttack:
     if self.loss_kind == "cw":
       settings["confidence"] = self.confidence
     return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentAttack:
+  """An ``Attack`` that is one of AutoAttack's components.
+
+  Attributes:
+    name, label: e.g. "apgd-ce", "APGD-CE" (``autoattack.COMPONENTS``).
+    attack: ``attack(logits_fn, x, y, keys, config) -> x_adv``.
+    config: its settings; an ``APGDConfig`` with an ``AttackLoss`` makes the
+      attack adaptive: Eq. 3 with the run's head weights replaces the loss.
+  """
+
+  name: str
+  label: str
+  attack: Any
+  config: Any
+
+  @property
+  def adaptive(self) -> bool:
+    return isinstance(getattr(self.config, "loss", None), attacks.AttackLoss)
+
+  @property
+  def gradient_based(self) -> bool:
+    return self.attack is not attacks.square
+
+  def __call__(self, logits_fn, x, y, keys, head_weights):
+    if not self.adaptive:
+      return self.attack(logits_fn, x, y, keys, self.config)
+    loss = functools.partial(
+      attacks.weighted_head_loss,
+      weights=head_weights,
+      kind=self.config.loss.kind,
+      confidence=self.config.loss.confidence,
+    )
+    return self.attack(logits_fn, x, y, keys, self.config, loss_fn=loss)
+
+  def settings(self) -> dict[str, Any]:
+    settings = dataclasses.asdict(self.config)
+    if self.adaptive:
+      settings["loss"] = f"{self.config.loss.kind} (Eq. 3 at each beta_atk)"
+    return settings
+
+
+# AutoAttack's component names -> column headers.
+COMPONENT_LABELS = {
+  "apgd-ce": "APGD-CE",
+  "apgd-dlr": "APGD-DLR",
+  "apgd-t": "APGD-T",
+  "fab-t": "FAB-T",
+  "square": "Square",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,9 +266,45 @@ def strong_protocol(
   )
 
 
-PROTOCOLS = {"paper": paper_protocol, "strong": strong_protocol}
-# The attacks of every protocol (Table 1's columns), by name.
-ATTACK_NAMES = tuple(attack.name for attack in paper_protocol().attacks)
+def autoattack_protocol(
+  eps: float = PAPER_EPS,
+  unroll: int = 1,
+  version: str = "standard",
+  **settings: Any,
+) -> Protocol:
+  """AutoAttack's components of ``version`` ("standard" or "joint"), L-inf.
+
+  ``settings`` override fields of ``autoattack.Settings`` (e.g.
+  ``square_queries``); both gradient modes.
+  """
+  names, aa_settings = plan(version, eps=eps, loss=attacks.AttackLoss())
+  aa_settings = dataclasses.replace(aa_settings, unroll=unroll, **settings)
+  return Protocol(
+    name="autoattack" if version == "standard" else f"autoattack-{version}",
+    attacks=tuple(
+      ComponentAttack(
+        name,
+        COMPONENT_LABELS[name],
+        *COMPONENTS[name](aa_settings),
+      )
+      for name in names
+    ),
+    gradient_modes=GRADIENT_MODES,
+  )
+
+
+PROTOCOLS = {
+  "paper": paper_protocol,
+  "strong": strong_protocol,
+  "autoattack": autoattack_protocol,
+  "autoattack-joint": functools.partial(autoattack_protocol, version="joint"),
+}
+# The attacks of every protocol, by name (Table 1's columns first).
+ATTACK_NAMES = tuple(
+  dict.fromkeys(
+    attack.name for make in PROTOCOLS.values() for attack in make().attacks
+  )
+)
 
 
 def adaptive_targets(

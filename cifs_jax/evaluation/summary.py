@@ -24,6 +24,10 @@ Accuracies are percentages of the valid examples. Layout::
   min_over_beta: the lowest min_over_beta of the attacks
   run:           what was evaluated (dataset, model, checkpoint, ...), added
                  by ``runner.evaluate_and_publish``
+  stages:        {"clean": top1, attack name: top1, ...}: the final head's
+                 top-1 after each attack in protocol order, per example the
+                 worst case over the clean input and every run so far
+                 (AutoAttack's "robust accuracy after each stage")
 
 A heads summary is {top1, top2, top3, per_class (top-1 per class), probes_top1
 (top-1 of each probe's own prediction)}; top-k and per-class read the final
@@ -98,7 +102,26 @@ def summarize(
     "attacks": attacks,
     "worst_case": heads(worst(runs)),
     "min_over_beta": min(a["min_over_beta"] for a in attacks.values()),
+    "stages": _stages(protocol, runs, clean_ranks, run_ranks),
   }
+
+
+def _stages(
+  protocol: Protocol,
+  runs: Sequence,
+  clean_ranks: np.ndarray,
+  run_ranks: Mapping[str, np.ndarray],
+) -> dict:
+  """Final-head top-1 after each attack: cumulative worst case, in order."""
+  worst_so_far = clean_ranks[:, 0]
+  stages = {"clean": metrics.top_k_accuracy(worst_so_far)}
+  for attack in protocol.attacks:
+    worst_so_far = metrics.worst_case(
+      [worst_so_far]
+      + [run_ranks[r.name][:, 0] for r in runs if r.attack.name == attack.name]
+    )
+    stages[attack.name] = metrics.top_k_accuracy(worst_so_far)
+  return stages
 
 
 def _accuracies(ranks: np.ndarray) -> dict:

@@ -1,0 +1,158 @@
+"""Standard AutoAttack wall time per 1,000 CIFAR-sized images, ResNet-18.
+
+Each component of the standard version (APGD-CE, APGD-T, FAB-T, Square) is
+timed on one batch of random 32x32x3 images with a randomly initialised CIFAR
+ResNet-18 (CIFS by default) at eps = 0, where no point is ever fooled, so
+every component spends its whole budget on every point: the cost of a point
+that stays robust to the end, the case that dominates AutoAttack's time.
+To keep the run short each component runs a reduced budget (``--fraction``
+of its iterations: the same compiled step, repeated fewer times), timed
+after a first, compiling call; the time per iteration is scaled to the full
+budget (APGD-CE 100 steps, APGD-T 9 x 100, FAB-T 9 x 100, Square 5,000
+queries). AutoAttack attacks a point with a stage only while it is robust,
+so with clean accuracy c and robust accuracy r its time per 1,000 images is
+about c * APGD-CE + r * (APGD-T + FAB-T + Square); the result gives the
+worst case c = r = 1 and ``--clean`` / ``--robust`` (default 0.8 / 0.5).
+
+  python benchmarks/autoattack.py --batch-size 16 --fraction 0.05
+
+writes benchmarks/results/autoattack.json (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifs_jax import attacks
+from cifs_jax import models
+from cifs_jax.attacks.autoattack import COMPONENTS, VERSIONS, plan
+
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+DEFAULT_OUTPUT = os.path.join(
+  os.path.dirname(__file__), "results", "autoattack.json"
+)
+
+
+def full_iterations(config) -> int:
+  """Iterations (gradient steps or queries) of a component's full budget."""
+  if isinstance(config, attacks.SquareConfig):
+    return config.num_queries
+  targets = 1
+  if isinstance(config, attacks.FABConfig) or config.targeted:
+    targets = min(config.num_target_classes, NUM_CLASSES - 1)
+  return targets * config.num_steps * config.num_restarts
+
+
+def reduced(config, fraction: float):
+  """The config with ``fraction`` of its iterations, all on one target."""
+  iterations = max(int(fraction * full_iterations(config)), 1)
+  if isinstance(config, attacks.SquareConfig):
+    return dataclasses.replace(config, num_queries=iterations)
+  return dataclasses.replace(
+    config, num_steps=iterations, num_target_classes=1, num_restarts=1
+  )
+
+
+def time_component(attack, config, logits_fn, x, y):
+  """(seconds of the first call, seconds of the second) of one batch."""
+  run = jax.jit(attack, static_argnums=(0, 4))
+  times = []
+  for seed in range(2):
+    start = time.perf_counter()
+    jax.block_until_ready(run(logits_fn, x, y, jax.random.key(seed), config))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def measure(args) -> dict:
+  config = models.default_config()
+  config.defense = args.defense
+  model = models.with_relevance_grad(models.build_model(config), "stop")
+  x = jnp.asarray(
+    np.random.default_rng(0).uniform(size=(args.batch_size,) + IMAGE_SHAPE),
+    jnp.float32,
+  )
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), x[:1]
+  )
+  logits_fn = jax.tree_util.Partial(
+    functools.partial(model.apply, train=False), variables
+  )
+  y = jnp.argmax(logits_fn(x)[0], axis=-1)  # all clean-correct
+  names, settings = plan("standard", eps=0.0)
+  per_component = {}
+  for name in names:
+    attack, full = COMPONENTS[name](settings)
+    config = reduced(full, args.fraction)
+    first_s, steady_s = time_component(attack, config, logits_fn, x, y)
+    per_iteration = steady_s / full_iterations(config)
+    per_component[name] = {
+      "timed_iterations": full_iterations(config),
+      "full_iterations": full_iterations(full),
+      "first_call_s": round(first_s, 2),
+      "timed_s": round(steady_s, 2),
+      "full_s_per_1000_images": round(
+        per_iteration * full_iterations(full) * 1000 / args.batch_size, 1
+      ),
+    }
+  cost = {n: c["full_s_per_1000_images"] for n, c in per_component.items()}
+  later = sum(cost[n] for n in names[1:])
+  return {
+    "components": per_component,
+    "standard_s_per_1000_images_all_robust": round(sum(cost.values()), 1),
+    f"standard_s_per_1000_images_clean{args.clean}_robust{args.robust}": round(
+      args.clean * cost[names[0]] + args.robust * later, 1
+    ),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--defense", default="cifs", choices=["cifs", "none"])
+  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument(
+    "--fraction",
+    type=float,
+    default=0.05,
+    help="fraction of each component's iterations to time",
+  )
+  parser.add_argument("--clean", type=float, default=0.8)
+  parser.add_argument("--robust", type=float, default=0.5)
+  parser.add_argument("--output", default=DEFAULT_OUTPUT)
+  args = parser.parse_args()
+  environment = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.local_devices()],
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "load_average_before": [round(v, 2) for v in os.getloadavg()],
+  }
+  results = {
+    "benchmark": "standard AutoAttack (L-inf), CIFAR ResNet-18, 32x32x3",
+    "components": list(VERSIONS["standard"][0]),
+    "settings": vars(args),
+    "environment": environment,
+    "results": measure(args),
+  }
+  environment["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+  with open(args.output, "w") as f:
+    json.dump(results, f, indent=2)
+    f.write("\n")
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,124 @@
+"""AutoAttack as evaluation protocols: components, runs, stages, report."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from cifs_jax import evaluation
+from cifs_jax.evaluation import summary
+from tests.test_evaluation import NUM_CLASSES, _evaluate, _model
+
+# Budgets small enough for a test; K = 4 classes leave 3 targets.
+REDUCED = dict(num_target_classes=NUM_CLASSES - 1, square_queries=20)
+
+
+def _reduced_protocol(version="standard", betas=(0.0, math.inf)):
+  protocol = evaluation.protocols.autoattack_protocol(
+    eps=0.1, version=version, **REDUCED
+  )
+  return evaluation.Protocol(
+    protocol.name,
+    tuple(_fewer_steps(attack) for attack in protocol.attacks),
+    protocol.gradient_modes,
+    betas,
+  )
+
+
+def _fewer_steps(attack):
+  """The component with 3 gradient steps (APGD and FAB-T)."""
+  if not hasattr(attack.config, "num_steps"):
+    return attack
+  return dataclasses.replace(
+    attack, config=dataclasses.replace(attack.config, num_steps=3)
+  )
+
+
+def test_autoattack_protocols_follow_the_reference_and_the_authors():
+  standard = evaluation.PROTOCOLS["autoattack"](eps=8 / 255)
+  assert [a.label for a in standard.attacks] == [
+    "APGD-CE",
+    "APGD-T",
+    "FAB-T",
+    "Square",
+  ]
+  apgd_ce, apgd_t, fab_t, square = standard.attacks
+  assert (apgd_ce.config.num_steps, apgd_ce.config.num_restarts) == (100, 1)
+  assert apgd_t.config.loss == "dlr-targeted"
+  assert fab_t.config.num_target_classes == 9
+  assert square.config.num_queries == 5000
+  joint = evaluation.PROTOCOLS["autoattack-joint"](eps=8 / 255)
+  assert [a.name for a in joint.attacks] == ["apgd-ce", "square"]
+  assert joint.attacks[0].config.num_restarts == 5
+  assert standard.gradient_modes == joint.gradient_modes == ("stop", "full")
+
+
+def test_only_apgd_ce_runs_per_beta_and_square_once():
+  protocol = _reduced_protocol(betas=(0.0, 1.0, math.inf))
+  runs = evaluation.protocol_runs(protocol, num_probes=2)
+  per_attack = {
+    a.name: sorted(
+      (r.beta, r.probe or 0, r.gradient) for r in runs if r.attack is a
+    )
+    for a in protocol.attacks
+  }
+  # 5 targets (3 betas, each of 2 probes alone) x 2 gradient modes.
+  assert len(per_attack["apgd-ce"]) == 10
+  for name in ("apgd-t", "fab-t"):
+    assert per_attack[name] == [(0.0, 0, "full"), (0.0, 0, "stop")]
+  assert per_attack["square"] == [(0.0, 0, "stop")]
+
+
+def test_stages_are_the_cumulative_worst_case_with_the_clean_input():
+  protocol = evaluation.Protocol(
+    "test",
+    (_reduced_protocol().attacks[0], _reduced_protocol().attacks[3]),
+    ("stop",),
+    (0.0,),
+  )
+  runs = evaluation.protocol_runs(protocol, num_probes=0)
+  # Final-head ranks of 4 examples: the clean input misclassifies example 2
+  # (which the first attack "repairs": it still counts as non-robust).
+  clean = np.array([[0], [0], [1], [0]])
+  ranks = {runs[0].name: np.array([[0], [1], [0], [0]])}
+  ranks[runs[1].name] = np.array([[0], [0], [0], [3]])
+  results = summary.summarize(
+    protocol,
+    runs,
+    labels=np.zeros(4, int),
+    clean_ranks=clean,
+    run_ranks=ranks,
+    num_classes=NUM_CLASSES,
+  )
+  assert results["stages"] == {"clean": 75.0, "apgd-ce": 50.0, "square": 25.0}
+
+
+@pytest.mark.slow
+def test_evaluating_the_standard_protocol_on_a_model_with_probes():
+  _, fns = _model()
+  protocol = _reduced_protocol()
+  results = _evaluate(fns, protocol, batch_size=12)
+  stages = list(results["stages"].values())
+  assert list(results["stages"]) == [
+    "clean",
+    "apgd-ce",
+    "apgd-t",
+    "fab-t",
+    "square",
+  ]
+  assert stages == sorted(stages, reverse=True)
+  assert stages[0] == results["natural"]["top1"]
+  assert stages[-1] <= results["worst_case"]["top1"]
+  assert stages[1] < stages[0]
+  for name, attack in results["attacks"].items():
+    assert results["stages"][name] <= attack["worst_case"]["top1"]
+  assert set(results["attacks"]["apgd-ce"]["per_beta"]) == {
+    "0",
+    "inf",
+    "inf/probe0",
+    "inf/probe1",
+  }
+  markdown = evaluation.to_markdown(results)
+  assert "## Robust accuracy after each stage" in markdown
+  assert f"| APGD-T | {stages[2]:.2f} |" in markdown
