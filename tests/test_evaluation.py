@@ -395,7 +395,7 @@ def test_min_over_beta_is_the_papers_comparator_not_the_worst_case():
   assert fgsm["per_beta"] == {"0": 60.0, "inf": 60.0}
   assert fgsm["min_over_beta"] == 60.0 == results["min_over_beta"]
   assert fgsm["worst_case"]["top1"] == 20.0 == results["worst_case"]["top1"]
-  per_beta_table = report.tables(results)[1]
+  per_beta_table = report.tables(results)[2]  # after Table 1 and the stages
   assert per_beta_table[1][-1] == "min over beta_atk (paper's comparator)"
   assert per_beta_table[2] == [["FGSM", "60.00", "60.00", "20.00", "60.00"]]
 
