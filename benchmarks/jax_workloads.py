@@ -68,7 +68,9 @@ def _dtype(config):
 def _train_program(model, config, parallel):
   """The training step of ``config``, compiled as training compiles it."""
   return parallel.compile(
-    step_lib.make_train_step(model, config, data.augment_options(config.data)),
+    step_lib.make_train_step(
+      model, config, data.augment_options(config.data), steps_per_epoch=1
+    ),
     sharded_args=(False, False, True),
     donate_first=True,
   )

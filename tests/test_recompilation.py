@@ -73,7 +73,9 @@ def test_training_and_per_epoch_evaluation_compile_once():
   model = models.build_model(config.model, bn_axis_name=BATCH_AXIS)
   parallel = Parallel.create("pmap", jax.local_devices()[:2])
   train_step = parallel.compile(
-    step_lib.make_train_step(model, config, data.augment_options(config.data)),
+    step_lib.make_train_step(
+      model, config, data.augment_options(config.data), steps_per_epoch=1
+    ),
     sharded_args=(False, False, True),
     donate_first=True,
   )
