@@ -14,7 +14,7 @@ so with clean accuracy c and robust accuracy r its time per 1,000 images is
 about c * APGD-CE + r * (APGD-T + FAB-T + Square); the result gives the
 worst case c = r = 1 and ``--clean`` / ``--robust`` (default 0.8 / 0.5).
 
-  python benchmarks/autoattack.py --batch-size 16 --fraction 0.05
+  python -m benchmarks.autoattack --batch-size 16 --fraction 0.05
 
 writes benchmarks/results/autoattack.json (``--output``).
 """
