@@ -477,6 +477,9 @@ def train_and_evaluate(
   trainer = Trainer(config, workdir)
   try:
     if trainer.is_complete() and not config.eval.rerun_final:
+      # Restored all the same: a damaged last checkpoint is an error here
+      # too, not a silent "complete".
+      trainer.restore_or_initialise()
       logging.info(
         "The run in %s is complete (train.epochs=%d); nothing to do. Pass "
         "--config.eval.rerun_final=True to evaluate it again, or a larger "
