@@ -310,6 +310,16 @@ def markdown_rows(markdown: str, section: str) -> list[list[str]]:
   return markdown_table(markdown, section)[2:]
 
 
+def test_partial_results_are_not_reports(fake_runs):
+  """An evaluation in progress leaves ``<name>.partial.json`` beside the
+  finished reports; the report command must not read it as one."""
+  workdir = fake_runs[0] / "cifs"
+  (workdir / "eval_strong_last.partial.json").write_text(
+    '{"fingerprint": {}, "runs": {}}'
+  )
+  assert list(runs.eval_reports(workdir)) == ["eval_paper"]
+
+
 def test_report_numbers_equal_the_json(fake_runs, tmp_path):
   directory, results = fake_runs
   out = tmp_path / "out" / "report.md"

@@ -66,9 +66,15 @@ def training_curves(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
-  """{report name (e.g. "eval_paper_last"): results dict}, sorted by name."""
+  """{report name (e.g. "eval_paper_last"): results dict}, sorted by name.
+
+  Partial results of an evaluation in progress (``*.partial.json``) are
+  not reports and are skipped.
+  """
   reports = {}
   for path in sorted(pathlib.Path(workdir).glob(EVAL_REPORT_GLOB)):
+    if path.name.endswith(".partial.json"):
+      continue
     try:
       reports[path.stem] = json.loads(path.read_text())
     except json.JSONDecodeError as e:
