@@ -83,7 +83,8 @@ def report_labels(results: dict) -> str:
       ]
     elif isinstance(value, (str, int, float, bool)):
       items.append((key, value))
-  return "; ".join(f"{k}={v}" for k, v in items)
+  text = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+  return "; ".join(f"{k}={text(v)}" for k, v in items)
 
 
 class Run:
