@@ -17,7 +17,7 @@ command continues from the finished attacks
 from absl import app, flags
 from ml_collections import config_flags
 
-from cifs_jax import distributed
+from cifs_jax import distributed, library_logs
 from cifs_jax.evaluation import protocols, runner
 from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training import checkpoints
@@ -76,6 +76,7 @@ def restore_variables(config, run: RunDirectory, which: str | int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  library_logs.quiet_from_flags()
   distributed.initialize_from_flags()
   parse_checkpoint(_CHECKPOINT.value)
   runner.evaluate_checkpoint(

@@ -4,7 +4,7 @@ Orbax alone logs about 60 INFO lines per checkpoint save, which bury the
 progress bar and the results. ``quiet(level)`` drops the records of
 installed packages (files under ``site-packages`` / ``dist-packages``, other
 than ``cifs_jax`` itself) below ``level``; this project's own records pass.
-The entry points call it with their ``--library_verbosity`` flag.
+The entry points call ``quiet_from_flags()`` (flag ``--library_verbosity``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import pathlib
 
+from absl import flags
 from absl import logging as absl_logging
 
 LEVELS = {
@@ -20,6 +21,13 @@ LEVELS = {
   "warning": logging.WARNING,
   "error": logging.ERROR,
 }
+_VERBOSITY = flags.DEFINE_enum(
+  "library_verbosity",
+  "warning",
+  list(LEVELS),
+  "The lowest level of third-party log lines shown (Orbax, JAX, ...); "
+  "info brings back Orbax's lines for every checkpoint.",
+)
 _INSTALL_DIRS = ("site-packages", "dist-packages")
 _OWN_PACKAGE = "cifs_jax"
 
@@ -54,3 +62,8 @@ def quiet(level_name: str = "warning") -> LibraryFilter:
   library_filter = LibraryFilter(LEVELS[level_name])
   absl_logging.get_absl_handler().addFilter(library_filter)
   return library_filter
+
+
+def quiet_from_flags() -> LibraryFilter:
+  """``quiet`` at the level of the ``--library_verbosity`` flag."""
+  return quiet(_VERBOSITY.value)

@@ -30,13 +30,6 @@ config_flags.DEFINE_config_file(
   "configs/cifar_resnet18.py:cas,fat.",
   lock_config=True,
 )
-_LIBRARY_VERBOSITY = flags.DEFINE_enum(
-  "library_verbosity",
-  "warning",
-  list(library_logs.LEVELS),
-  "The lowest level of third-party log lines shown (Orbax, JAX, ...); "
-  "info brings back Orbax's lines for every checkpoint.",
-)
 flags.mark_flags_as_required(["config", "workdir"])
 
 _OVERRIDE_PREFIX = "--config."
@@ -125,7 +118,7 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  library_logs.quiet(_LIBRARY_VERBOSITY.value)
+  library_logs.quiet_from_flags()
   distributed.initialize_from_flags()
   if jax.process_count() > 1:
     logging.info("Process %d of %d.", jax.process_index(), jax.process_count())
