@@ -23,10 +23,11 @@ import os
 import sys
 from typing import Sequence
 
-from cifs_jax import data, evaluate, experiment_config
+from cifs_jax import data, experiment_config
 from cifs_jax.analysis import class_analysis, run_figures, runs
-from cifs_jax.evaluation import protocols
+from cifs_jax.evaluation import protocols, runner
 from cifs_jax.run_directory import RunDirectory
+from cifs_jax.training import checkpoints
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -97,8 +98,8 @@ def main(argv: Sequence[str]) -> None:
   run = RunDirectory(args.workdir)
   config = run.load_config()
   experiment_config.validate(config)
-  model, variables = evaluate.restore_variables(
-    config, run, evaluate.parse_checkpoint(args.checkpoint)
+  model, variables, _ = runner.restore_checkpoint(
+    config, run, checkpoints.parse_which(args.checkpoint)
   )
   class_names = data.get_info(config.data.name).class_names
   index = class_index(args.class_name, class_names)

@@ -19,7 +19,6 @@ from ml_collections import config_flags
 
 from cifs_jax import distributed, library_logs
 from cifs_jax.evaluation import protocols, runner
-from cifs_jax.run_directory import RunDirectory
 from cifs_jax.training import checkpoints
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -65,12 +64,6 @@ def parse_checkpoint(which: str) -> str | int:
     return checkpoints.parse_which(which)
   except ValueError as e:
     raise app.UsageError(f"--checkpoint: {e}") from e
-
-
-def restore_variables(config, run: RunDirectory, which: str | int):
-  """(model, variables) of checkpoint ``which`` of a run (read-only)."""
-  model, variables, _ = runner.restore_checkpoint(config, run, which)
-  return model, variables
 
 
 def main(argv):

@@ -25,7 +25,7 @@ torchattacks = pytest.importorskip("torchattacks")
 import jax  # noqa: E402
 
 from cifs_jax import attacks, data, models  # noqa: E402
-from cifs_jax.evaluate import restore_variables  # noqa: E402
+from cifs_jax.evaluation import runner  # noqa: E402
 from cifs_jax.run_directory import RunDirectory  # noqa: E402
 from cifs_jax.training import trainer as trainer_lib  # noqa: E402
 from tests.test_training_e2e import (  # noqa: E402
@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
     NO_FINAL_EVAL,
   )
   trainer_lib.train_and_evaluate(config, str(workdir))
-  model, variables = restore_variables(
+  model, variables, _ = runner.restore_checkpoint(
     config, RunDirectory(str(workdir)), "last"
   )
   test = data.load_split(config.data, "test").head(NUM_POINTS)
