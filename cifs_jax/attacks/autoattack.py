@@ -84,37 +84,29 @@ class Settings:
 Component = Callable[[Settings], tuple[Attack, Any]]
 
 
-def _apgd_ce(s: Settings):
+def _apgd(s: Settings, *, loss=None, **overrides):
+  """APGD with the run's shared settings; ``loss`` None is the run's loss
+  (APGD-CE on Eq. 3)."""
   return apgd, APGDConfig(
     eps=s.eps,
     norm=s.norm,
-    loss=s.loss,
-    num_restarts=s.apgd_restarts,
+    loss=s.loss if loss is None else loss,
     eot_iter=s.eot_iter,
     unroll=s.unroll,
+    **overrides,
   )
+
+
+def _apgd_ce(s: Settings):
+  return _apgd(s, num_restarts=s.apgd_restarts)
 
 
 def _apgd_dlr(s: Settings):
-  return apgd, APGDConfig(
-    eps=s.eps,
-    norm=s.norm,
-    loss="dlr",
-    num_restarts=s.apgd_restarts,
-    eot_iter=s.eot_iter,
-    unroll=s.unroll,
-  )
+  return _apgd(s, loss="dlr", num_restarts=s.apgd_restarts)
 
 
 def _apgd_t(s: Settings):
-  return apgd, APGDConfig(
-    eps=s.eps,
-    norm=s.norm,
-    loss="dlr-targeted",
-    num_target_classes=s.num_target_classes,
-    eot_iter=s.eot_iter,
-    unroll=s.unroll,
-  )
+  return _apgd(s, loss="dlr-targeted", num_target_classes=s.num_target_classes)
 
 
 def _fab_t(s: Settings):
