@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifs_jax import attacks
-from cifs_jax.attacks import apgd, geometry
+from cifs_jax.attacks import geometry
 
 EPS = 8 / 255
 IMAGE_SHAPE = (4, 4, 3)
@@ -471,4 +471,4 @@ def test_negative_unroll_is_rejected():
   with pytest.raises(ValueError, match="unroll must be >= 0"):
     attacks.PGDConfig(unroll=-1)
   with pytest.raises(ValueError, match="unroll must be >= 0"):
-    apgd.APGDConfig(unroll=-1)
+    attacks.APGDConfig(unroll=-1)
