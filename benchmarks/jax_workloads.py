@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ class Workload:
   run: Callable[[], None]
   compile_s: float
   flops: float | None  # per ``run()``
+  compiled: Any = None  # the compiled program (its HLO for profiles)
 
 
 def experiment(
@@ -63,6 +64,21 @@ def random_images(num_images: int, seed: int = 0) -> data.Split:
 
 def _dtype(config):
   return jnp.bfloat16 if config.half_precision else None
+
+
+def kernel_shapes(config) -> set[tuple[int, ...]]:
+  """The sorted dimensions of every convolution kernel of ``config.model``
+  (a convolution whose output has them computes a weight gradient)."""
+  variables = jax.eval_shape(
+    functools.partial(models.build_model(config.model).init, train=False),
+    jax.random.key(0),
+    jnp.zeros((1, *IMAGE_SHAPE)),
+  )
+  return {
+    tuple(sorted(leaf.shape))
+    for leaf in jax.tree.leaves(variables["params"])
+    if leaf.ndim == 4
+  }
 
 
 def _train_program(model, config, parallel):
@@ -119,7 +135,7 @@ def train_step(config, batch_size: int) -> Workload:
     states[0], metrics = compiled(states[0], split, indices)
     jax.block_until_ready(metrics)
 
-  return Workload(run, compile_s, step_flops)
+  return Workload(run, compile_s, step_flops, compiled)
 
 
 def _pgd20_correct(attack):
@@ -175,4 +191,6 @@ def pgd20_eval(config, batch_size: int, num_images: int) -> Workload:
       [compiled(logits_fn, images, y, weights) for images, y in batches]
     )
 
-  return Workload(run, compile_s, batch_flops and batch_flops * len(batches))
+  return Workload(
+    run, compile_s, batch_flops and batch_flops * len(batches), compiled
+  )

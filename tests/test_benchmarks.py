@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import evaluate, side_by_side, train_step
+from benchmarks import evaluate, profile_step, side_by_side, train_step
 
 SMOKE = ["--smoke", "--defense", "cifs", "--attack-steps", "1"]
 
@@ -46,3 +46,25 @@ def test_throughput_scripts_report_flops_and_images_per_second(
   )
   assert memory["peak_memory_bytes"] > 0
   assert "img/s" in capsys.readouterr().out
+
+
+def test_profile_splits_the_step_into_its_convolutions_and_the_rest(
+  tmp_path, capsys
+):
+  output = tmp_path / "profile.json"
+  profile_step.main([*SMOKE, "--batch-size", "8", "--output", str(output)])
+  (row,) = read_json(output)["results"]
+  categories = row["jax"]["seconds_per_step_by_category"]
+  convolutions = [f"convolution {k}" for k in ("forward", "input gradient")]
+  convolutions.append("convolution weight gradient")
+  assert all(categories[k] > 0 for k in convolutions)
+  assert row["jax_convolution_floor_s"] == pytest.approx(
+    sum(categories[k] for k in convolutions), abs=2e-4
+  )
+  phases = row["jax"]["seconds_per_step_by_phase"]
+  # The attack needs input gradients only; the update needs both.
+  assert phases["attack: convolution input gradient"] > 0
+  assert "attack: convolution weight gradient" not in phases
+  assert phases["update: convolution weight gradient"] > 0
+  assert row["torch_seconds_per_step"]["convolution"] > 0
+  assert "its convolutions" in capsys.readouterr().out

@@ -151,9 +151,12 @@ def make_train_step(
 
   def step(state: TrainState, split: data.Split, indices: Array):
     augment_keys, attack_keys = _example_keys(state, indices)
-    x = data.augment(augment_keys, split.images[indices], **augment_options)
+    # The scopes name the phases in profiles (``benchmarks.profile_step``).
+    with jax.named_scope("augment"):
+      x = data.augment(augment_keys, split.images[indices], **augment_options)
     y = split.labels[indices]
-    x_train = craft(state, x, y, attack_keys)
+    with jax.named_scope("attack"):
+      x_train = craft(state, x, y, attack_keys)
 
     def objective(params):
       def forward(inputs, batch_stats):
