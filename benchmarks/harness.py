@@ -32,6 +32,11 @@ PEAK_FLOPS = {
 }
 
 
+def significant(x: float, digits: int = 4) -> float:
+  """``x`` to ``digits`` significant digits (timings span 1e-5 to 1e3 s)."""
+  return float(f"{x:.{digits}g}")
+
+
 def load_average() -> list[float]:
   """1, 5 and 15 minute load averages of the machine."""
   return [round(x, 2) for x in os.getloadavg()]
@@ -101,9 +106,9 @@ def alternate(
       times[name].append(time.perf_counter() - start)
   return {
     name: {
-      "first_s": round(t[0], 4),
-      "median_s": round(statistics.median(t[warmup:]), 4),
-      "times_s": [round(x, 4) for x in t[warmup:]],
+      "first_s": significant(t[0]),
+      "median_s": significant(statistics.median(t[warmup:])),
+      "times_s": [significant(x) for x in t[warmup:]],
     }
     for name, t in times.items()
   }

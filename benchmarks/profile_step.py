@@ -186,7 +186,8 @@ def torch_profile(run, steps: int) -> dict:
 
 def _rounded(seconds: dict) -> dict:
   return {
-    k: round(v, 4) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])
+    k: harness.significant(v)
+    for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])
   }
 
 
@@ -215,8 +216,8 @@ def measure(defense: str, batch_size: int, args, trace_dir: str) -> dict:
     for k, s in profile["seconds_per_step_by_category"].items()
     if k.startswith("convolution")
   )
-  profile["seconds_per_step_between_ops"] = round(
-    jax_seconds - sum(profile["seconds_per_step_by_category"].values()), 4
+  profile["seconds_per_step_between_ops"] = harness.significant(
+    jax_seconds - sum(profile["seconds_per_step_by_category"].values())
   )
   torch_seconds = timings["torch"]["median_s"]
   torch_ops = torch_profile(torch_run, args.repeats)
@@ -225,12 +226,12 @@ def measure(defense: str, batch_size: int, args, trace_dir: str) -> dict:
     "batch_size": batch_size,
     "jax_step_s": jax_seconds,
     "torch_step_s": torch_seconds,
-    "ratio_jax_over_torch": round(jax_seconds / torch_seconds, 3),
-    "jax_convolution_floor_s": round(floor, 4),
-    "jax_step_over_convolution_floor": round(jax_seconds / floor, 3),
+    "ratio_jax_over_torch": harness.significant(jax_seconds / torch_seconds),
+    "jax_convolution_floor_s": harness.significant(floor),
+    "jax_step_over_convolution_floor": harness.significant(jax_seconds / floor),
     "torch_convolution_s": torch_ops.get("convolution"),
-    "convolution_ratio_jax_over_torch": round(
-      floor / torch_ops["convolution"], 3
+    "convolution_ratio_jax_over_torch": harness.significant(
+      floor / torch_ops["convolution"]
     )
     if torch_ops.get("convolution")
     else None,

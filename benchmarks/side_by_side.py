@@ -75,8 +75,8 @@ def measure(case, defense, batch_size, args) -> dict:
     "jax_compile_s": round(jax_run.compile_s, 2),
     "jax_flops": jax_run.flops,
     **{f"{side}_{k}": v for side, t in timings.items() for k, v in t.items()},
-    "ratio_jax_over_torch": round(
-      timings["jax"]["median_s"] / timings["torch"]["median_s"], 3
+    "ratio_jax_over_torch": harness.significant(
+      timings["jax"]["median_s"] / timings["torch"]["median_s"]
     ),
   }
 

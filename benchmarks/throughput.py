@@ -60,8 +60,8 @@ def measure(build, defenses, bf16: bool, images: int, repeats: int) -> list:
     rows.append(
       {
         "defense": defense,
-        "ms_per_run": round(1000 * seconds, 1),
-        "images_per_s": round(images / seconds, 2),
+        "ms_per_run": harness.significant(1000 * seconds),
+        "images_per_s": harness.significant(images / seconds),
         "compile_s": round(workload.compile_s, 2),
         "flops_per_run": workload.flops,
         "achieved_flops_per_s": flops_per_s,
@@ -75,7 +75,7 @@ def measure(build, defenses, bf16: bool, images: int, repeats: int) -> list:
   if {"cifs", "none"} <= set(timings):
     ratio = timings["cifs"]["median_s"] / timings["none"]["median_s"]
     for row in rows:
-      row["cifs_over_vanilla"] = round(ratio, 3)
+      row["cifs_over_vanilla"] = harness.significant(ratio)
   rows.append({"peak_memory_bytes": harness.peak_memory_bytes()})
   return rows
 
