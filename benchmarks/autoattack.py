@@ -15,6 +15,7 @@ about c * APGD-CE + r * (APGD-T + FAB-T + Square); the result gives the
 worst case c = r = 1 and ``--clean`` / ``--robust`` (default 0.8 / 0.5).
 
   python -m benchmarks.autoattack --batch-size 16 --fraction 0.05
+  python -m benchmarks.autoattack --smoke   # tiny model: seconds
 
 writes benchmarks/results/autoattack.json (``--output``).
 """
@@ -24,24 +25,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from cifs_jax import attacks
 from cifs_jax import models
 from cifs_jax.attacks.autoattack import COMPONENTS, VERSIONS, plan
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-DEFAULT_OUTPUT = os.path.join(
-  os.path.dirname(__file__), "results", "autoattack.json"
-)
 
 
 def full_iterations(config) -> int:
@@ -78,6 +74,7 @@ def time_component(attack, config, logits_fn, x, y):
 def measure(args) -> dict:
   config = models.default_config()
   config.defense = args.defense
+  config.width = args.width
   model = models.with_relevance_grad(models.build_model(config), "stop")
   x = jnp.asarray(
     np.random.default_rng(0).uniform(size=(args.batch_size,) + IMAGE_SHAPE),
@@ -100,24 +97,26 @@ def measure(args) -> dict:
     per_component[name] = {
       "timed_iterations": full_iterations(config),
       "full_iterations": full_iterations(full),
-      "first_call_s": round(first_s, 2),
-      "timed_s": round(steady_s, 2),
-      "full_s_per_1000_images": round(
-        per_iteration * full_iterations(full) * 1000 / args.batch_size, 1
+      "first_call_s": harness.significant(first_s),
+      "timed_s": harness.significant(steady_s),
+      "full_s_per_1000_images": harness.significant(
+        per_iteration * full_iterations(full) * 1000 / args.batch_size
       ),
     }
   cost = {n: c["full_s_per_1000_images"] for n, c in per_component.items()}
   later = sum(cost[n] for n in names[1:])
   return {
     "components": per_component,
-    "standard_s_per_1000_images_all_robust": round(sum(cost.values()), 1),
-    f"standard_s_per_1000_images_clean{args.clean}_robust{args.robust}": round(
-      args.clean * cost[names[0]] + args.robust * later, 1
+    "standard_s_per_1000_images_all_robust": harness.significant(
+      sum(cost.values())
+    ),
+    f"standard_s_per_1000_images_clean{args.clean}_robust{args.robust}": (
+      harness.significant(args.clean * cost[names[0]] + args.robust * later)
     ),
   }
 
 
-def main():
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--defense", default="cifs", choices=["cifs", "none"])
   parser.add_argument("--batch-size", type=int, default=16)
@@ -129,29 +128,37 @@ def main():
   )
   parser.add_argument("--clean", type=float, default=0.8)
   parser.add_argument("--robust", type=float, default=0.5)
-  parser.add_argument("--output", default=DEFAULT_OUTPUT)
-  args = parser.parse_args()
-  environment = {
-    "jax": jax.__version__,
-    "backend": jax.default_backend(),
-    "devices": [str(d) for d in jax.local_devices()],
-    "cpu_count": os.cpu_count(),
-    "machine": platform.machine(),
-    "load_average_before": [round(v, 2) for v in os.getloadavg()],
-  }
+  parser.add_argument(
+    "--width", type=int, default=64, help="ResNet-18 first-stage channels"
+  )
+  parser.add_argument(
+    "--smoke",
+    action="store_true",
+    help="seconds: width 4, batch 2, one iteration of each component",
+  )
+  parser.add_argument("--output", default=None, help="JSON path")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.width, args.batch_size, args.fraction = 4, 2, 0.0
   results = {
     "benchmark": "standard AutoAttack (L-inf), CIFAR ResNet-18, 32x32x3",
     "components": list(VERSIONS["standard"][0]),
-    "settings": vars(args),
-    "environment": environment,
+    "config": {k: v for k, v in vars(args).items() if k != "output"},
+    "environment": harness.environment(),
     "results": measure(args),
   }
-  environment["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-  os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(results, f, indent=2)
-    f.write("\n")
-  print(json.dumps(results, indent=2))
+  path = harness.write_results(results, args.output, "autoattack.json")
+  measured = results["results"]
+  per_component = ", ".join(
+    f"{name} {c['full_s_per_1000_images']:.4g}"
+    for name, c in measured["components"].items()
+  )
+  total = measured["standard_s_per_1000_images_all_robust"]
+  print(
+    f"standard AutoAttack, s per 1,000 images: {per_component}; "
+    f"all robust {total:.4g}; {path}"
+  )
+  return results
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ import json
 
 import pytest
 
-from benchmarks import evaluate, profile_step, side_by_side, train_step
+from benchmarks import (
+  autoattack,
+  evaluate,
+  profile_step,
+  side_by_side,
+  train_step,
+)
 
 SMOKE = ["--smoke", "--defense", "cifs", "--attack-steps", "1"]
 
@@ -68,3 +74,27 @@ def test_profile_splits_the_step_into_its_convolutions_and_the_rest(
   assert phases["update: convolution weight gradient"] > 0
   assert row["torch_seconds_per_step"]["convolution"] > 0
   assert "its convolutions" in capsys.readouterr().out
+
+
+def test_autoattack_scales_each_component_to_its_full_budget(tmp_path, capsys):
+  output = tmp_path / "autoattack.json"
+  autoattack.main(["--smoke", "--output", str(output)])
+  measured = read_json(output)["results"]
+  components = measured["components"]
+  assert list(components) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  # The standard budgets: 100 steps, 9 targets x 100, 9 x 100, 5,000 queries.
+  assert [c["full_iterations"] for c in components.values()] == [
+    100,
+    900,
+    900,
+    5000,
+  ]
+  assert all(c["timed_iterations"] == 1 for c in components.values())
+  per_1000 = {n: c["full_s_per_1000_images"] for n, c in components.items()}
+  assert per_1000["square"] == pytest.approx(
+    components["square"]["timed_s"] * 5000 * 1000 / 2, rel=1e-3
+  )
+  assert measured["standard_s_per_1000_images_all_robust"] == pytest.approx(
+    sum(per_1000.values()), rel=1e-3
+  )
+  assert "standard AutoAttack" in capsys.readouterr().out

@@ -1,0 +1,56 @@
+"""The XLA flag cifs_jax sets for speed on CPU, before JAX starts a backend.
+
+jaxlib 0.10 and 0.11 run large CPU convolutions through YNNPACK by default.
+For ResNet convolutions XLA's other path (Eigen) is faster on the CPUs we
+measured: 1.7x over the forward, input-gradient and weight-gradient
+convolutions of ResNet-18's stages, 2.3x for the weight gradients alone
+(``benchmarks/README.md``, "CPU convolutions"). ``import cifs_jax`` therefore
+appends ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
+to ``XLA_FLAGS``, which moves convolutions alone off YNNPACK. It does
+nothing
+
+- when ``XLA_FLAGS`` already sets ``xla_cpu_experimental_ynn_fusion_type``
+  (your own choice wins: ``--xla_cpu_experimental_ynn_fusion_type=
+  individual_convolution`` keeps YNNPACK's convolutions);
+- with a jaxlib outside the versions it was tested with (XLA refuses
+  unknown flags, and the flag is experimental);
+- once JAX has started its CPU backend (XLA reads the flags then): import
+  cifs_jax before your first JAX computation, or set the flag yourself.
+
+GPU and TPU backends ignore the flag.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from typing import MutableMapping
+
+YNN_FUSION_TYPE = "--xla_cpu_experimental_ynn_fusion_type"
+CONVOLUTIONS_OFF_YNNPACK = f"{YNN_FUSION_TYPE}=-individual_convolution"
+# jaxlib versions (prefixes) whose XLA has the flag and was measured.
+TESTED_JAXLIB = ("0.10.", "0.11.")
+
+
+def _jaxlib_version() -> str:
+  try:
+    return importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return ""
+
+
+def prefer_eigen_convolutions_on_cpu(
+  environ: MutableMapping[str, str] = os.environ,
+  jaxlib_version: str | None = None,
+) -> bool:
+  """Appends ``CONVOLUTIONS_OFF_YNNPACK`` to ``environ["XLA_FLAGS"]`` unless
+  the flags already set YNNPACK's fusion types or jaxlib is untested.
+
+  Returns whether it changed ``environ``.
+  """
+  version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
+  flags = environ.get("XLA_FLAGS", "")
+  if YNN_FUSION_TYPE in flags or not version.startswith(TESTED_JAXLIB):
+    return False
+  environ["XLA_FLAGS"] = f"{flags} {CONVOLUTIONS_OFF_YNNPACK}".strip()
+  return True
