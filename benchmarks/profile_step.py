@@ -1,17 +1,19 @@
 """Where the time of one training step goes, in JAX and in PyTorch.
 
-JAX: a ``jax.profiler`` trace of the compiled training step (the project's
-own program, ``jax_workloads.train_step``). Every event of the trace that
-names an instruction of the compiled HLO is one executed op (on CPU, one
-XLA thunk); each is put in a category by its opcode and its ``op_name``
-(the JAX name stack: module path, ``transpose(jvp(...))`` for gradients,
-the step's ``attack`` scope):
+JAX, the project's compiled training step (``jax_workloads.train_step``):
 
-  convolution forward / input gradient / weight gradient (the "convolution
-  floor": the time of the step's convolutions alone, as they ran), layout
+- the convolution floor: every convolution of the compiled program (parsed
+  from its HLO) run alone as its own program and timed, summed by kind
+  (forward, input gradient, weight gradient) and phase (``attack``:
+  crafting the training inputs; ``update``: the rest). The step's wall
+  time over this floor is what the rest of the step costs.
+- the other ops, from a ``jax.profiler`` trace: each trace event that names
+  an HLO instruction is one executed op (on CPU one XLA thunk), put in a
+  category by its opcode and ``op_name`` (the JAX name stack): layout
   (transposes and copies XLA inserts), batch norm, CIFS probe and mask,
-  random keys (per-example key derivation), other (elementwise ops, losses,
-  the SGD update, collectives).
+  random keys, other (elementwise ops, losses, SGD, collectives).
+  Convolutions are left out of the trace's figures: XLA:CPU runs Eigen
+  convolutions asynchronously, so their events miss most of their time.
 
 PyTorch: ``torch.profiler`` over the reference step (``torch_workloads``),
 its ops' self time split into convolutions (``aten::*convolution*``) and
@@ -22,25 +24,25 @@ the rest's.
   python -m benchmarks.profile_step --trace-dir DIR  # keep the JAX trace
   python -m benchmarks.profile_step --smoke
 
-writes benchmarks/results/profile_step.json (``--output``). Op times are
-summed per step; "between ops" is the step's wall time (untraced, median)
-less that sum: dispatch and waiting. On several threads XLA may run
-independent ops at once, which makes it smaller, even negative.
+writes benchmarks/results/profile_step.json (``--output``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
 import os
 import re
+import statistics
 import tempfile
 import time
 
 import jax
+from jax import lax
 import torch
 
 from benchmarks import harness, jax_workloads, torch_workloads
@@ -48,70 +50,75 @@ from cifs_jax import losses
 
 # Ops that only contain others: their trace events enclose their body's.
 CONTAINER_OPCODES = frozenset({"while", "conditional", "call"})
-# "%name = type opcode(...)": a tuple type may hold spaces.
+CONVOLUTION_KINDS = tuple(
+  f"convolution {kind}"
+  for kind in ("forward", "input gradient", "weight gradient")
+)
+# "%name = type opcode(operands), attributes": a tuple type may hold spaces.
 _INSTRUCTION = re.compile(
   r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*)$"
 )
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_SHAPE = re.compile(r"\[([\d,]*)\]")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_WINDOW = re.compile(r"window=\{([^}]*)\}")
+_DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
+_GROUPS = re.compile(r"(feature|batch)_group_count=(\d+)")
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+_DTYPES["f64"] = "float64"
 
 
-def parse_hlo(text: str) -> dict[str, dict]:
-  """Instructions of an HLO module's text by name: {"opcode", "op_name",
-  "shape" (tuple of ints, the first array of the result), "calls" (the
-  computation a fusion calls), "computation" (where it is)}, plus the
-  computations' opcodes under the key "__computations__"."""
-  instructions, computations = {}, collections.defaultdict(set)
+def parse_hlo(text: str) -> tuple[dict[str, dict], dict[str, str]]:
+  """(instructions of an HLO module's text by name, the instruction that
+  calls each fused computation). An instruction: {"opcode", "op_name",
+  "dtype" and "shape" of its (first) result array, "operands" (names),
+  "attributes" (after the operands, without metadata), "calls",
+  "computation" (the one it is in)}."""
+  instructions, callers = {}, {}
   computation = None
   for line in text.splitlines():
     match = _INSTRUCTION.match(line)
     if match is None:
       header = _COMPUTATION.match(line)
-      if header:
-        computation = header.group(1)
+      computation = header.group(1) if header else computation
       continue
     name, result_type, opcode, rest = match.groups()
-    shape = _SHAPE.search(result_type)
+    array = _ARRAY.search(result_type)
     calls = _CALLS.search(rest)
     op_name = _OP_NAME.search(rest)
     instructions[name] = {
       "opcode": opcode,
       "op_name": op_name.group(1) if op_name else "",
-      "shape": tuple(int(d) for d in shape.group(1).split(",") if d)
-      if shape
+      "dtype": array.group(1) if array else None,
+      "shape": tuple(int(d) for d in array.group(2).split(",") if d)
+      if array
       else (),
+      "operands": re.findall(r"%([\w.\-]+)", rest.split(")")[0]),
+      "attributes": rest.split(")", 1)[-1].split(", metadata=")[0],
       "calls": calls.group(1) if calls else None,
       "computation": computation,
     }
-    computations[computation].add(opcode)
-  instructions["__computations__"] = computations
-  return instructions
+    if calls:
+      callers[calls.group(1)] = name
+  return instructions, callers
 
 
-def _is_convolution(instruction: dict, computations) -> bool:
-  return instruction["opcode"] == "convolution" or (
-    instruction["calls"] is not None
-    and "convolution" in computations.get(instruction["calls"], ())
-  )
+def convolutions(instructions, callers) -> dict[str, str]:
+  """{convolution instruction: the executed op that runs it (itself, or
+  the fusion that calls its computation)}."""
+  return {
+    name: callers.get(instruction["computation"], name)
+    for name, instruction in instructions.items()
+    if instruction["opcode"] == "convolution"
+  }
 
 
-def category(instruction: dict, computations, kernel_shapes) -> str:
-  """The category of one executed op (see the module docstring)."""
+def category(name: str, instruction: dict) -> str:
+  """The category of one executed op that is not a convolution."""
   op_name, opcode = instruction["op_name"], instruction["opcode"]
   scopes = op_name.split("/")
-  if _is_convolution(instruction, computations):
-    # XLA's rewritten weight-gradient convolutions carry no op_name; their
-    # output is a kernel (activations are (B, H, W, C), never kernel-shaped).
-    if tuple(sorted(instruction["shape"])) in kernel_shapes:
-      return "convolution weight gradient"
-    if "transpose(" in op_name:
-      return "convolution input gradient"
-    return "convolution forward"
-  if opcode in ("copy", "transpose") or re.match(
-    r"(transpose|copy)", instruction["name"]
-  ):
+  if opcode in ("copy", "transpose") or re.match(r"(transpose|copy)", name):
     return "layout (transpose, copy)"
   if any(re.fullmatch(r"(shortcut_)?bn\d*", scope) for scope in scopes):
     return "batch norm"
@@ -122,9 +129,9 @@ def category(instruction: dict, computations, kernel_shapes) -> str:
   return "other"
 
 
-def phase(instruction: dict) -> str:
+def phase(op_name: str) -> str:
   """ "attack" (crafting the training inputs) or "update" (the rest)."""
-  return "attack" if "/attack/" in instruction["op_name"] else "update"
+  return "attack" if "/attack/" in op_name else "update"
 
 
 def _trace_events(trace_dir: str) -> list[dict]:
@@ -140,30 +147,164 @@ def _trace_events(trace_dir: str) -> list[dict]:
   return [e for e in events if e.get("ph") == "X"]
 
 
-def jax_profile(workload, steps: int, kernel_shapes, trace_dir: str) -> dict:
-  """Seconds per step by category and by phase, from a trace of ``steps``
-  runs of ``workload``, and the slowest ops."""
-  instructions = parse_hlo(workload.compiled.as_text())
-  computations = instructions.pop("__computations__")
+def trace_profile(workload, steps: int, trace_dir: str) -> dict:
+  """Seconds per step of the ops other than convolutions, by category and
+  by phase, from a trace of ``steps`` runs of ``workload``; the slowest."""
+  instructions, callers = parse_hlo(workload.compiled.as_text())
+  convolution_ops = set(convolutions(instructions, callers).values())
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(steps):
       workload.run()
-  by_category, by_phase = collections.Counter(), collections.Counter()
-  by_op = collections.Counter()
+  by_category, by_phase, by_op = (collections.Counter() for _ in range(3))
   for event in _trace_events(trace_dir):
-    instruction = instructions.get(event["name"])
-    if instruction is None or instruction["opcode"] in CONTAINER_OPCODES:
+    name = event["name"]
+    instruction = instructions.get(name)
+    if (
+      instruction is None
+      or instruction["opcode"] in CONTAINER_OPCODES
+      or name in convolution_ops
+    ):
       continue
     seconds = event["dur"] * 1e-6 / steps
-    instruction = {**instruction, "name": event["name"]}
-    kind = category(instruction, computations, kernel_shapes)
+    kind = category(name, instruction)
     by_category[kind] += seconds
-    by_phase[f"{phase(instruction)}: {kind}"] += seconds
-    by_op[f"{event['name']} ({kind})"] += seconds
+    by_phase[f"{phase(instruction['op_name'])}: {kind}"] += seconds
+    by_op[f"{name} ({kind})"] += seconds
   return {
-    "seconds_per_step_by_category": _rounded(by_category),
-    "seconds_per_step_by_phase": _rounded(by_phase),
-    "slowest_ops_seconds_per_step": _rounded(dict(by_op.most_common(15))),
+    "by_category": _rounded(by_category),
+    "by_phase": _rounded(by_phase),
+    "slowest": _rounded(dict(by_op.most_common(10))),
+  }
+
+
+def _window(attributes: str, num_spatial: int):
+  """(strides, padding, lhs dilation, rhs dilation) of an HLO window."""
+  match = _WINDOW.search(attributes)
+  fields = dict(f.split("=") for f in match.group(1).split()) if match else {}
+
+  def ints(key):
+    if key not in fields:
+      return (1,) * num_spatial
+    return tuple(int(v) for v in fields[key].split("x"))
+
+  padding = [(0, 0)] * num_spatial
+  if "pad" in fields:
+    padding = [tuple(map(int, p.split("_"))) for p in fields["pad"].split("x")]
+  return ints("stride"), padding, ints("lhs_dilate"), ints("rhs_dilate")
+
+
+def _dimension_numbers(attributes: str) -> tuple[str, str, str]:
+  """HLO dim_labels (``b01f_01io->b01f``) as lax specs (``NHWC``, ...)."""
+  spatial = "HWDXYZ"
+
+  def spec(labels, names):
+    return "".join(spatial[int(c)] if c.isdigit() else names[c] for c in labels)
+
+  lhs, rhs, out = _DIM_LABELS.search(attributes).groups()
+  batch_feature = {"b": "N", "f": "C"}
+  return (
+    spec(lhs, batch_feature),
+    spec(rhs, {"i": "I", "o": "O"}),
+    spec(out, batch_feature),
+  )
+
+
+def standalone_convolution(instruction: dict, instructions: dict):
+  """(jitted convolution, its two random operands) computing what one
+  HLO convolution instruction computes (kernel reversal aside, which costs
+  nothing), or None when its output shape does not come out the same."""
+  lhs, rhs = (instructions[o] for o in instruction["operands"][:2])
+  attributes = instruction["attributes"]
+  strides, padding, lhs_dilation, rhs_dilation = _window(
+    attributes, len(lhs["shape"]) - 2
+  )
+  groups = dict(_GROUPS.findall(attributes))
+  convolve = functools.partial(
+    lax.conv_general_dilated,
+    window_strides=strides,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=_dimension_numbers(attributes),
+    feature_group_count=int(groups.get("feature", 1)),
+    batch_group_count=int(groups.get("batch", 1)),
+  )
+  keys = jax.random.split(jax.random.key(0))
+  operands = [
+    jax.random.normal(key, o["shape"], _DTYPES[o["dtype"]])
+    for key, o in zip(keys, (lhs, rhs))
+  ]
+  if jax.eval_shape(convolve, *operands).shape != instruction["shape"]:
+    return None
+  return jax.jit(convolve), operands
+
+
+def convolution_kind(instruction, caller, kernel_shapes) -> str:
+  """Forward, input gradient or weight gradient: XLA's rewritten
+  weight-gradient convolutions carry no op_name, but their output is a
+  kernel (activations are (B, H, W, C), never kernel-shaped)."""
+  if tuple(sorted(instruction["shape"])) in kernel_shapes:
+    return CONVOLUTION_KINDS[2]
+  op_name = instruction["op_name"] or caller["op_name"]
+  return CONVOLUTION_KINDS[1 if "transpose(" in op_name else 0]
+
+
+def _median_seconds(program, repeats: int) -> float | None:
+  """Median seconds of ``repeats`` runs of a ``standalone_convolution``
+  after one warm-up run; None for None."""
+  if program is None:
+    return None
+  run, operands = program
+  jax.block_until_ready(run(*operands))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(*operands))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def convolution_floor(workload, kernel_shapes, repeats: int) -> dict:
+  """The time of the step's convolutions alone: every convolution of the
+  compiled step run as its own program (identical ones timed once),
+  summed by kind and by phase; "untimed" counts those whose standalone
+  program did not reproduce their output shape (none expected).
+
+  Each convolution instruction counts once: exact when the attack loop is
+  unrolled (on CPU by default), an underestimate for a rolled loop.
+  """
+  instructions, callers = parse_hlo(workload.compiled.as_text())
+  counts, examples = collections.Counter(), {}
+  for name, op in convolutions(instructions, callers).items():
+    instruction, caller = instructions[name], instructions[op]
+    operands = (instructions[o] for o in instruction["operands"][:2])
+    signature = (
+      tuple((o["dtype"], o["shape"]) for o in operands),
+      instruction["attributes"],
+    )
+    examples.setdefault(signature, name)
+    kind = convolution_kind(instruction, caller, kernel_shapes)
+    counts[(signature, kind, phase(caller["op_name"]))] += 1
+  seconds = {
+    signature: _median_seconds(
+      standalone_convolution(instructions[name], instructions), repeats
+    )
+    for signature, name in examples.items()
+  }
+  by_kind, by_phase, untimed = collections.Counter(), collections.Counter(), 0
+  for (signature, kind, where), count in counts.items():
+    if seconds[signature] is None:
+      untimed += count
+      continue
+    by_kind[kind] += count * seconds[signature]
+    by_phase[f"{where}: {kind}"] += count * seconds[signature]
+  return {
+    "seconds": harness.significant(sum(by_kind.values())),
+    "by_kind": _rounded(by_kind),
+    "by_phase": _rounded(by_phase),
+    "convolutions": sum(counts.values()),
+    "distinct": len(examples),
+    "untimed": untimed,
   }
 
 
@@ -192,7 +333,8 @@ def _rounded(seconds: dict) -> dict:
 
 
 def measure(defense: str, batch_size: int, args, trace_dir: str) -> dict:
-  """Wall time (alternating, untraced), then both profiles, of one case."""
+  """Wall time (alternating, untraced), the convolution floor and both
+  profiles of one case."""
   config = jax_workloads.experiment(
     defense, args.width, "pgd_at", args.attack_steps, bf16=False
   )
@@ -208,18 +350,11 @@ def measure(defense: str, batch_size: int, args, trace_dir: str) -> dict:
   timings = harness.alternate(
     {"jax": jax_run.run, "torch": torch_run}, repeats=args.repeats
   )
-  kernels = jax_workloads.kernel_shapes(config)
   jax_seconds = timings["jax"]["median_s"]
-  profile = jax_profile(jax_run, args.repeats, kernels, trace_dir)
-  floor = sum(
-    s
-    for k, s in profile["seconds_per_step_by_category"].items()
-    if k.startswith("convolution")
-  )
-  profile["seconds_per_step_between_ops"] = harness.significant(
-    jax_seconds - sum(profile["seconds_per_step_by_category"].values())
-  )
   torch_seconds = timings["torch"]["median_s"]
+  floor = convolution_floor(
+    jax_run, jax_workloads.kernel_shapes(config), args.repeats
+  )
   torch_ops = torch_profile(torch_run, args.repeats)
   return {
     "defense": defense,
@@ -227,15 +362,14 @@ def measure(defense: str, batch_size: int, args, trace_dir: str) -> dict:
     "jax_step_s": jax_seconds,
     "torch_step_s": torch_seconds,
     "ratio_jax_over_torch": harness.significant(jax_seconds / torch_seconds),
-    "jax_convolution_floor_s": harness.significant(floor),
-    "jax_step_over_convolution_floor": harness.significant(jax_seconds / floor),
-    "torch_convolution_s": torch_ops.get("convolution"),
+    "jax_convolution_floor": floor,
+    "jax_step_over_convolution_floor": harness.significant(
+      jax_seconds / floor["seconds"]
+    ),
     "convolution_ratio_jax_over_torch": harness.significant(
-      floor / torch_ops["convolution"]
-    )
-    if torch_ops.get("convolution")
-    else None,
-    "jax": profile,
+      floor["seconds"] / torch_ops["convolution"]
+    ),
+    "jax_other_ops_traced": trace_profile(jax_run, args.repeats, trace_dir),
     "torch_seconds_per_step": torch_ops,
   }
 

@@ -1,12 +1,17 @@
 """Smoke runs of the benchmark scripts: tiny CIFS ResNet-18, one timed step,
 JSON written to a temporary directory."""
 
+import functools
 import json
 
+import chex
+import jax
+from jax import lax
 import pytest
 
 from benchmarks import (
   autoattack,
+  convolutions,
   evaluate,
   profile_step,
   side_by_side,
@@ -60,20 +65,39 @@ def test_profile_splits_the_step_into_its_convolutions_and_the_rest(
   output = tmp_path / "profile.json"
   profile_step.main([*SMOKE, "--batch-size", "8", "--output", str(output)])
   (row,) = read_json(output)["results"]
-  categories = row["jax"]["seconds_per_step_by_category"]
-  convolutions = [f"convolution {k}" for k in ("forward", "input gradient")]
-  convolutions.append("convolution weight gradient")
-  assert all(categories[k] > 0 for k in convolutions)
-  assert row["jax_convolution_floor_s"] == pytest.approx(
-    sum(categories[k] for k in convolutions), abs=2e-4
+  floor = row["jax_convolution_floor"]
+  assert floor["untimed"] == 0 and floor["convolutions"] >= floor["distinct"]
+  assert all(floor["by_kind"][k] > 0 for k in profile_step.CONVOLUTION_KINDS)
+  assert floor["seconds"] == pytest.approx(
+    sum(floor["by_kind"].values()), rel=1e-3
   )
-  phases = row["jax"]["seconds_per_step_by_phase"]
   # The attack needs input gradients only; the update needs both.
-  assert phases["attack: convolution input gradient"] > 0
-  assert "attack: convolution weight gradient" not in phases
-  assert phases["update: convolution weight gradient"] > 0
+  assert floor["by_phase"]["attack: convolution input gradient"] > 0
+  assert "attack: convolution weight gradient" not in floor["by_phase"]
+  assert floor["by_phase"]["update: convolution weight gradient"] > 0
+  assert row["jax_other_ops_traced"]["by_category"]["batch norm"] > 0
   assert row["torch_seconds_per_step"]["convolution"] > 0
   assert "its convolutions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_compiled_convolution_runs_alone_as_it_ran_in_its_program(stride):
+  conv = functools.partial(
+    lax.conv_general_dilated,
+    window_strides=(stride, stride),
+    padding=((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+  text = jax.jit(conv).lower(x, w).compile().as_text()
+  instructions, callers = profile_step.parse_hlo(text)
+  (name,) = profile_step.convolutions(instructions, callers)
+  run, operands = profile_step.standalone_convolution(
+    instructions[name], instructions
+  )
+  assert [o.shape for o in operands] == [x.shape, w.shape]
+  chex.assert_trees_all_close(run(x, w), conv(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_autoattack_scales_each_component_to_its_full_budget(tmp_path, capsys):
@@ -98,3 +122,18 @@ def test_autoattack_scales_each_component_to_its_full_budget(tmp_path, capsys):
     sum(per_1000.values()), rel=1e-3
   )
   assert "standard AutoAttack" in capsys.readouterr().out
+
+
+def test_convolutions_time_every_stage_and_computation(tmp_path, capsys):
+  output = tmp_path / "convolutions.json"
+  results = convolutions.main(["--smoke", "--output", str(output)])
+  assert read_json(output)["totals"] == results["totals"]
+  rows = results["results"]
+  assert len(rows) == len(convolutions.STAGES) * 3
+  for computation in convolutions.COMPUTATIONS:
+    total = results["totals"][f"b2 {computation}"]
+    assert total["jax_s"] == pytest.approx(
+      sum(r["jax_s"] for r in rows if r["computation"] == computation),
+      rel=1e-3,
+    )
+  assert "convolutions, JAX / PyTorch" in capsys.readouterr().out
