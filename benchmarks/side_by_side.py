@@ -12,7 +12,7 @@ After a warm-up round (JAX's compile time is measured apart), the two
 alternate ``--repeats`` times; the medians and their ratio JAX / PyTorch are
 reported (below 1: JAX is faster).
 
-  python -m benchmarks.side_by_side            # all cases: about an hour
+  python -m benchmarks.side_by_side            # all cases: 25 min, 2 cores
   python -m benchmarks.side_by_side --case pgd10_at --batch-size 32
   python -m benchmarks.side_by_side --smoke    # tiny model: seconds
 
