@@ -128,15 +128,9 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--clean", type=float, default=0.8)
   parser.add_argument("--robust", type=float, default=0.5)
-  parser.add_argument(
-    "--width", type=int, default=64, help="ResNet-18 first-stage channels"
+  harness.model_arguments(
+    parser, "seconds: width 4, batch 2, one iteration of each component"
   )
-  parser.add_argument(
-    "--smoke",
-    action="store_true",
-    help="seconds: width 4, batch 2, one iteration of each component",
-  )
-  parser.add_argument("--output", default=None, help="JSON path")
   args = parser.parse_args(argv)
   if args.smoke:
     args.width, args.batch_size, args.fraction = 4, 2, 0.0

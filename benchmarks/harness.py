@@ -127,21 +127,23 @@ def write_results(
   return path
 
 
+def model_arguments(parser, smoke_help: str) -> None:
+  """Flags of every model benchmark: width, smoke, output."""
+  parser.add_argument(
+    "--width", type=int, default=64, help="ResNet-18 first-stage channels"
+  )
+  parser.add_argument("--smoke", action="store_true", help=smoke_help)
+  parser.add_argument("--output", default=None, help="JSON path")
+
+
 def common_arguments(parser, batch_sizes: Sequence[int], repeats: int) -> None:
-  """Flags every benchmark takes: batch sizes, repeats, smoke, output."""
+  """Flags of the step benchmarks: batch sizes, repeats, width, smoke,
+  output."""
   parser.add_argument(
     "--batch-size", type=int, nargs="+", default=list(batch_sizes)
   )
   parser.add_argument("--repeats", type=int, default=repeats)
-  parser.add_argument(
-    "--width", type=int, default=64, help="ResNet-18 first-stage channels"
-  )
-  parser.add_argument(
-    "--smoke",
-    action="store_true",
-    help="seconds: width 4, batch 8, 1 repeat, 2 attack steps",
-  )
-  parser.add_argument("--output", default=None, help="JSON path")
+  model_arguments(parser, "seconds: width 4, batch 8, 1 repeat, 2 attack steps")
 
 
 def apply_smoke(args) -> None:
