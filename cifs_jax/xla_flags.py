@@ -1,10 +1,11 @@
 """The XLA flag cifs_jax sets for speed on CPU, before JAX starts a backend.
 
 jaxlib 0.10 and 0.11 run large CPU convolutions through YNNPACK by default.
-For ResNet convolutions XLA's other path (Eigen) is faster on the CPUs we
-measured: 1.7x over the forward, input-gradient and weight-gradient
-convolutions of ResNet-18's stages, 2.3x for the weight gradients alone
-(``benchmarks/README.md``, "CPU convolutions"). ``import cifs_jax`` therefore
+For ResNet-18's convolutions XLA's other path (Eigen) is faster on the
+2-core x86_64 CPU we measured, at batch 128: 1.55x for the forward pass,
+1.26x for input gradients and 2.19x for weight gradients; the CIFS PGD-10
+AT step went from 13.9 to 10.6 s (``benchmarks/README.md``, "The kernels
+alone" and "Side by side"). ``import cifs_jax`` therefore
 appends ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
 to ``XLA_FLAGS``, which moves convolutions alone off YNNPACK. It does
 nothing
