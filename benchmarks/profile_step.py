@@ -147,10 +147,11 @@ def _trace_events(trace_dir: str) -> list[dict]:
   return [e for e in events if e.get("ph") == "X"]
 
 
-def trace_profile(workload, steps: int, trace_dir: str) -> dict:
+def trace_profile(workload, hlo, steps: int, trace_dir: str) -> dict:
   """Seconds per step of the ops other than convolutions, by category and
-  by phase, from a trace of ``steps`` runs of ``workload``; the slowest."""
-  instructions, callers = parse_hlo(workload.compiled.as_text())
+  by phase, from a trace of ``steps`` runs of ``workload``; the slowest.
+  ``hlo``: ``parse_hlo`` of its compiled program."""
+  instructions, callers = hlo
   convolution_ops = set(convolutions(instructions, callers).values())
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(steps):
@@ -264,11 +265,12 @@ def _median_seconds(program, repeats: int) -> float | None:
   return statistics.median(times)
 
 
-def convolution_floor(workload, kernel_shapes, repeats: int) -> dict:
+def convolution_floor(hlo, kernel_shapes, repeats: int) -> dict:
   """The time of the step's convolutions alone: every convolution of the
   compiled step run as its own program (identical ones timed once),
   summed by kind and by phase; "untimed" counts those whose standalone
-  program did not reproduce their output shape (none expected).
+  program did not reproduce their output shape (none expected). ``hlo``:
+  ``parse_hlo`` of the compiled step.
 
   Each convolution instruction counts once: exact when the attack loop is
   unrolled (on CPU by default), an underestimate for a rolled loop. Each
@@ -276,7 +278,7 @@ def convolution_floor(workload, kernel_shapes, repeats: int) -> dict:
   so for tiny convolutions (the ``--smoke`` model) the floor overstates
   them and the step can come out below it.
   """
-  instructions, callers = parse_hlo(workload.compiled.as_text())
+  instructions, callers = hlo
   counts, examples = collections.Counter(), {}
   for name, op in convolutions(instructions, callers).items():
     instruction, caller = instructions[name], instructions[op]
@@ -355,8 +357,9 @@ def measure(defense: str, batch_size: int, args, trace_dir: str) -> dict:
   )
   jax_seconds = timings["jax"]["median_s"]
   torch_seconds = timings["torch"]["median_s"]
+  hlo = parse_hlo(jax_run.compiled.as_text())
   floor = convolution_floor(
-    jax_run, jax_workloads.kernel_shapes(config), args.repeats
+    hlo, jax_workloads.kernel_shapes(config), args.repeats
   )
   torch_ops = torch_profile(torch_run, args.repeats)
   return {
@@ -372,7 +375,9 @@ def measure(defense: str, batch_size: int, args, trace_dir: str) -> dict:
     "convolution_ratio_jax_over_torch": harness.significant(
       floor["seconds"] / torch_ops["convolution"]
     ),
-    "jax_other_ops_traced": trace_profile(jax_run, args.repeats, trace_dir),
+    "jax_other_ops_traced": trace_profile(
+      jax_run, hlo, args.repeats, trace_dir
+    ),
     "torch_seconds_per_step": torch_ops,
   }
 

@@ -22,13 +22,7 @@ def randomised_torch_model(seed=0):
   """ResNet18 with CIFS, random weights and random batch-norm statistics."""
   torch.manual_seed(seed)
   model = torch_reference.ResNet18CIFS().double()
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.running_mean.uniform_(-0.2, 0.2)
-        module.running_var.uniform_(0.5, 1.5)
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.uniform_(-0.2, 0.2)
+  randomise_batch_norms(model)
   return model
 
 
@@ -49,29 +43,11 @@ def converted():
 @pytest.mark.parametrize("train", [False, True])
 def test_same_outputs_as_the_pytorch_model(x64, converted, train):
   torch_model, flax_model, variables = converted
-  rng = np.random.default_rng(0)
-  images = rng.uniform(0, 1, (4, 32, 32, 3))
-  labels = np.array([3, 1, 4, 1])
-  torch_model.train(train)
-  torch_logits, torch_probes = torch_model(
-    torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(labels)
+  images = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3))
+  num_probes = assert_same_outputs(
+    torch_model, flax_model, variables, images, train
   )
-  (logits, probes), _ = flax_model.apply(
-    variables,
-    jnp.asarray(images),
-    train=train,
-    labels=jnp.asarray(labels),
-    mutable=["batch_stats"],
-  )
-  assert logits.dtype == jnp.float64
-  np.testing.assert_allclose(
-    logits, torch_logits.detach().numpy(), rtol=1e-9, atol=1e-9
-  )
-  assert len(probes) == len(torch_probes) == 2
-  for ours, theirs in zip(probes, torch_probes):
-    np.testing.assert_allclose(
-      ours, theirs.detach().numpy(), rtol=1e-9, atol=1e-9
-    )
+  assert num_probes == 2
 
 
 def test_layout_of_converted_arrays(converted):
@@ -199,7 +175,8 @@ def randomise_batch_norms(torch_model):
 
 def assert_same_outputs(torch_model, flax_model, variables, images, train):
   """Final and probe logits of both models agree to float64 precision, in
-  eval mode or in train mode (batch statistics, label substitution)."""
+  eval mode or in train mode (batch statistics, label substitution).
+  Returns the number of probes."""
   labels = np.arange(len(images)) % 10
   torch_model.train(train)
   torch_logits, torch_probes = torch_model(
@@ -219,6 +196,7 @@ def assert_same_outputs(torch_model, flax_model, variables, images, train):
     rtol=1e-9,
     atol=1e-9,
   )
+  return len(probes)
 
 
 @pytest.mark.parametrize("train", [False, True])
