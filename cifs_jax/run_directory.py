@@ -28,7 +28,7 @@ import jax
 import ml_collections
 
 from cifs_jax import experiment_config
-from cifs_jax.training.checkpoints import Checkpointer
+from cifs_jax.training.checkpoints import Checkpointer, absolute_path
 
 CONFIG_FILENAME = "config.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -53,7 +53,7 @@ class RunDirectory:
   """The files of one training run (see the module docstring)."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = epath.Path(path)
+    self.path = absolute_path(path)
 
   @property
   def config_path(self) -> epath.Path:

@@ -69,6 +69,16 @@ CHECKSUMS_FILENAME = "checksums.json"
 _HASH_CHUNK_BYTES = 1 << 20
 
 
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+  """``path`` with ``~`` expanded and, for a local path, made absolute against
+  the current directory (Orbax refuses relative paths); a URL such as
+  ``gs://bucket/run`` is returned as it is."""
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or read back."""
 
@@ -113,7 +123,7 @@ class Checkpointer:
     """
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
-    directory = epath.Path(directory)
+    directory = absolute_path(directory)
     if read_only and not directory.is_dir():
       raise FileNotFoundError(
         f"Checkpoint directory {directory} does not exist (opened for reading"
