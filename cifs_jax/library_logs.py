@@ -4,7 +4,9 @@ Orbax alone logs about 60 INFO lines per checkpoint save, which bury the
 progress bar and the results. ``quiet(level)`` drops the records of
 installed packages (files under ``site-packages`` / ``dist-packages``, other
 than ``cifs_jax`` itself) below ``level``; this project's own records pass.
-The entry points call ``quiet_from_flags()`` (flag ``--library_verbosity``).
+Below "info", it also drops the warnings that Orbax gives for what this
+project does on purpose (``EXPECTED_WARNINGS``). The entry points call
+``quiet_from_flags()`` (flag ``--library_verbosity``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ _VERBOSITY = flags.DEFINE_enum(
   "info brings back Orbax's lines for every checkpoint.",
 )
 _INSTALL_DIRS = ("site-packages", "dist-packages")
+# Third-party warnings about what the project does on purpose: evaluation
+# opens checkpoints read-only; a save on SIGTERM mid-epoch has no metrics
+# (so it never ranks as best).
+EXPECTED_WARNINGS = (
+  "Given directory is read only",
+  "Requested `tracked_metric`; did not provide metrics.",
+)
 _OWN_PACKAGE = "cifs_jax"
 
 
@@ -52,7 +61,13 @@ class LibraryFilter(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     package = installed_package(record.pathname)
-    return package in (None, _OWN_PACKAGE) or record.levelno >= self.level
+    if package in (None, _OWN_PACKAGE):
+      return True
+    if self.level > logging.INFO and record.levelno == logging.WARNING:
+      message = str(record.msg)
+      if any(message.startswith(w) for w in EXPECTED_WARNINGS):
+        return False
+    return record.levelno >= self.level
 
 
 def quiet(level_name: str = "warning") -> LibraryFilter:

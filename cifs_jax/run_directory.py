@@ -7,7 +7,11 @@
                                an older step (``superseded_path``)
   <workdir>/metrics.jsonl      scalar metrics, one JSON object per line
   <workdir>/tensorboard/       TensorBoard event files
-  <workdir>/<name>.json, .md   evaluation reports (``report_path``)
+  <workdir>/<name>.json, .md   evaluation reports (``report_path``), e.g.
+                               ``eval_paper.json`` of the final evaluation
+  <workdir>/<name>.partial.json  an evaluation in progress
+  <workdir>/.lock              held (``fcntl.flock``) by the process training
+                               in the workdir (``locked_for_training``)
 
 Training (``cifs_jax.main``) and evaluation (``cifs_jax.evaluate``) both open
 a run through ``RunDirectory``; the rules that tie a run to its config live
@@ -17,10 +21,13 @@ metric ranks the checkpoints (``best_metric``).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 from etils import epath
@@ -31,6 +38,7 @@ from cifs_jax import experiment_config
 from cifs_jax.training.checkpoints import Checkpointer, absolute_path
 
 CONFIG_FILENAME = "config.json"
+LOCK_FILENAME = ".lock"
 CHECKPOINTS_DIRNAME = "checkpoints"
 SUPERSEDED_DIRNAME = "checkpoints_superseded"
 # Config keys (and everything below them) that define the model being trained.
@@ -47,6 +55,15 @@ _DEFAULT_BEST_METRIC = "pgd_accuracy"
 def best_metric(config: ml_collections.ConfigDict) -> str:
   """The per-epoch evaluation metric that ranks a run's checkpoints."""
   return _BEST_METRIC.get(config.train.method, _DEFAULT_BEST_METRIC)
+
+
+def final_report_name(config: ml_collections.ConfigDict) -> str:
+  """The name of the report of a run's final evaluation, e.g. "eval_paper"."""
+  return f"eval_{config.eval.final_protocol}"
+
+
+class RunInUseError(RuntimeError):
+  """Another process is training in the run directory."""
 
 
 class RunDirectory:
@@ -66,6 +83,69 @@ class RunDirectory:
   def report_path(self, name: str, suffix: str) -> epath.Path:
     """``<workdir>/<name><suffix>``, e.g. ("eval_paper", ".json")."""
     return self.path / f"{name}{suffix}"
+
+  def has_report(self, name: str) -> bool:
+    """Whether the report ``<name>.json`` was written (and no evaluation of
+    that name is left unfinished in ``<name>.partial.json``)."""
+    return (
+      self.report_path(name, ".json").exists()
+      and not self.report_path(name, ".partial.json").exists()
+    )
+
+  def check_writable(self) -> None:
+    """Checks, without writing anything, that training can write here: the
+    path is a directory (or can be created as one) that this process may
+    write.
+
+    Raises:
+      NotADirectoryError: the path, or a parent of it, is a file.
+      PermissionError: the directory (or the parent it would be created
+        in) is not writable.
+    """
+    existing = self.path
+    while not existing.exists():
+      existing = existing.parent
+    if not existing.is_dir():
+      raise NotADirectoryError(
+        f"--workdir={self.path}: {existing} is a file, not a directory."
+      )
+    if not os.access(existing, os.W_OK | os.X_OK):
+      what = (
+        "is"
+        if existing == self.path
+        else f"would be created in {existing}, which is"
+      )
+      raise PermissionError(f"--workdir={self.path} {what} not writable.")
+
+  @contextlib.contextmanager
+  def locked_for_training(self) -> Iterator[None]:
+    """Holds an exclusive lock on ``<workdir>/.lock`` inside the block
+    (process 0 only), so two trainings never write one workdir. The kernel
+    releases it when the process dies; readers (evaluation) take no lock.
+
+    Raises:
+      RunInUseError: another process holds the lock.
+    """
+    if jax.process_index() != 0:
+      yield
+      return
+    self.path.mkdir(parents=True, exist_ok=True)
+    lock_path = self.path / LOCK_FILENAME
+    with open(lock_path, "a") as lock_file:
+      try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+          raise
+        raise RunInUseError(
+          f"Another process is training in {self.path} (it holds"
+          f" {lock_path}). Wait for it to finish or stop it; two trainings"
+          " must not write one workdir. Evaluating the run needs no lock."
+        ) from None
+      try:
+        yield
+      finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
 
   def superseded_path(self, name: str) -> epath.Path:
     """``<workdir>/checkpoints_superseded/<name>``."""
@@ -123,13 +203,16 @@ class RunDirectory:
     """
     if jax.process_index() != 0:
       return
+    text = _config_as_json(config)
+    if self.config_path.exists() and self.config_path.read_text() == text:
+      return  # Unchanged: the file is left untouched.
     self.path.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(
       prefix=CONFIG_FILENAME + ".", suffix=".tmp", dir=self.path
     )
     try:
       with os.fdopen(handle, "w") as f:
-        f.write(_config_as_json(config))
+        f.write(text)
       os.replace(tmp, self.config_path)
     except BaseException:
       os.unlink(tmp)

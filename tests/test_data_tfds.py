@@ -34,7 +34,55 @@ def mock_tfds(monkeypatch):
     "_getitems",
     lambda keys, generator, serialized=False: [generator[k] for k in keys],
   )
+  # The mock serves every dataset as if its server answered.
+  monkeypatch.setattr(tfds_source, "server_unreachable", lambda host: None)
   return tfds.testing.mock_data
+
+
+@pytest.mark.parametrize("name", list(data.DATASETS))
+def test_offline_fails_at_once_with_what_to_do_and_cleans_up(
+  tmp_path, monkeypatch, name
+):
+  """Not prepared and no network: one clear error before TFDS tries to
+  download (no minutes of retries), naming the files source and the
+  Fashion-MNIST smoke run; the folders TFDS began are removed."""
+  info = data.get_info(name)
+  # TensorFlow is installed (requirements-prepare.txt): TFDS would download.
+  monkeypatch.setattr(tfds_source, "find_spec", lambda module: object())
+  monkeypatch.setattr(
+    tfds_source, "server_unreachable", lambda host: "Network is unreachable"
+  )
+
+  def prepare(self, *args, **kwargs):
+    (tmp_path / info.tfds_name / "incomplete.ABC123").mkdir(parents=True)
+    raise AssertionError("TFDS tried to download")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+  (tmp_path / info.tfds_name).mkdir()
+  (tmp_path / info.tfds_name / "incomplete.OLD").mkdir()  # Not ours.
+  with pytest.raises(
+    tfds_source.DatasetUnavailableError,
+    match=r"cannot be downloaded: .* does not answer \(Network is "
+    r"unreachable\).*--config.data.source=files.*fmnist_resnet10.py:smoke",
+  ):
+    data.load_split(_config(name, str(tmp_path)), "train")
+  assert sorted(p.name for p in (tmp_path / info.tfds_name).iterdir()) == [
+    "incomplete.OLD"
+  ]
+
+
+def test_a_failed_download_removes_the_folders_it_began(tmp_path, monkeypatch):
+  info = data.get_info("cifar10")
+  monkeypatch.setattr(tfds_source, "server_unreachable", lambda host: None)
+
+  def prepare(self, *args, **kwargs):
+    (tmp_path / info.tfds_name / "incomplete.XYZ").mkdir(parents=True)
+    raise ConnectionError("the server went away")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+  with pytest.raises(ConnectionError):
+    data.load_split(_config("cifar10", str(tmp_path)), "train")
+  assert not list((tmp_path / info.tfds_name).iterdir())
 
 
 @pytest.mark.parametrize("name", list(data.DATASETS))

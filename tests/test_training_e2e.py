@@ -37,6 +37,8 @@ import scipy.io
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
+from cifs_jax import run_directory
+from cifs_jax.data import tfds_source as data_tfds_source
 from cifs_jax.evaluation import runner
 from cifs_jax.training import checkpoints
 from cifs_jax.training import trainer as trainer_lib
@@ -385,6 +387,9 @@ def test_smoke_config_trains_evaluates_and_checkpoints(
       "_getitems",
       lambda keys, generator, serialized=False: [generator[k] for k in keys],
     )
+    monkeypatch.setattr(
+      data_tfds_source, "server_unreachable", lambda host: None
+    )
     num_test = num_train
     source = tfds.testing.mock_data(num_examples=num_train)
   start = time.perf_counter()
@@ -498,8 +503,11 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(
   assert steps == [stopped_at] and 0 < stopped_at < SMOKE_FMNIST_STEPS
   assert metadata == {"epoch": 0, "step_in_epoch": stopped_at, "metrics": {}}
   assert int(state["step"]) == stopped_at
-  assert f"Stop requested: saved at epoch 0, step {stopped_at}." in first_log
-  assert "Final evaluation" not in first_log
+  assert (
+    f"Stop requested: saved at epoch 1, step {stopped_at} of"
+    f" {SMOKE_FMNIST_STEPS}." in first_log
+  )
+  assert "Final state" not in first_log
 
   second = subprocess.run(
     main_command(workdir),
@@ -516,9 +524,10 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(
   orbax_lines = [l for l in second.stderr.splitlines() if "orbax" in l]
   assert len(orbax_lines) <= 2, orbax_lines
   assert (
-    f"Resuming from {workdir} at epoch 0, step {stopped_at}." in second.stderr
+    f"Resuming {workdir} after checkpoint step {stopped_at} (epoch 1, step"
+    f" {stopped_at} of {SMOKE_FMNIST_STEPS})." in second.stderr
   )
-  assert "Final evaluation" in second.stderr
+  assert "Final state on 64 test images: natural" in second.stderr
   state, metadata, steps = read_checkpoint(workdir)
   expected_state, expected_metadata, _ = read_checkpoint(reference)
   assert steps == [stopped_at, SMOKE_FMNIST_STEPS]
@@ -542,16 +551,82 @@ def test_rerunning_a_complete_run_says_so_and_changes_nothing(
     )
     assert trainer_lib.train_and_evaluate(config, str(workdir)) == {}
   assert any("is complete" in str(c) for c in messages.call_args_list)
-  # (The metric logger opens a new, empty TensorBoard file.)
-  without_events = lambda files: {
-    k: v for k, v in files.items() if not k.startswith("tensorboard")
-  }
-  assert without_events(snapshot(workdir)) == without_events(before)
+  assert snapshot(workdir) == before
   again = load_config(
     "fmnist_resnet10", "smoke", NO_FINAL_EVAL, "--config.eval.rerun_final=True"
   )
   assert trainer_lib.train_and_evaluate(again, str(workdir)) == results
   assert snapshot(workdir / "checkpoints") == snapshot(source / "checkpoints")
+
+
+def test_relative_workdir_trains_on_and_saves(
+  tmp_path, monkeypatch, fmnist_smoke
+):
+  """A relative --workdir, as every README example writes it, from another
+  working directory: training extends the run by an epoch and saves (Orbax
+  refuses relative checkpoint paths; they are made absolute at the edge)."""
+  shutil.copytree(fmnist_smoke[0], tmp_path / "runs" / "smoke")
+  monkeypatch.chdir(tmp_path)
+  config = load_config(
+    "fmnist_resnet10", "smoke", "--config.train.epochs=2", NO_FINAL_EVAL
+  )
+  trainer_lib.train_and_evaluate(config, "runs/smoke")
+  _, metadata, steps = read_checkpoint(tmp_path / "runs" / "smoke")
+  assert steps[-1] == 2 * SMOKE_FMNIST_STEPS and metadata["epoch"] == 2
+
+
+def test_a_run_whose_final_report_is_missing_finishes_its_evaluation(
+  tmp_path, fmnist_smoke
+):
+  """Killed during its final evaluation, a trained run has no report: the
+  same command runs the final evaluation (and only it), not "complete"."""
+  source, config, _, _ = fmnist_smoke
+  assert config.eval.final
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  report_name = f"eval_{config.eval.final_protocol}"
+  expected = json.loads((source / f"{report_name}.json").read_text())
+  for suffix in (".json", ".md"):
+    (workdir / f"{report_name}{suffix}").unlink()
+  before = snapshot(workdir / "checkpoints")
+  with mock.patch.object(trainer_lib.logging, "info") as messages:
+    trainer_lib.train_and_evaluate(config, str(workdir))
+  assert any("finishing its final" in str(c) for c in messages.call_args_list)
+  assert not any("is complete" in str(c) for c in messages.call_args_list)
+  report = json.loads((workdir / f"{report_name}.json").read_text())
+  assert report["worst_case"] == expected["worst_case"]
+  assert snapshot(workdir / "checkpoints") == before
+
+
+def test_a_second_training_on_one_workdir_is_refused(tmp_path, fmnist_smoke):
+  """While one process trains in a workdir (it holds the lock), a second
+  training there is refused before it loads anything, and writes nothing."""
+  source, config, _, _ = fmnist_smoke
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  before = snapshot(workdir)
+  with run_directory.RunDirectory(workdir).locked_for_training():
+    with (
+      mock.patch.object(trainer_lib.data, "load_split") as load_split,
+      pytest.raises(
+        run_directory.RunInUseError, match="Another process is training"
+      ),
+    ):
+      trainer_lib.train_and_evaluate(config, str(workdir))
+    load_split.assert_not_called()
+  assert snapshot(workdir) == before
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_loading_data(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.write_text("not a directory")
+  config = load_config("fmnist_resnet10", "smoke", NO_FINAL_EVAL)
+  with (
+    mock.patch.object(trainer_lib.data, "load_split") as load_split,
+    pytest.raises(NotADirectoryError, match=r"is a file, not a directory"),
+  ):
+    trainer_lib.train_and_evaluate(config, str(workdir))
+  load_split.assert_not_called()
 
 
 # ------------------------------------------------------ failures and guards

@@ -26,7 +26,7 @@ import tqdm
 from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import runner
 from cifs_jax.parallel import BATCH_AXIS, Parallel
-from cifs_jax.run_directory import RunDirectory
+from cifs_jax.run_directory import RunDirectory, final_report_name
 from cifs_jax.training import checkpoints
 from cifs_jax.training import metric_logging
 from cifs_jax.training import step as step_lib
@@ -121,6 +121,7 @@ class Trainer:
     check_checkpoint_keys(config)
     self.config = config
     self.run = RunDirectory(workdir)
+    self.run.check_writable()
     self.parallel = Parallel.create(config.parallel)
     num_devices = self.parallel.num_devices
     for name, size in (
@@ -180,7 +181,8 @@ class Trainer:
     self.checkpointer = self.run.checkpointer(
       config, max_to_keep=config.checkpoint.keep
     )
-    self.logger = metric_logging.MetricLogger(workdir)
+    # Opened once training knows where it resumes (``train``).
+    self.logger: metric_logging.MetricLogger | None = None
     self.stop_request = StopRequest()
 
   # -- State ---------------------------------------------------------------
@@ -226,10 +228,12 @@ class Trainer:
           destination,
         )
     logging.info(
-      "Resuming from %s at epoch %d, step %d.",
+      "Resuming %s after checkpoint step %d (epoch %d, step %d of %d).",
       self.run.path,
-      position.epoch,
+      step,
+      position.epoch + 1,
       position.step,
+      self.steps_per_epoch,
     )
     return state, position
 
@@ -317,9 +321,18 @@ class Trainer:
     """Natural and PGD accuracy (%) on the first ``num_examples`` test
     examples (-1: all), each counted once."""
     split = self.test_split.head(num_examples)
+    batch_size = self.config.eval.batch_size
     totals = None
-    for batch in data.eval_batches(split, self.config.eval.batch_size):
+    for batch in tqdm.tqdm(
+      data.eval_batches(split, batch_size),
+      desc="natural + PGD-20",
+      total=-(-len(split) // batch_size),
+      unit="batch",
+      disable=jax.process_index() != 0,
+      leave=False,
+    ):
       counts = self.eval_step(state, self.parallel.shard(batch))
+      jax.block_until_ready(counts)
       totals = (
         counts if totals is None else jax.tree.map(jnp.add, totals, counts)
       )
@@ -336,6 +349,10 @@ class Trainer:
     """Runs (or resumes) training to ``train.epochs``; returns the state."""
     config = self.config
     state, position = self.restore_or_initialise()
+    resumed_step = position.epoch * self.steps_per_epoch + position.step
+    self.logger = metric_logging.MetricLogger(
+      self.run.path, resumed_step=resumed_step or None
+    )
     state = self.parallel.replicate(state)
     data_key = jax.random.key(config.seed)
     images_per_step = config.train.batch_size
@@ -346,9 +363,11 @@ class Trainer:
         )
         if self.stop_request:
           logging.warning(
-            "Stop requested: saved at epoch %d, step %d.",
-            position.epoch,
-            position.step,
+            "Stop requested: saved at epoch %d, step %d of %d. Run the same"
+            " command again to resume.",
+            position.epoch + (position.step > 0),
+            position.step or self.steps_per_epoch,
+            self.steps_per_epoch,
           )
           break
     self.checkpointer.wait_until_finished()
@@ -379,6 +398,9 @@ class Trainer:
       state, metrics = self.train_step(
         state, self.device_train, self.parallel.shard(indices)
       )
+      # The bar counts finished steps, not dispatched ones (its rate and ETA
+      # would otherwise run ahead of the device and stall at the end).
+      jax.block_until_ready(metrics)
       epoch_sums = (
         metrics
         if epoch_sums is None
@@ -430,23 +452,31 @@ class Trainer:
       self.logger.write_scalars(
         (epoch + 1) * self.steps_per_epoch, {"epoch": epoch + 1, **metrics}
       )
-      logging.info("epoch %d: %s", epoch + 1, metrics)
     self.save(state, position, metrics)
     return state, position
 
   def _host_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
 
-  def is_complete(self) -> bool:
+  def is_trained(self) -> bool:
     """Whether the workdir's last checkpoint ends ``train.epochs``."""
     latest = self.checkpointer.latest_step()
     return latest is not None and latest >= (
       self.config.train.epochs * self.steps_per_epoch
     )
 
+  def is_complete(self) -> bool:
+    """Whether the run is trained and, with ``eval.final``, its final
+    evaluation's report is written (not only its partial results)."""
+    return self.is_trained() and (
+      not self.config.eval.final
+      or self.run.has_report(final_report_name(self.config))
+    )
+
   def close(self) -> None:
     self.checkpointer.close()
-    self.logger.close()
+    if self.logger is not None:
+      self.logger.close()
 
 
 def table1_scalars(results: dict) -> dict[str, float]:
@@ -474,46 +504,68 @@ def train_and_evaluate(
   (``table1_scalars``) to the metric logs (on several processes: all of them
   evaluate, process 0 writes).
   """
-  trainer = Trainer(config, workdir)
-  try:
-    if trainer.is_complete() and not config.eval.rerun_final:
-      # Restored all the same: a damaged last checkpoint is an error here
-      # too, not a silent "complete".
-      trainer.restore_or_initialise()
-      logging.info(
-        "The run in %s is complete (train.epochs=%d); nothing to do. Pass "
-        "--config.eval.rerun_final=True to evaluate it again, or a larger "
-        "--config.train.epochs to train on.",
-        workdir,
-        config.train.epochs,
-      )
-      return {}
-    state = trainer.train()
-    if trainer.stop_request:
-      return {}
-    results = trainer.evaluate(state, config.eval.final_num_examples)
-    logging.info("Final evaluation: %s", results)
-    if config.eval.final:
-      host_state = trainer.parallel.unreplicate(state)
-      report = runner.evaluate_and_publish(
+  experiment_config.validate(config)
+  run = RunDirectory(workdir)
+  run.check_writable()
+  # Before the data is loaded: a second writer is refused at once.
+  with run.locked_for_training():
+    trainer = Trainer(config, workdir)
+    try:
+      return _train_and_evaluate(trainer)
+    finally:
+      trainer.close()
+
+
+def _train_and_evaluate(trainer: Trainer) -> dict[str, float]:
+  """``train_and_evaluate`` once the workdir is locked."""
+  config = trainer.config
+  if trainer.is_complete() and not config.eval.rerun_final:
+    # Restored all the same: a damaged last checkpoint is an error here
+    # too, not a silent "complete".
+    trainer.restore_or_initialise()
+    logging.info(
+      "The run in %s is complete (train.epochs=%d, final report written);"
+      " nothing to do. Pass --config.eval.rerun_final=True to evaluate it"
+      " again, or a larger --config.train.epochs to train on.",
+      trainer.run.path,
+      config.train.epochs,
+    )
+    return {}
+  if trainer.is_trained():
+    logging.info(
+      "The run in %s is trained; finishing its final evaluation.",
+      trainer.run.path,
+    )
+  state = trainer.train()
+  if trainer.stop_request:
+    return {}
+  results = trainer.evaluate(state, config.eval.final_num_examples)
+  logging.info(
+    "Final state on %d test images: natural %.2f %%, PGD-20 %.2f %%.",
+    results["eval_examples"],
+    results["natural_accuracy"],
+    results["pgd_accuracy"],
+  )
+  if config.eval.final:
+    host_state = trainer.parallel.unreplicate(state)
+    report = runner.evaluate_and_publish(
+      config,
+      models.build_model(config.model),  # float32 attacks
+      host_state.variables,
+      trainer.test_split,
+      trainer.run.path,
+      protocol_name=config.eval.final_protocol,
+      num_examples=config.eval.final_num_examples,
+      attack_names=config.eval.final_attacks,
+      name=final_report_name(config),
+      checkpoint=runner.checkpoint_label(
         config,
-        models.build_model(config.model),  # float32 attacks
-        host_state.variables,
-        trainer.test_split,
-        trainer.run.path,
-        protocol_name=config.eval.final_protocol,
-        num_examples=config.eval.final_num_examples,
-        attack_names=config.eval.final_attacks,
-        checkpoint=runner.checkpoint_label(
-          config,
-          "final state",
-          int(host_state.step),
-          {"epoch": config.train.epochs},
-        ),
-      )
-      trainer.logger.write_scalars(
-        config.train.epochs * trainer.steps_per_epoch, table1_scalars(report)
-      )
-    return results
-  finally:
-    trainer.close()
+        "final state",
+        int(host_state.step),
+        {"epoch": config.train.epochs},
+      ),
+    )
+    trainer.logger.write_scalars(
+      config.train.epochs * trainer.steps_per_epoch, table1_scalars(report)
+    )
+  return results
