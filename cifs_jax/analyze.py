@@ -25,9 +25,10 @@ from typing import Sequence
 
 from cifs_jax import data, experiment_config
 from cifs_jax.analysis import class_analysis, run_figures, runs
-from cifs_jax.evaluation import protocols, runner
-from cifs_jax.run_directory import RunDirectory
-from cifs_jax.training import checkpoints
+from cifs_jax.evaluation import protocols
+from cifs_jax.runs import evaluation as run_evaluation
+from cifs_jax.runs.directory import RunDirectory
+from cifs_jax.runs import checkpoints
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -98,7 +99,7 @@ def main(argv: Sequence[str]) -> None:
   run = RunDirectory(args.workdir)
   config = run.load_config()
   experiment_config.validate(config)
-  model, variables, _ = runner.restore_checkpoint(
+  model, variables, _ = run_evaluation.restore_checkpoint(
     config, run, checkpoints.parse_which(args.checkpoint)
   )
   class_names = data.get_info(config.data.name).class_names

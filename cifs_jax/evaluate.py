@@ -18,8 +18,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cifs_jax import distributed, library_logs
-from cifs_jax.evaluation import protocols, runner
-from cifs_jax.training import checkpoints
+from cifs_jax.evaluation import protocols
+from cifs_jax.runs import evaluation as run_evaluation
+from cifs_jax.runs import checkpoints
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 config_flags.DEFINE_config_file(
@@ -72,7 +73,7 @@ def main(argv):
   library_logs.quiet_from_flags()
   distributed.initialize_from_flags()
   parse_checkpoint(_CHECKPOINT.value)
-  runner.evaluate_checkpoint(
+  run_evaluation.evaluate_checkpoint(
     _WORKDIR.value,
     config=flags.FLAGS.config,
     checkpoint=_CHECKPOINT.value,

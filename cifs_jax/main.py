@@ -18,7 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from cifs_jax import distributed, experiment_config, library_logs
-from cifs_jax.training import trainer
+from cifs_jax.runs import trainer
 
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory for checkpoints, logs and results."

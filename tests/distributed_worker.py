@@ -20,7 +20,7 @@ from absl import app
 import jax
 import numpy as np
 
-from cifs_jax.training import trainer as trainer_lib
+from cifs_jax.runs import trainer as trainer_lib
 
 
 def flat_params(params) -> dict[str, np.ndarray]:

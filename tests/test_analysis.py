@@ -34,7 +34,7 @@ from cifs_jax.analysis import (
 )
 from cifs_jax.evaluation import protocols, report, summary
 from cifs_jax.evaluation.evaluator import protocol_runs
-from cifs_jax.run_directory import RunDirectory
+from cifs_jax.runs.directory import RunDirectory
 
 # ----------------------------------------------------- channel statistics
 

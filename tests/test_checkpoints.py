@@ -1,5 +1,5 @@
-"""cifs_jax.training.checkpoints (the Orbax Checkpointer) and the config
-guard of cifs_jax.run_directory."""
+"""cifs_jax.runs.checkpoints (the Orbax Checkpointer) and the config
+guard of cifs_jax.runs.directory."""
 
 import hashlib
 import json
@@ -16,8 +16,8 @@ from orbax.checkpoint._src.path import atomicity
 import pytest
 from flax.training import train_state
 
-from cifs_jax import run_directory
-from cifs_jax.training import checkpoints
+from cifs_jax.runs import directory as run_directory
+from cifs_jax.runs import checkpoints
 
 
 class TrainState(train_state.TrainState):

@@ -16,9 +16,9 @@ from ml_collections import config_flags
 import pytest
 
 from cifs_jax import experiment_config, library_logs, main
-from cifs_jax import run_directory
-from cifs_jax.run_directory import RunDirectory
-from cifs_jax.training import trainer as trainer_lib
+from cifs_jax.runs import directory as run_directory
+from cifs_jax.runs.directory import RunDirectory
+from cifs_jax.runs import trainer as trainer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")

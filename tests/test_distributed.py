@@ -40,8 +40,8 @@ import pytest
 
 from cifs_jax import data, distributed, models
 from cifs_jax.evaluation import evaluator
-from cifs_jax.run_directory import RunDirectory
-from cifs_jax.training import checkpoints
+from cifs_jax.runs.directory import RunDirectory
+from cifs_jax.runs import checkpoints
 from cifs_jax.training.train_state import create_train_state
 from tests.distributed_worker import flat_params
 

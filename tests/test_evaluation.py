@@ -15,7 +15,7 @@ from cifs_jax import data
 from cifs_jax.evaluation import evaluator
 from cifs_jax.evaluation import metrics
 from cifs_jax.evaluation import report
-from cifs_jax.evaluation import runner
+from cifs_jax.runs import evaluation as runner
 from cifs_jax.evaluation import summary as summary_lib
 from cifs_jax import evaluation
 

@@ -1,4 +1,4 @@
-"""Tests of cifs_jax.training.metric_logging.MetricLogger."""
+"""Tests of cifs_jax.runs.metric_logging.MetricLogger."""
 
 import json
 
@@ -6,12 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifs_jax.training import metric_logging
+from cifs_jax.runs import directory as run_directory
+from cifs_jax.runs import metric_logging
+from cifs_jax.runs.directory import RunDirectory
 from tests.event_files import read_scalar_events
 
 
 def test_scalars_round_trip_through_jsonl_and_tensorboard(tmp_path):
-  with metric_logging.MetricLogger(tmp_path, is_chief=True) as logger:
+  with metric_logging.MetricLogger(
+    RunDirectory(tmp_path), is_chief=True
+  ) as logger:
     logger.write_scalars(1, {"train/loss": jnp.float32(2.5), "train/acc": 0.25})
     logger.write_scalars(2, {"eval/pgd_accuracy": np.float64(0.5125)})
 
@@ -30,7 +34,9 @@ def test_scalars_round_trip_through_jsonl_and_tensorboard(tmp_path):
 
 def test_appends_across_restarts(tmp_path):
   for step in (1, 2):
-    with metric_logging.MetricLogger(tmp_path, is_chief=True) as logger:
+    with metric_logging.MetricLogger(
+      RunDirectory(tmp_path), is_chief=True
+    ) as logger:
       logger.write_scalars(step, {"loss": float(step)})
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2]
@@ -41,14 +47,18 @@ def test_appends_across_restarts(tmp_path):
 
 
 def test_step_is_reserved(tmp_path):
-  with metric_logging.MetricLogger(tmp_path, is_chief=True) as logger:
+  with metric_logging.MetricLogger(
+    RunDirectory(tmp_path), is_chief=True
+  ) as logger:
     with pytest.raises(ValueError, match="reserved"):
       logger.write_scalars(1, {"step": 3.0})
 
 
 def test_non_chief_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
-  with metric_logging.MetricLogger(workdir, is_chief=False) as logger:
+  with metric_logging.MetricLogger(
+    RunDirectory(workdir), is_chief=False
+  ) as logger:
     logger.write_scalars(1, {"loss": 1.0})
   assert not workdir.exists()
 
@@ -60,15 +70,15 @@ def test_chief_defaults_to_process_zero(
   monkeypatch.setattr(
     metric_logging.jax, "process_index", lambda: process_index
   )
-  with metric_logging.MetricLogger(tmp_path) as logger:
+  with metric_logging.MetricLogger(RunDirectory(tmp_path)) as logger:
     logger.write_scalars(1, {"loss": 1.0})
   assert logger.is_chief == is_chief
-  assert (tmp_path / metric_logging.METRICS_FILENAME).exists() == is_chief
+  assert (tmp_path / run_directory.METRICS_FILENAME).exists() == is_chief
 
 
 def test_nothing_is_created_before_the_first_write(tmp_path):
   workdir = tmp_path / "run"
-  with metric_logging.MetricLogger(workdir, is_chief=True):
+  with metric_logging.MetricLogger(RunDirectory(workdir), is_chief=True):
     pass
   assert not workdir.exists()
 
@@ -77,7 +87,7 @@ def test_a_resumed_run_drops_the_lines_past_its_checkpoint(tmp_path):
   """Steps 1-6 were logged, the process died after the checkpoint at step
   4 (mid-line), and the run resumed from it: steps 5 and 6 are logged once,
   by the resumed run."""
-  path = tmp_path / metric_logging.METRICS_FILENAME
+  path = tmp_path / run_directory.METRICS_FILENAME
   path.write_text(
     "".join(
       json.dumps({"step": s, "loss": 10.0 + s}) + "\n" for s in range(1, 7)
@@ -85,7 +95,7 @@ def test_a_resumed_run_drops_the_lines_past_its_checkpoint(tmp_path):
     + '{"step": 7, "lo'
   )
   with metric_logging.MetricLogger(
-    tmp_path, is_chief=True, resumed_step=4
+    RunDirectory(tmp_path), is_chief=True, resumed_step=4
   ) as logger:
     for step in (5, 6):
       logger.write_scalars(step, {"loss": float(step)})
@@ -103,8 +113,10 @@ def test_a_resumed_run_drops_the_lines_past_its_checkpoint(tmp_path):
 
 
 def test_a_damaged_metrics_line_is_named(tmp_path):
-  path = tmp_path / metric_logging.METRICS_FILENAME
+  path = tmp_path / run_directory.METRICS_FILENAME
   path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-  logger = metric_logging.MetricLogger(tmp_path, is_chief=True, resumed_step=1)
+  logger = metric_logging.MetricLogger(
+    RunDirectory(tmp_path), is_chief=True, resumed_step=1
+  )
   with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
     logger.write_scalars(2, {"loss": 1.0})

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from cifs_jax import experiment_config
-from cifs_jax.training import checkpoints
-from cifs_jax.training import trainer as trainer_lib
+from cifs_jax.runs import checkpoints
+from cifs_jax.runs import trainer as trainer_lib
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [

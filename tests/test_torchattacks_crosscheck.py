@@ -25,9 +25,9 @@ torchattacks = pytest.importorskip("torchattacks")
 import jax  # noqa: E402
 
 from cifs_jax import attacks, data, models  # noqa: E402
-from cifs_jax.evaluation import runner  # noqa: E402
-from cifs_jax.run_directory import RunDirectory  # noqa: E402
-from cifs_jax.training import trainer as trainer_lib  # noqa: E402
+from cifs_jax.runs import evaluation as runner  # noqa: E402
+from cifs_jax.runs.directory import RunDirectory  # noqa: E402
+from cifs_jax.runs import trainer as trainer_lib  # noqa: E402
 from tests.test_training_e2e import (  # noqa: E402
   FASHION_DIR,
   NO_FINAL_EVAL,

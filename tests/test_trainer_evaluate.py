@@ -10,7 +10,7 @@ import pytest
 
 from cifs_jax import experiment_config, models
 from cifs_jax.training import train_state
-from cifs_jax.training import trainer as trainer_lib
+from cifs_jax.runs import trainer as trainer_lib
 from tests.test_training_e2e import write_tiny_cifar10
 
 NUM_TEST = 50  # Not a multiple of the eval batch (32) nor of 2 devices' 16.

@@ -37,11 +37,11 @@ import scipy.io
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from cifs_jax import run_directory
+from cifs_jax.runs import directory as run_directory
 from cifs_jax.data import tfds_source as data_tfds_source
-from cifs_jax.evaluation import runner
-from cifs_jax.training import checkpoints
-from cifs_jax.training import trainer as trainer_lib
+from cifs_jax.runs import evaluation as runner
+from cifs_jax.runs import checkpoints
+from cifs_jax.runs import trainer as trainer_lib
 from tests.event_files import read_scalar_events
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -1,9 +1,10 @@
 """What the analysis reads from a training run's directory.
 
-``metrics.jsonl`` (``training.metric_logging``: training rows with
+``metrics.jsonl`` (``runs.metric_logging``: training rows with
 ``train_loss``, evaluation rows with ``epoch``, ``natural_accuracy`` and
 ``pgd_accuracy`` in %), the ``eval_*.json`` reports of
-``evaluation.report`` and ``config.json`` (``run_directory.RunDirectory``).
+``evaluation.report`` and ``config.json``, found through
+``runs.directory.RunDirectory``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from cifs_jax.run_directory import RunDirectory
-from cifs_jax.training.metric_logging import METRICS_FILENAME
-
-EVAL_REPORT_GLOB = "eval_*.json"
+from cifs_jax.runs.directory import RunDirectory
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
   """The rows of ``metrics.jsonl`` by step; of rows repeated by a resumed
   run (same step and the same keys) the last one is kept."""
-  path = pathlib.Path(workdir) / METRICS_FILENAME
+  path = pathlib.Path(RunDirectory(workdir).metrics_path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: not a training run?")
   rows = {}
@@ -72,9 +70,7 @@ def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
   not reports and are skipped.
   """
   reports = {}
-  for path in sorted(pathlib.Path(workdir).glob(EVAL_REPORT_GLOB)):
-    if path.name.endswith(".partial.json"):
-      continue
+  for path in RunDirectory(workdir).report_paths():
     try:
       reports[path.stem] = json.loads(path.read_text())
     except json.JSONDecodeError as e:

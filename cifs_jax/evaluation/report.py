@@ -207,8 +207,8 @@ def _description(results: dict) -> str:
 
 
 def _run_lines(run: dict | None) -> list[str]:
-  """What was evaluated (``runner.run_label``), one line each, then a blank
-  line; nothing without a label."""
+  """What was evaluated (``runs.evaluation.run_label``), one line each,
+  then a blank line; nothing without a label."""
   if not run:
     return []
   lines = [

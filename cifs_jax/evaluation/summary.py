@@ -23,7 +23,7 @@ Accuracies are percentages of the valid examples. Layout::
   worst_case:    heads summary of the worst case over every run of every attack
   min_over_beta: the lowest min_over_beta of the attacks
   run:           what was evaluated (dataset, model, checkpoint, ...), added
-                 by ``runner.evaluate_and_publish``
+                 by ``runs.evaluation.evaluate_and_publish``
   stages:        {"clean": top1, attack name: top1, ...}: the final head's
                  top-1 after each attack in protocol order, per example the
                  worst case over the clean input and every run so far

@@ -1,6 +1,7 @@
 """Scalar metrics to TensorBoard, JSON lines and the log.
 
-``MetricLogger(workdir)`` writes, on the chief process only:
+``MetricLogger(run)`` writes to a ``RunDirectory``, on the chief process
+only:
 
 * ``<workdir>/metrics.jsonl``: one JSON object per ``write_scalars`` call,
   ``{"step": <int>, "<name>": <float>, ...}``, appended across restarts.
@@ -33,8 +34,7 @@ from absl import logging
 import jax
 import tensorboardX
 
-METRICS_FILENAME = "metrics.jsonl"
-TENSORBOARD_DIRNAME = "tensorboard"
+from cifs_jax.runs.directory import RunDirectory
 
 
 class MetricLogger:
@@ -42,14 +42,14 @@ class MetricLogger:
 
   def __init__(
     self,
-    workdir: str | os.PathLike[str],
+    run: RunDirectory,
     is_chief: bool | None = None,
     resumed_step: int | None = None,
   ):
     """Prepares the metric files of ``workdir``, opened at the first write.
 
     Args:
-      workdir: local run directory; created at the first write if missing.
+      run: a local run directory; created at the first write if missing.
       is_chief: whether this process writes; defaults to
         ``jax.process_index() == 0``.
       resumed_step: the global step of the checkpoint a resumed run restored;
@@ -58,14 +58,15 @@ class MetricLogger:
     if is_chief is None:
       is_chief = jax.process_index() == 0
     self.is_chief = is_chief
-    self.workdir = pathlib.Path(workdir)
+    self.metrics_path = pathlib.Path(run.metrics_path)
+    self.tensorboard_path = pathlib.Path(run.tensorboard_path)
     self.resumed_step = resumed_step
     self._jsonl = None
     self._tensorboard = None
 
   def _open(self) -> None:
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    path = self.workdir / METRICS_FILENAME
+    self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    path = self.metrics_path
     if self.resumed_step is not None and path.exists():
       _drop_lines_after(path, self.resumed_step)
     self._jsonl = open(path, "a", buffering=1)  # Line-buffered.
@@ -73,7 +74,7 @@ class MetricLogger:
     # with "wb": a unique suffix keeps a restart within a second from
     # truncating the previous file.
     self._tensorboard = tensorboardX.SummaryWriter(
-      logdir=str(self.workdir / TENSORBOARD_DIRNAME),
+      logdir=str(self.tensorboard_path),
       filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}",
       purge_step=(None if self.resumed_step is None else self.resumed_step + 1),
     )

@@ -24,11 +24,11 @@ import numpy as np
 import tqdm
 
 from cifs_jax import data, experiment_config, models
-from cifs_jax.evaluation import runner
+from cifs_jax.runs import evaluation as run_evaluation
 from cifs_jax.parallel import BATCH_AXIS, Parallel
-from cifs_jax.run_directory import RunDirectory, final_report_name
-from cifs_jax.training import checkpoints
-from cifs_jax.training import metric_logging
+from cifs_jax.runs.directory import RunDirectory, final_report_name
+from cifs_jax.runs import checkpoints
+from cifs_jax.runs import metric_logging
 from cifs_jax.training import step as step_lib
 from cifs_jax.training.train_state import (
   TrainState,
@@ -351,7 +351,7 @@ class Trainer:
     state, position = self.restore_or_initialise()
     resumed_step = position.epoch * self.steps_per_epoch + position.step
     self.logger = metric_logging.MetricLogger(
-      self.run.path, resumed_step=resumed_step or None
+      self.run, resumed_step=resumed_step or None
     )
     state = self.parallel.replicate(state)
     data_key = jax.random.key(config.seed)
@@ -548,7 +548,7 @@ def _train_and_evaluate(trainer: Trainer) -> dict[str, float]:
   )
   if config.eval.final:
     host_state = trainer.parallel.unreplicate(state)
-    report = runner.evaluate_and_publish(
+    report = run_evaluation.evaluate_and_publish(
       config,
       models.build_model(config.model),  # float32 attacks
       host_state.variables,
@@ -558,7 +558,7 @@ def _train_and_evaluate(trainer: Trainer) -> dict[str, float]:
       num_examples=config.eval.final_num_examples,
       attack_names=config.eval.final_attacks,
       name=final_report_name(config),
-      checkpoint=runner.checkpoint_label(
+      checkpoint=run_evaluation.checkpoint_label(
         config,
         "final state",
         int(host_state.step),

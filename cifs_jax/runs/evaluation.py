@@ -18,8 +18,14 @@ import ml_collections
 
 from cifs_jax import data, experiment_config, models
 from cifs_jax.evaluation import evaluator, protocols, report
-from cifs_jax.run_directory import RunDirectory, best_metric
-from cifs_jax.training import checkpoints
+from cifs_jax.runs.directory import (
+  REPORT_PREFIX,
+  RunDirectory,
+  best_metric,
+  evaluation_report_name,
+  partial_results_path,
+)
+from cifs_jax.runs import checkpoints
 from cifs_jax.training.train_state import create_train_state
 from cifs_jax.validation import check_choice
 
@@ -180,10 +186,10 @@ def evaluate_and_publish(
     attack_names,
     config.attack.unroll,
   )
-  name = name or f"eval_{protocol.name}"
+  name = name or f"{REPORT_PREFIX}{protocol.name}"
   label = run_label(config, protocol, checkpoint, len(test_split))
   partial = evaluator.PartialResults(
-    os.path.join(output_dir, f"{name}.partial.json"),
+    partial_results_path(output_dir, name),
     {
       key: label[key]
       for key in ("dataset", "model", "width", "defense", "checkpoint")
@@ -266,6 +272,6 @@ def evaluate_checkpoint(
     num_examples=num_examples,
     attack_names=attacks,
     batch_size=batch_size,
-    name=f"eval_{protocol}_{checkpoint}",
+    name=evaluation_report_name(protocol, checkpoint),
     checkpoint=label,
   )

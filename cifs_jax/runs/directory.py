@@ -6,12 +6,17 @@
                                checkpoints set aside when a run resumes from
                                an older step (``superseded_path``)
   <workdir>/metrics.jsonl      scalar metrics, one JSON object per line
-  <workdir>/tensorboard/       TensorBoard event files
+                               (``metrics_path``; ``metric_logging``)
+  <workdir>/tensorboard/       TensorBoard event files (``tensorboard_path``)
   <workdir>/<name>.json, .md   evaluation reports (``report_path``), e.g.
                                ``eval_paper.json`` of the final evaluation
   <workdir>/<name>.partial.json  an evaluation in progress
+  <workdir>/analysis/          ``python -m cifs_jax.analyze``'s outputs
   <workdir>/.lock              held (``fcntl.flock``) by the process training
                                in the workdir (``locked_for_training``)
+
+This module is the only one that names these files. Paths may be relative
+or start with ``~``; they are made absolute once, here.
 
 Training (``cifs_jax.main``) and evaluation (``cifs_jax.evaluate``) both open
 a run through ``RunDirectory``; the rules that tie a run to its config live
@@ -35,10 +40,15 @@ import jax
 import ml_collections
 
 from cifs_jax import experiment_config
-from cifs_jax.training.checkpoints import Checkpointer, absolute_path
+from cifs_jax.runs.checkpoints import Checkpointer, absolute_path
 
 CONFIG_FILENAME = "config.json"
 LOCK_FILENAME = ".lock"
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tensorboard"
+ANALYSIS_DIRNAME = "analysis"
+REPORT_PREFIX = "eval_"
+PARTIAL_SUFFIX = ".partial.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
 SUPERSEDED_DIRNAME = "checkpoints_superseded"
 # Config keys (and everything below them) that define the model being trained.
@@ -59,7 +69,17 @@ def best_metric(config: ml_collections.ConfigDict) -> str:
 
 def final_report_name(config: ml_collections.ConfigDict) -> str:
   """The name of the report of a run's final evaluation, e.g. "eval_paper"."""
-  return f"eval_{config.eval.final_protocol}"
+  return f"{REPORT_PREFIX}{config.eval.final_protocol}"
+
+
+def evaluation_report_name(protocol: str, checkpoint: str) -> str:
+  """The report name of ``python -m cifs_jax.evaluate``: "eval_<protocol>_<which>"."""
+  return f"{REPORT_PREFIX}{protocol}_{checkpoint}"
+
+
+def partial_results_path(directory: str | os.PathLike, name: str) -> str:
+  """``<directory>/<name>.partial.json``: an evaluation's finished runs."""
+  return os.path.join(directory, name + PARTIAL_SUFFIX)
 
 
 class RunInUseError(RuntimeError):
@@ -80,6 +100,26 @@ class RunDirectory:
   def checkpoints_path(self) -> epath.Path:
     return self.path / CHECKPOINTS_DIRNAME
 
+  @property
+  def metrics_path(self) -> epath.Path:
+    return self.path / METRICS_FILENAME
+
+  @property
+  def tensorboard_path(self) -> epath.Path:
+    return self.path / TENSORBOARD_DIRNAME
+
+  @property
+  def analysis_path(self) -> epath.Path:
+    return self.path / ANALYSIS_DIRNAME
+
+  def report_paths(self) -> list[epath.Path]:
+    """The finished evaluation reports ``eval_*.json``, sorted by name."""
+    return sorted(
+      path
+      for path in self.path.glob(f"{REPORT_PREFIX}*.json")
+      if not path.name.endswith(PARTIAL_SUFFIX)
+    )
+
   def report_path(self, name: str, suffix: str) -> epath.Path:
     """``<workdir>/<name><suffix>``, e.g. ("eval_paper", ".json")."""
     return self.path / f"{name}{suffix}"
@@ -89,7 +129,7 @@ class RunDirectory:
     that name is left unfinished in ``<name>.partial.json``)."""
     return (
       self.report_path(name, ".json").exists()
-      and not self.report_path(name, ".partial.json").exists()
+      and not self.report_path(name, PARTIAL_SUFFIX).exists()
     )
 
   def check_writable(self) -> None:
