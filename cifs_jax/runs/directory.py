@@ -73,7 +73,8 @@ def final_report_name(config: ml_collections.ConfigDict) -> str:
 
 
 def evaluation_report_name(protocol: str, checkpoint: str) -> str:
-  """The report name of ``python -m cifs_jax.evaluate``: "eval_<protocol>_<which>"."""
+  """The name of a report of ``python -m cifs_jax.evaluate``, e.g.
+  "eval_paper_last"."""
   return f"{REPORT_PREFIX}{protocol}_{checkpoint}"
 
 
