@@ -259,9 +259,10 @@ def _read_members(
       path = os.path.join(extracted, member)
       if not os.path.isfile(path):
         raise _missing(name, data_dir, f"{folder}/{member}")
-      _check_batch_size(name, path, os.path.getsize(path))
-      with open(path, "rb") as f:
-        found[member] = (path, f.read(_CIFAR_MAX_BYTES))
+      size = os.path.getsize(path)
+      _check_batch_size(name, path, size)
+      with open(path, "rb") as f:  # Allocates the size read, not the bound.
+        found[member] = (path, f.read(size))
     return found
   path = os.path.join(data_dir, archive)
   wanted = {f"{folder}/{m}": m for m in members}
