@@ -418,6 +418,31 @@ def test_tar_extension_header_claiming_a_gib_is_not_read(tmp_path, kind):
   )
 
 
+def _pax_record_block():
+  """A pax header of one small record, in its two blocks."""
+  record = b"16 comment=abcd\n"
+  header = _tar_header("PaxHeaders/x", len(record), tarfile.XHDTYPE)
+  return header + record + bytes(512 - len(record))
+
+
+@pytest.mark.parametrize(
+  "blob, match",
+  [
+    (_pax_record_block() * 5000, "RecursionError"),
+    (_tar_header("sparse", 0, tarfile.GNUTYPE_SPARSE), "a GNU sparse member"),
+  ],
+  ids=["pax-chain", "sparse"],
+)
+def test_tar_header_chains_and_sparse_members_are_refused(
+  tmp_path, blob, match
+):
+  """Each pax header makes tarfile recurse for the next one."""
+  path = tmp_path / "cifar-10-python.tar.gz"
+  path.write_bytes(gzip.compress(blob))
+  with pytest.raises(ValueError, match=f"{path} is malformed.*{match}"):
+    data.load_split(_config("cifar10", str(tmp_path)), "test")
+
+
 # ------------------------------------------------------------ Fashion-MNIST
 
 

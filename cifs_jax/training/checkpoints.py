@@ -32,7 +32,7 @@ file of the step directory but orbax's commit records (``_CHECKPOINT_METADATA``
 and ``commit_success.txt``, which orbax writes while committing). It is part
 of the commit: process 0 writes it into the temporary step directory after
 every item is finished and before orbax renames that directory into place
-(`_ChecksummingRename`), so no kill leaves a committed step without it.
+(`_checksumming_rename`), so no kill leaves a committed step without it.
 ``restore`` checks them first and refuses a checkpoint whose files differ,
 naming the file. A step without the file (written before checksums existed)
 restores with a warning that it cannot be verified. The checksums catch
