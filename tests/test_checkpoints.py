@@ -1,9 +1,12 @@
 """cifs_jax.runs.checkpoints (the Orbax Checkpointer) and the config
 guard of cifs_jax.runs.directory."""
 
+import contextlib
 import hashlib
 import json
+import os
 import pathlib
+import signal
 from typing import Any
 
 import jax
@@ -307,13 +310,16 @@ def _flip_bits(path: pathlib.Path, count: int = 16):
 
 
 def test_checksums_cover_every_file_of_a_step(ckpt_dir):
+  """All but orbax's commit records, which it writes after them."""
   with checkpoints.Checkpointer(ckpt_dir) as ckpt:
     save_all(ckpt, [(1, 0.5)])
   manifest = json.loads((ckpt_dir / "1" / "checksums.json").read_text())
   files = {
     str(p.relative_to(ckpt_dir / "1")): hashlib.sha256(p.read_bytes())
     for p in (ckpt_dir / "1").rglob("*")
-    if p.is_file() and p.name != "checksums.json"
+    if p.is_file()
+    and str(p.relative_to(ckpt_dir / "1"))
+    not in ("checksums.json", "_CHECKPOINT_METADATA", "commit_success.txt")
   }
   assert manifest["algorithm"] == "sha256"
   assert manifest["files"] == {k: v.hexdigest() for k, v in files.items()}
@@ -361,6 +367,134 @@ def test_step_without_checksums_restores_with_a_warning(ckpt_dir, caplog):
     restored, _ = ckpt.restore(1, abstract(make_state(0)))
   assert_trees_equal(restored, make_state(1))
   assert "cannot verify" in caplog.text
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+  """Raises TimeoutError in the block after ``seconds`` (a hashing loop or a
+  blocked open is interrupted by SIGALRM), so a hang fails the test."""
+
+  def expire(signum, frame):
+    raise TimeoutError(f"still running after {seconds} s")
+
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _link_to_dev_zero(state: pathlib.Path) -> pathlib.Path:
+  (state / "zeros").symlink_to("/dev/zero")
+  return state / "zeros"
+
+
+def _fifo(state: pathlib.Path) -> pathlib.Path:
+  os.mkfifo(state / "fifo")
+  return state / "fifo"
+
+
+def _link_to_directory(state: pathlib.Path) -> pathlib.Path:
+  (state / "loop").symlink_to(state)
+  return state / "loop"
+
+
+def _link_to_copy(state: pathlib.Path) -> pathlib.Path:
+  """Replaces a file by a symlink to an identical copy outside the step."""
+  path = _largest_file(state)
+  copy = state.parent.parent.parent / f"copy-of-{path.name}"
+  copy.write_bytes(path.read_bytes())
+  path.unlink()
+  path.symlink_to(copy)
+  return path
+
+
+@pytest.mark.parametrize(
+  "make, kind",
+  [
+    (_link_to_dev_zero, "symbolic link"),
+    (_fifo, "FIFO"),
+    (_link_to_directory, "symbolic link"),
+    (_link_to_copy, "symbolic link"),
+  ],
+  ids=["link-to-dev-zero", "fifo", "link-to-directory", "link-to-copy"],
+)
+def test_step_holding_a_link_or_special_file_is_refused(ckpt_dir, make, kind):
+  """Before the fix restore hashed /dev/zero forever, blocked opening the
+  FIFO, and followed a link to an identical copy without a word."""
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5), (2, 0.6)])
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt, _deadline(20):
+    path = make(ckpt_dir / "2" / "state")
+    with pytest.raises(
+      checkpoints.CheckpointError,
+      match=f"Cannot restore checkpoint {ckpt_dir / '2'}: {path} is a {kind}",
+    ):
+      ckpt.restore("last", abstract(make_state(0)))
+  with (
+    _deadline(20),
+    pytest.raises(
+      checkpoints.CheckpointError,
+      match=f"Cannot open checkpoint directory {ckpt_dir}: {path} is a {kind}",
+    ),
+  ):
+    checkpoints.Checkpointer(ckpt_dir, read_only=True)
+
+
+@pytest.mark.parametrize(
+  "content",
+  [
+    '{"files": ["a"]}',
+    '{"algorithm": "sha256", "files": ["a"]}',
+    '{"algorithm": "sha256", "files": {"state/x": 5}}',
+    '{"algorithm": "md5", "files": {}}',
+    "[]",
+    '{"files": ',
+  ],
+)
+def test_malformed_checksums_file_is_named(ckpt_dir, content):
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5)])
+  checksums = ckpt_dir / "1" / "checksums.json"
+  checksums.write_text(content)
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    with pytest.raises(
+      checkpoints.CheckpointError,
+      match=f"Cannot restore checkpoint .*Cannot read {checksums}",
+    ):
+      ckpt.restore(1, abstract(make_state(0)))
+
+
+def test_a_kill_right_after_the_commit_leaves_the_checksums(
+  ckpt_dir, monkeypatch, caplog
+):
+  """Orbax's rename into place, then a failure as a kill would leave it:
+  before the fix the step stayed without checksums for good."""
+  commit = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def commit_then_die(self):
+    await commit(self)
+    if os.fspath(self.get_final().parent) == os.fspath(ckpt_dir):
+      raise OSError("killed right after the commit (simulated)")
+
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    save_all(ckpt, [(1, 0.5)])
+    with monkeypatch.context() as patch:
+      patch.setattr(
+        ocp.path.atomicity.AtomicRenameTemporaryPath,
+        "finalize",
+        commit_then_die,
+      )
+      ckpt.save(2, make_state(2), metrics={"pgd_accuracy": 0.9})
+      with pytest.raises(checkpoints.CheckpointError, match="killed"):
+        ckpt.wait_until_finished()
+  assert (ckpt_dir / "2" / "checksums.json").is_file()
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    restored, _ = ckpt.restore("last", abstract(make_state(0)))
+  assert_trees_equal(restored, make_state(2))
+  assert "cannot verify" not in caplog.text
 
 
 def test_the_only_checkpoint_corrupt_says_there_is_no_other(ckpt_dir):

@@ -260,7 +260,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
   marker = tmp_path / "pwned"
   blob = pickle.dumps({b"data": _RunsCode(marker)}, protocol=2)
   with pytest.raises(pickle.UnpicklingError, match="refusing.*system"):
-    restricted_pickle.loads(blob)
+    restricted_pickle.loads(blob, max_opcodes=1000)
   assert not marker.exists()
   # The same through the loader, in a tampered CIFAR-10 python archive.
   batches = _cifar_batches()
@@ -277,7 +277,9 @@ def test_restricted_unpickler_loads_plain_data():
     "arr": np.arange(6, dtype=np.int16).reshape(2, 3),
   }
   for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-    loaded = restricted_pickle.loads(pickle.dumps(value, protocol=protocol))
+    loaded = restricted_pickle.loads(
+      pickle.dumps(value, protocol=protocol), max_opcodes=1000
+    )
     assert loaded[b"a"] == value[b"a"]
     np.testing.assert_array_equal(loaded["arr"], value["arr"])
 

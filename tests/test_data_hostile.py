@@ -2,14 +2,18 @@
 it, without a crash and with bounded memory."""
 
 import codecs
+import contextlib
 import gzip
 import io
 import os
 import pickle
+import resource
+import struct
 import subprocess
 import sys
 import tarfile
 import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -45,12 +49,31 @@ class _Reduce:
     return self.reduce
 
 
+@contextlib.contextmanager
+def _address_space_cap(extra_mb):
+  """Caps this process's address space at its current size + ``extra_mb``,
+  so that a reader allocating gigabytes fails fast (MemoryError) instead of
+  taking the machine's memory."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+  with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) for line in status if "VmSize" in line)
+  cap = size * 1024 + extra_mb * _MB
+  if hard != resource.RLIM_INFINITY:
+    cap = min(cap, hard)
+  resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def _refused_within(limit_mb, load, match, error=ValueError):
   """Runs ``load``, which must raise ``error`` matching ``match``, and checks
-  the peak of traced memory (numpy's arrays included) stays under the limit."""
+  the peak of traced memory (numpy's arrays included) stays under the limit;
+  under an address-space cap of 1 GiB more, in case it does not."""
   tracemalloc.start()
   try:
-    with pytest.raises(error, match=match):
+    with _address_space_cap(1024), pytest.raises(error, match=match):
       load()
     peak = tracemalloc.get_traced_memory()[1]
   finally:
@@ -178,7 +201,9 @@ def test_object_array_from_bytes_does_not_crash(tmp_path):
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_restricted_unpickler_refuses_unsafe_arrays(value, match, protocol):
   with pytest.raises(pickle.UnpicklingError, match=match):
-    restricted_pickle.loads(pickle.dumps({b"x": [value]}, protocol=protocol))
+    restricted_pickle.loads(
+      pickle.dumps({b"x": [value]}, protocol=protocol), max_opcodes=1000
+    )
 
 
 @pytest.mark.parametrize(
@@ -194,7 +219,7 @@ def test_restricted_unpickler_bounds_memory(blob):
   """Before the fix: 8 GiB traced and 2 GB resident for a few bytes."""
   _refused_within(
     10,
-    lambda: restricted_pickle.loads(blob),
+    lambda: restricted_pickle.loads(blob, max_opcodes=1000),
     "but only 3 remain|memo index 134217728",
     pickle.UnpicklingError,
   )
@@ -212,7 +237,9 @@ def test_restricted_unpickler_keeps_byte_order_and_types():
     "empty": np.zeros((0, 3), np.uint8),
   }
   for protocol in (0, 2, 4, 5):
-    loaded = restricted_pickle.loads(pickle.dumps(value, protocol=protocol))
+    loaded = restricted_pickle.loads(
+      pickle.dumps(value, protocol=protocol), max_opcodes=1000
+    )
     for key in ("be", "f", "fortran", "c", "b", "empty"):
       np.testing.assert_array_equal(loaded[key], value[key])
       assert loaded[key].dtype == value[key].dtype
@@ -288,6 +315,17 @@ def test_bad_cifar_python_batch(tmp_path, batch, match):
     data.load_split(_config("cifar10", str(tmp_path)), "test")
 
 
+def test_cifar_pickle_of_many_objects_is_refused(tmp_path):
+  """8 MB of EMPTY_SET opcodes, each a new 216-byte set: before the fix the
+  unpickler built 1.7 GB of sets (16 GB for a 64 MB batch file)."""
+  _cifar_with_test_batch(tmp_path, b"\x80\x04" + b"\x8f" * (8 * _MB) + b".")
+  _refused_within(
+    50,
+    lambda: data.load_split(_config("cifar10", str(tmp_path)), "test"),
+    "test_batch is malformed.*more than 161024 opcodes",
+  )
+
+
 @pytest.mark.parametrize(
   "fmt, encode",
   [(_BINARY, _binary_batch), (_PYTHON, _pickled_batch)],
@@ -337,6 +375,72 @@ def test_oversized_cifar_member_is_not_read(tmp_path, extracted):
     lambda: data.load_split(_config("cifar10", str(tmp_path)), "test"),
     "test_batch is malformed.*209715200 bytes, more than",
   )
+
+
+def _tar_header(name, size, kind=tarfile.REGTYPE):
+  info = tarfile.TarInfo(name)
+  info.size, info.type = size, kind
+  return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def test_tar_of_many_members_is_refused(tmp_path):
+  """The real members, then 200,000 empty ones (0.3 MB gzipped): before the
+  fix all their headers were read and kept, 1.1 GB for 2 million."""
+  _write_cifar(tmp_path, _PYTHON, _cifar_batches())
+  path = tmp_path / "cifar-10-python.tar.gz"
+  with tarfile.open(path, "r:gz") as tar:
+    tar.getmembers()
+    end = tar.offset  # Where the end-of-archive blocks start.
+  with gzip.open(path, "rb") as f:
+    archive = f.read()[:end]
+  padding = _tar_header("cifar-10-batches-py/pad", 0) * 200_000
+  path.write_bytes(gzip.compress(archive + padding, compresslevel=1))
+  _refused_within(
+    20,
+    lambda: data.load_split(_config("cifar10", str(tmp_path)), "test"),
+    f"{path} is malformed.*more than 64 members",
+  )
+
+
+@pytest.mark.parametrize(
+  "kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE], ids=["gnu", "pax"]
+)
+def test_tar_extension_header_claiming_a_gib_is_not_read(tmp_path, kind):
+  """A GNU long name or pax header declaring 1 GiB, then 600 MB of zeros
+  (0.6 MB gzipped): before the fix tarfile read them all into memory."""
+  path = tmp_path / "cifar-10-python.tar.gz"
+  header = _tar_header("././@LongLink", 2**30, kind)
+  path.write_bytes(gzip.compress(header) + _zeros_gzip(600))
+  _refused_within(
+    20,
+    lambda: data.load_split(_config("cifar10", str(tmp_path)), "test"),
+    f"{path} is malformed.*extension header of 1073741824 bytes",
+  )
+
+
+def _pax_record_block():
+  """A pax header of one small record, in its two blocks."""
+  record = b"16 comment=abcd\n"
+  header = _tar_header("PaxHeaders/x", len(record), tarfile.XHDTYPE)
+  return header + record + bytes(512 - len(record))
+
+
+@pytest.mark.parametrize(
+  "blob, match",
+  [
+    (_pax_record_block() * 5000, "RecursionError"),
+    (_tar_header("sparse", 0, tarfile.GNUTYPE_SPARSE), "a GNU sparse member"),
+  ],
+  ids=["pax-chain", "sparse"],
+)
+def test_tar_header_chains_and_sparse_members_are_refused(
+  tmp_path, blob, match
+):
+  """Each pax header makes tarfile recurse for the next one."""
+  path = tmp_path / "cifar-10-python.tar.gz"
+  path.write_bytes(gzip.compress(blob))
+  with pytest.raises(ValueError, match=f"{path} is malformed.*{match}"):
+    data.load_split(_config("cifar10", str(tmp_path)), "test")
 
 
 # ------------------------------------------------------------ Fashion-MNIST
@@ -468,4 +572,115 @@ def test_bad_svhn_file(tmp_path, variables, match):
   path = tmp_path / "test_32x32.mat"
   scipy.io.savemat(path, variables, do_compression=True)
   with pytest.raises(ValueError, match=f"{path} is malformed.*{match}"):
+    data.load_split(_config("svhn", str(tmp_path)), "test")
+
+
+def _mat_variables(**variables):
+  """The variable elements of an uncompressed MATLAB v5 file, without its
+  128-byte header."""
+  stream = io.BytesIO()
+  scipy.io.savemat(stream, variables)
+  return stream.getvalue()[128:]
+
+
+def _mat_file(path, *elements):
+  """Writes a MATLAB v5 header (little-endian) and the variable elements."""
+  stream = io.BytesIO()
+  scipy.io.savemat(stream, {})
+  path.write_bytes(stream.getvalue()[:128] + b"".join(elements))
+
+
+# An uncompressed miMATRIX element of X (32, 32, 3, N) as savemat writes it:
+# tag, flags, dims, name "X" (small format), then the data tag at _X_DATA.
+_X_FLAGS, _X_DATA = 16, 56
+
+
+def _labels_element(count):
+  return _mat_variables(y=np.ones((count, 1), np.uint8))
+
+
+def test_svhn_second_variable_of_one_name_is_refused(tmp_path):
+  """X of 2,000 images, then X of 10 with 10 labels: before the fix the
+  header check took the second X and scipy loaded the first."""
+  _write_svhn(tmp_path)
+  path = tmp_path / "test_32x32.mat"
+  _mat_file(
+    path,
+    _mat_variables(X=np.zeros((32, 32, 3, 2000), np.uint8)),
+    _mat_variables(X=np.zeros((32, 32, 3, 10), np.uint8)),
+    _labels_element(10),
+  )
+  with pytest.raises(
+    ValueError, match=f"{path} is malformed.*two variables named X"
+  ):
+    data.load_split(_config("svhn", str(tmp_path)), "test")
+
+
+def test_svhn_data_element_larger_than_its_dims_is_not_read(tmp_path):
+  """X of dims (32, 32, 3, 10) whose compressed data element declares 1 GiB
+  and inflates to 600 MB (0.6 MB compressed): before the fix scipy read it
+  all."""
+  _write_svhn(tmp_path)
+  path = tmp_path / "test_32x32.mat"
+  element = bytearray(
+    _mat_variables(X=np.zeros((32, 32, 3, 10), np.uint8))[: _X_DATA + 8]
+  )
+  struct.pack_into("<I", element, 4, 2**30 + _X_DATA)  # The element's size.
+  struct.pack_into("<I", element, _X_DATA + 4, 2**30)  # The data's size.
+  deflate = zlib.compressobj(1)
+  compressed = deflate.compress(bytes(element)) + b"".join(
+    deflate.compress(bytes(_MB)) for _ in range(600)
+  )
+  compressed += deflate.flush()
+  _mat_file(
+    path,
+    struct.pack("<2I", 15, len(compressed)) + compressed,  # miCOMPRESSED
+    _labels_element(10),
+  )
+  _refused_within(
+    20,
+    lambda: data.load_split(_config("svhn", str(tmp_path)), "test"),
+    f"{path} is malformed.*X's data element does not hold the 30720 "
+    r"elements of its dims \(32, 32, 3, 10\)",
+  )
+
+
+@pytest.mark.parametrize(
+  "flag, attribute", [(0x800, "complex"), (0x200, "logical")]
+)
+def test_svhn_uint8_flagged_complex_or_logical_is_refused(
+  tmp_path, flag, attribute
+):
+  """Before the fix only the class byte was checked: a complex X came back
+  as complex128 images, a logical one as bool."""
+  _write_svhn(tmp_path)
+  path = tmp_path / "test_32x32.mat"
+  element = bytearray(_mat_variables(X=np.zeros((32, 32, 3, 2), np.uint8)))
+  imaginary = struct.pack("<2I", 2, 32 * 32 * 3 * 2) + bytes(32 * 32 * 3 * 2)
+  if flag == 0x800:  # A complex array has an imaginary part after the real.
+    element += imaginary
+    struct.pack_into("<I", element, 4, len(element) - 8)
+  flags = struct.unpack_from("<I", element, _X_FLAGS)[0]
+  struct.pack_into("<I", element, _X_FLAGS, flags | flag)
+  _mat_file(path, bytes(element), _labels_element(2))
+  with pytest.raises(
+    ValueError, match=f"{path} is malformed.*X is {attribute} uint8"
+  ):
+    data.load_split(_config("svhn", str(tmp_path)), "test")
+
+
+def test_svhn_file_of_many_variables_is_refused(tmp_path):
+  _write_svhn(tmp_path)
+  path = tmp_path / "test_32x32.mat"
+  scipy.io.savemat(
+    path,
+    {
+      "X": np.zeros((32, 32, 3, 1), np.uint8),
+      "y": np.ones((1, 1), np.uint8),
+      **{f"v{i}": np.zeros(1) for i in range(15)},
+    },
+  )
+  with pytest.raises(
+    ValueError, match=f"{path} is malformed.*more than 16 variables"
+  ):
     data.load_split(_config("svhn", str(tmp_path)), "test")

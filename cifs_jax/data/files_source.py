@@ -28,7 +28,7 @@ import math
 import os
 import struct
 import tarfile
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, NamedTuple
 import zlib
 
 import numpy as np
@@ -105,6 +105,22 @@ _CIFAR_BATCH = 10_000  # Images per batch file.
 # per image (~32 bytes in the real batches), and Python 3's protocol 2 writes
 # pixel bytes as latin-1 text in UTF-8, up to 2 bytes each.
 _CIFAR_MAX_BYTES = _CIFAR_BATCH * (2 * _CIFAR_PIXELS + 256)
+# The most pickle opcodes of a python-version batch: Python 3's protocol 2
+# takes 9 per image (a label, a file name as _codecs.encode(text)), protocol
+# 0 takes 12; each opcode builds at most one object.
+_CIFAR_MAX_OPCODES = _CIFAR_BATCH * 16 + 1024
+# The archives hold 9 members (the folder, 6 batches, readme.html and
+# batches.meta); their headers need no extension blocks (GNU long names, pax
+# records) beyond a few KiB.
+_TAR_MAX_MEMBERS = 64
+_TAR_MAX_EXTENSION_BYTES = 1 << 16
+_TAR_EXTENSION_TYPES = (
+  tarfile.GNUTYPE_LONGNAME,
+  tarfile.GNUTYPE_LONGLINK,
+  tarfile.XHDTYPE,
+  tarfile.XGLTYPE,
+  tarfile.SOLARIS_XHDTYPE,
+)
 
 
 def _cifar_images(
@@ -151,7 +167,7 @@ def _parse_cifar_pickle(name: str, path: str, data: bytes):
     "and b'labels' (N ints in 0..9) (CIFAR-10 python version)"
   )
   try:
-    batch = restricted_pickle.loads(data)
+    batch = restricted_pickle.loads(data, max_opcodes=_CIFAR_MAX_OPCODES)
   except Exception as e:  # Any failure of the unpickler means a bad file.
     raise _malformed(name, path, expected, f"{type(e).__name__}: {e}") from e
   if not isinstance(batch, dict):
@@ -212,11 +228,30 @@ def _check_batch_size(name: str, path: str, size: int) -> None:
     )
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+  """A tar header that refuses, before `tarfile` reads them into memory,
+  extension blocks (GNU long names, pax records) over
+  `_TAR_MAX_EXTENSION_BYTES` and GNU sparse members."""
+
+  def _proc_member(self, tarfile_):  # pylint: disable=arguments-renamed
+    if self.type == tarfile.GNUTYPE_SPARSE:
+      raise tarfile.ReadError(f"a GNU sparse member at byte {self.offset}")
+    if (
+      self.type in _TAR_EXTENSION_TYPES and self.size > _TAR_MAX_EXTENSION_BYTES
+    ):
+      raise tarfile.ReadError(
+        f"an extension header of {self.size} bytes at byte {self.offset}, "
+        f"more than {_TAR_MAX_EXTENSION_BYTES}"
+      )
+    return super()._proc_member(tarfile_)
+
+
 def _read_members(
   name: str, data_dir: str, archive: str, folder: str, members: list[str]
 ) -> dict[str, tuple[str, bytes]]:
   """Maps each member to (its path for messages, its bytes), refusing a
-  member larger than a batch can be before reading it."""
+  member larger than a batch can be before reading it, and an archive of
+  more than `_TAR_MAX_MEMBERS` members or with oversized headers."""
   extracted = os.path.join(data_dir, folder)
   if os.path.isdir(extracted):
     found = {}
@@ -224,21 +259,26 @@ def _read_members(
       path = os.path.join(extracted, member)
       if not os.path.isfile(path):
         raise _missing(name, data_dir, f"{folder}/{member}")
-      _check_batch_size(name, path, os.path.getsize(path))
-      with open(path, "rb") as f:
-        found[member] = (path, f.read(_CIFAR_MAX_BYTES))
+      size = os.path.getsize(path)
+      _check_batch_size(name, path, size)
+      with open(path, "rb") as f:  # Allocates the size read, not the bound.
+        found[member] = (path, f.read(size))
     return found
   path = os.path.join(data_dir, archive)
   wanted = {f"{folder}/{m}": m for m in members}
   found = {}
   try:
-    with tarfile.open(path, "r:gz") as tar:
-      for info in tar:  # One pass, in archive order: no seeking back.
+    with tarfile.open(path, "r:gz", tarinfo=_BoundedTarInfo) as tar:
+      # One pass, in archive order: no seeking back.
+      for count, info in enumerate(tar, 1):
+        if count > _TAR_MAX_MEMBERS:
+          raise tarfile.ReadError(f"more than {_TAR_MAX_MEMBERS} members")
+        member_path = f"{path}:{info.name}"
+        _check_batch_size(name, member_path, info.size)
         if info.name in wanted and info.isfile():
-          member_path = f"{path}:{info.name}"
-          _check_batch_size(name, member_path, info.size)
           found[wanted[info.name]] = (member_path, tar.extractfile(info).read())
-  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+  # A chain of extension headers recurses in tarfile: RecursionError.
+  except (tarfile.TarError, EOFError, OSError, zlib.error, RecursionError) as e:
     raise _malformed(
       name,
       path,
@@ -283,8 +323,10 @@ def _read_cifar10(data_dir: str, split: str):
 # MATLAB v5 (https://www.mathworks.com/help/pdf_doc/matlab/matfile_format.pdf):
 # a 128-byte file header, then per variable a tag (data type, byte count) and
 # an miMATRIX element, maybe inside an miCOMPRESSED (zlib) one. The element
-# starts with subelements: array flags (the class in the low byte), dims,
-# name. Only this start is read, and inflated at most _MAT_HEADER_BYTES.
+# starts with subelements: array flags (the class in the low byte, complex
+# and logical bits above it), dims, name, then the data (of a numeric class:
+# a tag with the data's type and byte count, then the data). Only this start
+# is read, and inflated at most _MAT_HEADER_BYTES.
 _MI_INT8, _MI_INT32, _MI_UINT32, _MI_MATRIX, _MI_COMPRESSED = 1, 5, 6, 14, 15
 _MAT_CLASSES = {
   6: "double",
@@ -299,30 +341,50 @@ _MAT_CLASSES = {
   15: "uint64",
 }
 _MAT_INTEGERS = tuple(_MAT_CLASSES.values())[2:]
+# Array flag bits above the class byte that change what scipy returns.
+_MAT_FLAGS = {0x800: "complex", 0x200: "logical"}
+# Bytes per element of each numeric data type (miINT8 ... miUINT64).
+_MI_ITEM_BYTES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8}
 _MAT_HEADER_BYTES = 1024
+# SVHN's files hold X and y; room for a few more.
+_MAT_MAX_VARIABLES = 16
+
+
+class _MatVariable(NamedTuple):
+  """What the start of an miMATRIX element declares."""
+
+  shape: tuple[int, ...]
+  mclass: str  # e.g. "uint8", "complex uint8", "another class".
+  # The data's declared byte count minus what the dims imply (0 for a good
+  # array); None where the data is not of a numeric type.
+  excess_bytes: int | None
+
+
+def _mat_tag(start: bytes, offset: int, order: str):
+  """(data type, byte count, offset of the data, offset of the next
+  subelement) of the subelement tag at ``offset``."""
+  first, second = struct.unpack_from(f"{order}2I", start, offset)
+  if first >> 16:  # Small format: size and type in 4 bytes, data in 4.
+    if first >> 16 > 4:
+      raise ValueError(f"a small data element of {first >> 16} bytes")
+    return first & 0xFFFF, first >> 16, offset + 4, offset + 8
+  return first, second, offset + 8, offset + 8 + -(-second // 8) * 8
 
 
 def _mat_subelement(start: bytes, offset: int, order: str):
   """(data type, data bytes, offset of the next subelement) at ``offset``."""
-  first, second = struct.unpack_from(f"{order}2I", start, offset)
-  if first >> 16:  # Small format: size and type in 4 bytes, data in 4.
-    return (
-      first & 0xFFFF,
-      start[offset + 4 : offset + 4 + (first >> 16)],
-      offset + 8,
-    )
-  end = offset + 8 + second
-  if end > len(start):
-    raise ValueError(f"a subelement of {second} bytes in a variable header")
-  return first, start[offset + 8 : end], offset + 8 + -(-second // 8) * 8
+  kind, size, data, following = _mat_tag(start, offset, order)
+  if data + size > len(start):
+    raise ValueError(f"a subelement of {size} bytes in a variable header")
+  return kind, start[data : data + size], following
 
 
-def _mat_variable(start: bytes, order: str):
-  """(name, shape, class) from the start of an miMATRIX element."""
+def _mat_variable(start: bytes, order: str) -> tuple[str, _MatVariable]:
+  """(name, variable) from the start of an miMATRIX element."""
   kind, _ = struct.unpack_from(f"{order}2I", start)
   kind_flags, flags, offset = _mat_subelement(start, 8, order)
   kind_dims, dims, offset = _mat_subelement(start, offset, order)
-  kind_name, name, _ = _mat_subelement(start, offset, order)
+  kind_name, name, offset = _mat_subelement(start, offset, order)
   if (kind, kind_flags, kind_dims, kind_name) != (
     _MI_MATRIX,
     _MI_UINT32,
@@ -331,20 +393,32 @@ def _mat_variable(start: bytes, order: str):
   ):
     raise ValueError("a variable header that is not a MATLAB array's")
   shape = struct.unpack(f"{order}{len(dims) // 4}i", dims)
-  mclass = _MAT_CLASSES.get(
-    struct.unpack_from(f"{order}I", flags)[0] & 0xFF, "another class"
+  flag_word = struct.unpack_from(f"{order}I", flags)[0]
+  mclass = " ".join(
+    [text for bit, text in _MAT_FLAGS.items() if flag_word & bit]
+    + [_MAT_CLASSES.get(flag_word & 0xFF, "another class")]
   )
-  return name.decode("latin-1"), shape, mclass
+  excess = None
+  if mclass in _MAT_CLASSES.values():
+    data_type, data_bytes, _, _ = _mat_tag(start, offset, order)
+    item_bytes = _MI_ITEM_BYTES.get(data_type)
+    if item_bytes is not None:
+      excess = data_bytes - math.prod(shape) * item_bytes
+  return name.decode("latin-1"), _MatVariable(shape, mclass, excess)
 
 
-def _mat_headers(f: BinaryIO) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Maps each variable of a MATLAB v5 file to (shape, class)."""
+def _mat_headers(f: BinaryIO) -> dict[str, _MatVariable]:
+  """Maps each variable of a MATLAB v5 file to what its header declares;
+  refuses two variables of one name (scipy would load the first) and more
+  than `_MAT_MAX_VARIABLES` variables."""
   header = f.read(128)
   order = {b"IM": "<", b"MI": ">"}.get(header[126:128])
   if len(header) < 128 or order is None:
     raise ValueError("not a MATLAB v5 file header")
   variables = {}
   while tag := f.read(8):
+    if len(variables) == _MAT_MAX_VARIABLES:
+      raise ValueError(f"more than {_MAT_MAX_VARIABLES} variables")
     kind, size = struct.unpack(f"{order}2I", tag)
     position = f.tell()
     start = f.read(min(size, _MAT_HEADER_BYTES))
@@ -353,8 +427,10 @@ def _mat_headers(f: BinaryIO) -> dict[str, tuple[tuple[int, ...], str]]:
       if kind == _MI_COMPRESSED
       else tag + start
     )
-    name, shape, mclass = _mat_variable(start, order)
-    variables[name] = (shape, mclass)
+    name, variable = _mat_variable(start, order)
+    if name in variables:
+      raise ValueError(f"two variables named {name}")
+    variables[name] = variable
     f.seek(position + size)
   return variables
 
@@ -363,36 +439,45 @@ def _check_svhn_header(
   name: str,
   path: str,
   expected: str,
-  variables: dict[str, tuple[tuple[int, ...], str]],
+  variables: dict[str, _MatVariable],
   limit: int,
 ) -> None:
-  """Checks X and y from their MATLAB headers: name -> (shape, class)."""
+  """Checks X and y from their MATLAB headers."""
   for var in ("X", "y"):
     if var not in variables:
       raise _malformed(name, path, expected, f"no variable {var}")
-  (x_shape, x_class), (y_shape, y_class) = variables["X"], variables["y"]
-  if x_class != "uint8":
-    raise _malformed(name, path, expected, f"X is {x_class}")
-  if len(x_shape) != 4 or x_shape[:3] != (32, 32, 3):
-    raise _malformed(name, path, expected, f"X of shape {x_shape}")
-  if x_shape[3] > limit:
+  x, y = variables["X"], variables["y"]
+  if x.mclass != "uint8":
+    raise _malformed(name, path, expected, f"X is {x.mclass}")
+  if len(x.shape) != 4 or x.shape[:3] != (32, 32, 3):
+    raise _malformed(name, path, expected, f"X of shape {x.shape}")
+  if x.shape[3] > limit:
     raise _malformed(
       name,
       path,
       expected,
-      f"X declares {x_shape[3]} examples, more than the {limit} of the split",
+      f"X declares {x.shape[3]} examples, more than the {limit} of the split",
     )
-  if y_class not in _MAT_INTEGERS:
+  if y.mclass not in _MAT_INTEGERS:
     raise _malformed(
-      name, path, expected, f"labels that are not integers (y is {y_class})"
+      name, path, expected, f"labels that are not integers (y is {y.mclass})"
     )
-  if math.prod(y_shape) != x_shape[3]:
+  if math.prod(y.shape) != x.shape[3]:
     raise _malformed(
       name,
       path,
       expected,
-      f"{math.prod(y_shape)} labels for {x_shape[3]} images",
+      f"{math.prod(y.shape)} labels for {x.shape[3]} images",
     )
+  for var, variable in (("X", x), ("y", y)):
+    if variable.excess_bytes != 0:
+      raise _malformed(
+        name,
+        path,
+        expected,
+        f"{var}'s data element does not hold the {math.prod(variable.shape)}"
+        f" elements of its dims {variable.shape}",
+      )
 
 
 def _read_mat(

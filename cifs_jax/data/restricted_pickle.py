@@ -19,8 +19,10 @@ past the item size. Instead:
 Lists, dicts, tuples, sets, str, bytes and numbers need no global at all.
 Before unpickling, `loads` checks every opcode's declared length and memo
 index against the data, since the C unpickler allocates what they declare
-(a 15-byte pickle can otherwise claim 8 GiB). Anything else raises
-`pickle.UnpicklingError`.
+(a 15-byte pickle can otherwise claim 8 GiB), and counts the opcodes against
+the caller's bound: each opcode builds at most one object, and a one-byte
+EMPTY_SET builds a 216-byte set, so a 64 MB file of them would otherwise
+build 16 GB. Anything else raises `pickle.UnpicklingError`.
 """
 
 from __future__ import annotations
@@ -189,12 +191,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
       ) from None
 
 
-def _check_opcodes(data: bytes) -> None:
-  """Refuses lengths past the end of ``data`` and memo indices past the
-  opcode count (Python's pickler numbers memo entries from 0), before the C
-  unpickler allocates them."""
+def _check_opcodes(data: bytes, max_opcodes: int) -> None:
+  """Refuses lengths past the end of ``data``, memo indices past the opcode
+  count (Python's pickler numbers memo entries from 0) and more than
+  ``max_opcodes`` opcodes, before the C unpickler allocates anything."""
   try:
     for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
+      if count >= max_opcodes:
+        raise _refuse(
+          f"more than {max_opcodes} opcodes (each can build an object)"
+        )
       if opcode.name in _PUT_OPCODES and arg > count:
         raise _refuse(f"memo index {arg} at opcode {count}")
   except ValueError as e:  # What genops raises for malformed data.
@@ -231,12 +237,22 @@ def _resolve(value: Any, done: dict[int, tuple[Any, Any]]) -> Any:
   return value
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes, *, max_opcodes: int) -> Any:
   """Unpickles ``data`` (Python 2 strings become bytes), refusing code.
 
-  Arrays come back read-only when their pickled data was bytes (protocols
-  0-4); `pickle.UnpicklingError` says what was refused.
+  Args:
+    data: the pickle.
+    max_opcodes: the most opcodes the caller's data can need; each builds at
+      most one object, so this bounds the memory beyond ``len(data)`` to
+      about 250 bytes per opcode (a set, the largest empty object).
+
+  Returns:
+    The unpickled value. Arrays come back read-only when their pickled data
+    was bytes (protocols 0-4).
+
+  Raises:
+    pickle.UnpicklingError: saying what was refused.
   """
-  _check_opcodes(data)
+  _check_opcodes(data, max_opcodes)
   value = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
   return _resolve(value, {})

@@ -27,13 +27,22 @@ off the device and writing continues in a background thread. Call
 SIGTERM save.
 
 Orbax stores no checksum of the array data, so flipped bits of the same length
-would restore silently. Once a save is committed (in ``wait_until_finished``,
-which every later ``save``, ``restore`` and ``close`` calls first), process 0
-writes ``<step>/checksums.json``: the sha256 of every file of the step
-directory. ``restore`` checks them first and refuses a checkpoint whose files
-differ, naming the file. A step without the file (written before checksums
-existed, or by a process killed between the commit and the checksums) restores
-with a warning that it cannot be verified.
+would restore silently. ``<step>/checksums.json`` holds the sha256 of every
+file of the step directory but orbax's commit records (``_CHECKPOINT_METADATA``
+and ``commit_success.txt``, which orbax writes while committing). It is part
+of the commit: process 0 writes it into the temporary step directory after
+every item is finished and before orbax renames that directory into place
+(`_checksumming_rename`), so no kill leaves a committed step without it.
+``restore`` checks them first and refuses a checkpoint whose files differ,
+naming the file. A step without the file (written before checksums existed)
+restores with a warning that it cannot be verified. The checksums catch
+accidents (flipped bits, truncated or lost files), not tampering: whoever can
+write the step can rewrite its checksums too.
+
+A checkpoint directory holds only directories and regular files: a symlink,
+FIFO, socket or device anywhere in it is refused, when the directory is
+opened and again when a step is hashed, without opening it (a link to
+/dev/zero would otherwise be hashed forever, a FIFO block the open).
 
 ``read_only=True`` opens an existing directory for reading only (evaluation,
 ``train.init_from``): nothing is created, and a missing directory is an
@@ -46,11 +55,14 @@ before ``save`` and restore into an unreplicated target.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import numbers
 import os
+import re
+import stat
 import tempfile
 from typing import Any, Mapping, NoReturn
 
@@ -66,7 +78,12 @@ _STATE = "state"
 _METADATA = "metadata"
 _METRICS_KEY = "metrics"
 CHECKSUMS_FILENAME = "checksums.json"
+# Written by orbax into the step directory while it commits, after the
+# checksums: not covered by them.
+_COMMIT_RECORDS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 _HASH_CHUNK_BYTES = 1 << 20
+# checksums.json lists each file in about 100 bytes; a step has hundreds.
+_MAX_CHECKSUMS_BYTES = 1 << 22
 
 
 def absolute_path(path: str | os.PathLike) -> epath.Path:
@@ -81,6 +98,26 @@ def absolute_path(path: str | os.PathLike) -> epath.Path:
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or read back."""
+
+
+def _checksumming_rename(
+  directory: epath.Path,
+) -> type[ocp.path.atomicity.AtomicRenameTemporaryPath]:
+  """Orbax's atomic rename of a temporary directory into its final path
+  which, for a step directory directly in ``directory``, first writes its
+  checksums into it: they are committed with the step.
+
+  Orbax uses the class for the step and for each item inside it; finalize
+  runs on the primary process only, items first.
+  """
+
+  class ChecksummingRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    async def finalize(self) -> None:
+      if self.get_final().parent == directory:
+        await asyncio.to_thread(write_checksums, self.get())
+      await super().finalize()
+
+  return ChecksummingRename
 
 
 class Checkpointer:
@@ -131,7 +168,14 @@ class Checkpointer:
       )
     self.best_metric = best_metric
     self.read_only = read_only
-    self._steps_without_checksums: set[int] = set()
+    if directory.is_dir():
+      # Orbax reads every step's metrics on opening: refuse links first.
+      try:
+        _regular_files(directory)
+      except CheckpointError as e:
+        raise CheckpointError(
+          f"Cannot open checkpoint directory {directory}: {e}"
+        ) from e
 
     def rank(metrics: Mapping[str, float]) -> float:
       return metrics.get(best_metric, -math.inf)
@@ -154,6 +198,8 @@ class Checkpointer:
       create=not read_only,
       # Saving is off when read-only; 0 says so without orbax's warning.
       save_interval_steps=0 if read_only else 1,
+      # Deprecated in favour of atomicity_options, which offers no hook.
+      temporary_path_class=_checksumming_rename(directory),
     )
     try:
       # Reads every step's metrics, so one corrupt step fails here.
@@ -280,7 +326,6 @@ class Checkpointer:
       self._manager.save(step, args=args, metrics=ranking, force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._raise_save_error(step, e)
-    self._steps_without_checksums.add(step)
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight (if any) is on disk.
@@ -292,13 +337,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      self._steps_without_checksums.clear()
       self._raise_save_error(step, e)
-    committed = self._steps_without_checksums & set(self.all_steps())
-    self._steps_without_checksums.clear()
-    if jax.process_index() == 0:
-      for saved in sorted(committed):
-        write_checksums(self.step_path(saved))
 
   def _raise_save_error(self, step: int | None, error: Exception) -> NoReturn:
     # A failed save may have dropped steps from orbax's in-memory list (those
@@ -453,31 +492,82 @@ def parse_which(which: str | int) -> str | int:
   raise ValueError(f"expected 'best', 'last' or a step number, got {which!r}.")
 
 
+def _regular_files(root: epath.Path) -> list[str]:
+  """Paths relative to ``root`` of the files under it, which must be regular
+  files or directories: anything else (a symlink, FIFO, socket or device) is
+  refused from its lstat, without opening it.
+
+  Raises:
+    CheckpointError: naming the first such entry.
+  """
+  root = os.fspath(root)
+  files = []
+  for folder, folders, names in os.walk(root):
+    for name in folders + names:
+      path = os.path.join(folder, name)
+      mode = os.lstat(path).st_mode
+      if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise CheckpointError(
+          f"{path} is a {_file_kind(mode)}, not a regular file or directory;"
+          " a checkpoint holds only those. Remove it (or the step holding it)."
+        )
+      if stat.S_ISREG(mode):
+        files.append(os.path.relpath(path, root))
+  return sorted(files)
+
+
+def _file_kind(mode: int) -> str:
+  for test, kind in (
+    (stat.S_ISLNK, "symbolic link"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+  ):
+    if test(mode):
+      return kind
+  return "special file"
+
+
+def _open_regular(path: str) -> int:
+  """A read-only descriptor of ``path``, once it is a regular file: not
+  following a symlink nor blocking on a FIFO swapped in since its lstat."""
+  fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+  mode = os.fstat(fd).st_mode
+  if not stat.S_ISREG(mode):
+    os.close(fd)
+    raise CheckpointError(f"{path} is a {_file_kind(mode)}, not a file.")
+  return fd
+
+
 def _file_digests(step_dir: epath.Path) -> dict[str, str]:
   """{path relative to ``step_dir``: sha256 hex} of its files but the
-  checksums file."""
-  root = os.fspath(step_dir)
+  checksums file.
+
+  Raises:
+    CheckpointError: the step holds something other than regular files and
+      directories.
+  """
   digests = {}
-  for folder, _, names in os.walk(root):
-    for name in names:
-      path = os.path.join(folder, name)
-      relative = os.path.relpath(path, root)
-      if relative == CHECKSUMS_FILENAME:
-        continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-          digest.update(chunk)
-      digests[relative] = digest.hexdigest()
-  return dict(sorted(digests.items()))
+  for relative in _regular_files(step_dir):
+    if relative == CHECKSUMS_FILENAME:
+      continue
+    digest = hashlib.sha256()
+    with os.fdopen(_open_regular(os.path.join(step_dir, relative)), "rb") as f:
+      while chunk := f.read(_HASH_CHUNK_BYTES):
+        digest.update(chunk)
+    digests[relative] = digest.hexdigest()
+  return digests
 
 
 def write_checksums(step_dir: epath.Path) -> None:
-  """Writes ``<step_dir>/checksums.json`` (sha256 of each file), atomically:
-  through a fresh temporary file in the same directory."""
-  text = json.dumps(
-    {"algorithm": "sha256", "files": _file_digests(step_dir)}, indent=1
-  )
+  """Writes ``<step_dir>/checksums.json`` (sha256 of each file but orbax's
+  commit records), atomically: through a fresh temporary file in the same
+  directory."""
+  digests = _file_digests(step_dir)
+  for record in _COMMIT_RECORDS:
+    digests.pop(record, None)
+  text = json.dumps({"algorithm": "sha256", "files": digests}, indent=1)
   handle, tmp = tempfile.mkstemp(
     prefix=CHECKSUMS_FILENAME + ".", suffix=".tmp", dir=os.fspath(step_dir)
   )
@@ -490,26 +580,56 @@ def write_checksums(step_dir: epath.Path) -> None:
     raise
 
 
+def _read_checksums(path: epath.Path) -> dict[str, str]:
+  """The {relative path: sha256 hex} of a checksums file, read from a regular
+  file of at most `_MAX_CHECKSUMS_BYTES`.
+
+  Raises:
+    CheckpointError: naming the file, if it is anything else.
+  """
+  try:
+    with os.fdopen(_open_regular(os.fspath(path)), "rb") as f:
+      text = f.read(_MAX_CHECKSUMS_BYTES + 1)
+    if len(text) > _MAX_CHECKSUMS_BYTES:
+      raise ValueError(f"more than {_MAX_CHECKSUMS_BYTES} bytes")
+    content = json.loads(text)
+    if not isinstance(content, dict) or content.get("algorithm") != "sha256":
+      raise ValueError('not an object with "algorithm": "sha256"')
+    files = content.get("files")
+    if not (
+      isinstance(files, dict)
+      and all(
+        isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)
+        for digest in files.values()
+      )
+    ):
+      raise ValueError('"files" is not an object of sha256 hex digests')
+  except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError.
+    raise CheckpointError(
+      f"Cannot read {path}: {type(e).__name__}: {_shorten(e)}."
+    ) from e
+  return files
+
+
 def verify_checksums(step_dir: epath.Path) -> None:
   """Checks every file of a step directory against its ``checksums.json``.
 
   Raises:
     CheckpointError: naming each file that changed, is missing or was added,
-      or the checksums file if it is unreadable.
+      or the checksums file if it is unreadable, or an entry of the step
+      that is not a regular file or directory.
   """
   checksums_path = step_dir / CHECKSUMS_FILENAME
-  if not checksums_path.exists():
+  if not os.path.lexists(checksums_path):
     logging.warning(
       "%s has no %s: cannot verify its files.", step_dir, CHECKSUMS_FILENAME
     )
     return
-  try:
-    expected = json.loads(checksums_path.read_text())["files"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(
-      f"Cannot read {checksums_path}: {type(e).__name__}: {_shorten(e)}."
-    ) from e
+  expected = _read_checksums(checksums_path)
   actual = _file_digests(step_dir)
+  for record in _COMMIT_RECORDS:
+    if record not in expected:  # Listed by the versions that wrote them after.
+      actual.pop(record, None)
   problems = [
     f"  {name}: "
     + (
