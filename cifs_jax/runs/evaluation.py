@@ -117,6 +117,18 @@ def checkpoint_label(
   }
 
 
+def device_description() -> str:
+  """The devices of the run, over all processes: "4 x cpu (cpu) over 2
+  processes", or "8 x NVIDIA H100 (gpu)" for one process."""
+  device = jax.devices()[0]
+  description = (
+    f"{jax.device_count()} x {device.device_kind} ({device.platform})"
+  )
+  if jax.process_count() > 1:
+    description += f" over {jax.process_count()} processes"
+  return description
+
+
 def run_label(
   config: ml_collections.ConfigDict,
   protocol: protocols.Protocol,
@@ -124,7 +136,6 @@ def run_label(
   num_examples: int,
 ) -> dict:
   """What was evaluated, where and when: the ``run`` entry of a report."""
-  device = jax.local_devices()[0]
   return {
     "dataset": config.data.name,
     "model": config.model.name,
@@ -138,8 +149,7 @@ def run_label(
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="seconds"
     ),
-    "device": f"{jax.local_device_count()} x {device.device_kind}"
-    f" ({device.platform})",
+    "device": device_description(),
     "jax_version": jax.__version__,
     "git_commit": project_commit(),
   }
