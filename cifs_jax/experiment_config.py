@@ -1,8 +1,10 @@
 """The experiment config: its defaults, the paper's variants, validation.
 
-Every file in ``configs/`` builds on ``base_config()`` and selects variants
-with ``apply_variants(config, "cas,smoke")`` (the ``file.py:variant``
-argument of ``--config``, comma-separated). Sections:
+Every file in ``configs/`` defines ``settings()``, its config before any
+variant (built on ``base_config()`` or on another file's ``settings()``),
+and ``get_config = experiment_config.config_file(settings)``: the variants
+of ``--config=file.py:cas,smoke`` (comma-separated) are applied to
+``settings()``, last, so no file's own overrides can undo them. Sections:
 
   seed           int; parameters, data order, augmentation and attacks
   model          see ``cifs_jax.models.default_config``
@@ -19,6 +21,8 @@ argument of ``--config``, comma-separated). Sections:
 from __future__ import annotations
 
 import functools
+import math
+from typing import Callable
 
 import ml_collections
 
@@ -30,6 +34,10 @@ METHODS = ("natural", "pgd_at", "fat", "trades")
 
 _positive = (lambda v: v > 0, "> 0")
 _non_negative = (lambda v: v >= 0, ">= 0")
+_finite_non_negative = (
+  lambda v: 0 <= v < math.inf,
+  ">= 0 and finite (inf would train the probes alone, not the final head)",
+)
 _count_or_all = (lambda v: v == -1 or v > 0, "-1 (all) or > 0")
 # Allowed values of the numeric keys: key -> (test, description). Pixel
 # values are in [0, 1] (images are scaled to [0, 1]).
@@ -40,7 +48,7 @@ RANGES = {
   "train.lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
   "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
   "train.weight_decay": _non_negative,
-  "train.loss_beta": _non_negative,
+  "train.loss_beta": _finite_non_negative,
   "train.loss_scale": _positive,
   "train.max_examples": _count_or_all,
   "train.log_every_steps": _positive,
@@ -126,7 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _smoke(config):
-  """Seconds on a CPU: a narrow network, a few hundred examples, 1 epoch."""
+  """A smoke run, about a minute on a CPU, most of it compilation: a narrow
+  network, 256 training examples, 1 epoch; a PGD-2 check on 64 test
+  images; a final evaluation of FGSM alone (the cheapest attack, still at
+  every beta_atk of the protocol) on 32."""
   config.model.width = 1 if config.model.name == "wrn28_10" else 8
   config.model.cifs.mlp_hidden = 16
   config.train.epochs = 1
@@ -139,8 +150,8 @@ def _smoke(config):
   config.eval.num_examples = 64
   config.eval.batch_size = 64
   config.eval.pgd_steps = 2
-  config.eval.final_attacks = ("pgd20",)
-  config.eval.final_num_examples = 64
+  config.eval.final_attacks = ("fgsm",)
+  config.eval.final_num_examples = 32
 
 
 def _natural_pretrain(config):
@@ -188,6 +199,23 @@ def apply_variants(
   return config
 
 
+def config_file(
+  settings: Callable[[], ml_collections.ConfigDict],
+) -> Callable[[str], ml_collections.ConfigDict]:
+  """The ``get_config`` of a config file whose own settings are
+  ``settings()``: ``get_config("cas,smoke")`` applies the variants to them,
+  last (``ml_collections.config_flags`` passes the text after ``:``)."""
+
+  def get_config(variants: str = "") -> ml_collections.ConfigDict:
+    return apply_variants(settings(), variants)
+
+  get_config.__doc__ = (
+    f"``{settings.__module__}.settings()`` with the given variants applied "
+    "last (comma-separated)."
+  )
+  return get_config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises KeyError/ValueError naming any unknown key or bad value."""
   check_known_keys(config, base_config(), "config.")
@@ -210,6 +238,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _lookup(config, key)
     if not in_range(value):
       raise ValueError(f"config.{key}={value!r} must be {allowed}.")
+  if math.isinf(config.eval.beta_atk) and config.model.defense != "cifs":
+    # Caught here, not when the first per-epoch check is traced: vanilla has
+    # no probes, and CAS's loss scale 1 + beta would be inf.
+    raise ValueError(
+      "config.eval.beta_atk=inf (the probes alone) needs "
+      f"model.defense='cifs', got {config.model.defense!r}; use a finite "
+      "beta_atk."
+    )
   for key in ("train.lr_milestones", "fat.tau_milestones"):
     epochs = list(_lookup(config, key))
     if epochs != sorted(epochs) or any(e < 0 for e in epochs):
