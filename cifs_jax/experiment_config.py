@@ -26,7 +26,7 @@ from typing import Callable
 
 import ml_collections
 
-from cifs_jax import data, losses, models, parallel
+from cifs_jax import attacks, data, losses, models, parallel
 from cifs_jax.evaluation import protocols
 from cifs_jax.validation import check_choice, check_known_keys
 
@@ -57,6 +57,7 @@ RANGES = {
   "attack.num_steps": _positive,
   "attack.unroll": (_non_negative[0], ">= 0 (0: chosen per backend)"),
   "fat.tau": _non_negative,
+  "fat.omega": _non_negative,
   "trades.beta": _non_negative,
   "eval.every_epochs": _positive,
   "eval.num_examples": _count_or_all,
@@ -82,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
       "learning_rate": 0.1,
       "lr_milestones": (75, 90),  # epochs where the rate is multiplied
       "lr_decay": 0.1,
+      # One factor per milestone instead of lr_decay at each; () : lr_decay.
+      "lr_decays": (),
       "momentum": 0.9,
       "weight_decay": 2e-4,  # coupled (added to the gradient), as SGD
       # Eq. 3's beta (CAS: its beta), also of the loss PGD maximises to craft
@@ -108,9 +111,21 @@ def base_config() -> ml_collections.ConfigDict:
       "tau": 0,  # FAT's tau in the first epochs (an int >= 0)
       # tau + 1 from each of these epochs on: FAT's dynamic tau.
       "tau_milestones": (50, 90),
+      # Std of the N(0, 1) noise added to each early-stopped PGD step: 0 as
+      # in the CIFS authors' copy of FAT (their Table 3); the official FAT
+      # code's is 0.001 (variant fat_official).
+      "omega": 0.0,
     }
   )
-  config.trades = ml_collections.ConfigDict({"beta": 6.0})
+  config.trades = ml_collections.ConfigDict(
+    {
+      "beta": 6.0,
+      # The inner maximisation's random start (with attack.random_start):
+      # "normal", the official TRADES code's x + 0.001 * N(0, 1), or
+      # "uniform" in the eps-ball, as PGD-AT's.
+      "start": "normal",
+    }
+  )
   config.eval = ml_collections.ConfigDict(
     {
       "every_epochs": 1,
@@ -164,6 +179,35 @@ def _natural_pretrain(config):
   config.train.lr_milestones = ()
 
 
+# The official TRADES code's PGD step per dataset (train_trades_cifar10.py:
+# 0.007 at eps 0.031; train_trades_mnist.py: 0.01); SVHN takes CIFAR-10's.
+TRADES_STEP_SIZES = {"cifar10": 0.007, "svhn": 0.007, "fashion_mnist": 0.01}
+
+
+def _trades(config):
+  """TRADES with the official code's inner maximisation: the start
+  ``x + 0.001 * N(0, 1)`` (``trades.start = "normal"``, the default) and its
+  step size for the dataset (``TRADES_STEP_SIZES``); ``trades.start =
+  "uniform"`` and ``attack.step_size`` select PGD-AT's instead."""
+  config.train.method = "trades"
+  config.trades.start = "normal"
+  config.attack.step_size = TRADES_STEP_SIZES[config.data.name]
+
+
+def _fat_official(config):
+  """FAT as the official code (zjfheart/Friendly-Adversarial-Training,
+  ``FAT.py``) runs it on CIFAR-10, rather than the CIFS authors' copy: noise
+  omega = 0.001 at each step; the rate times 0.1 from epoch 60 (1-based),
+  0.01 from 90 and 0.005 from 110 (0-based milestones 59, 89, 109); step
+  0.007. FAT's dynamic tau (0, then 1 after epoch 50, 2 after 90) is the
+  default ``fat.tau_milestones``."""
+  config.train.method = "fat"
+  config.fat.omega = 0.001
+  config.train.lr_milestones = (59, 89, 109)
+  config.train.lr_decays = (0.1, 0.1, 0.5)
+  config.attack.step_size = 0.007
+
+
 VARIANTS = {
   "cifs": lambda c: setattr(c.model, "defense", "cifs"),
   "cas": lambda c: setattr(c.model, "defense", "cas"),
@@ -172,7 +216,8 @@ VARIANTS = {
   "natural_pretrain": _natural_pretrain,
   "pgd_at": lambda c: setattr(c.train, "method", "pgd_at"),
   "fat": lambda c: setattr(c.train, "method", "fat"),
-  "trades": lambda c: setattr(c.train, "method", "trades"),
+  "fat_official": _fat_official,
+  "trades": _trades,
   "softmax": lambda c: setattr(c.model.cifs, "imgf", "softmax"),
   "sigmoid": lambda c: setattr(c.model.cifs, "imgf", "sigmoid"),
   "softplus": lambda c: setattr(c.model.cifs, "imgf", "softplus"),
@@ -224,6 +269,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_choice("config.train.method", config.train.method, METHODS)
   check_choice("config.parallel", config.parallel, parallel.MODES)
   check_choice(
+    "config.trades.start", config.trades.start, attacks.START_DISTRIBUTIONS
+  )
+  check_choice(
     "config.eval.final_protocol",
     config.eval.final_protocol,
     tuple(protocols.PROTOCOLS),
@@ -245,6 +293,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "config.eval.beta_atk=inf (the probes alone) needs "
       f"model.defense='cifs', got {config.model.defense!r}; use a finite "
       "beta_atk."
+    )
+  decays = tuple(config.train.lr_decays)
+  if decays and (
+    len(decays) != len(config.train.lr_milestones)
+    or not all(0 < d <= 1 for d in decays)
+  ):
+    raise ValueError(
+      f"config.train.lr_decays={decays} must be empty or one factor in "
+      f"(0, 1] per milestone of train.lr_milestones "
+      f"{tuple(config.train.lr_milestones)}."
     )
   for key in ("train.lr_milestones", "fat.tau_milestones"):
     epochs = list(_lookup(config, key))
