@@ -26,7 +26,8 @@ from typing import Callable
 
 import ml_collections
 
-from cifs_jax import attacks, data, losses, models, parallel
+from cifs_jax import data, losses, models, parallel
+from cifs_jax.attacks.pgd import START_DISTRIBUTIONS
 from cifs_jax.evaluation import protocols
 from cifs_jax.validation import check_choice, check_known_keys
 
@@ -268,9 +269,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   models.build_model(config.model)  # checks the model section
   check_choice("config.train.method", config.train.method, METHODS)
   check_choice("config.parallel", config.parallel, parallel.MODES)
-  check_choice(
-    "config.trades.start", config.trades.start, attacks.START_DISTRIBUTIONS
-  )
+  check_choice("config.trades.start", config.trades.start, START_DISTRIBUTIONS)
   check_choice(
     "config.eval.final_protocol",
     config.eval.final_protocol,
