@@ -72,3 +72,17 @@ def test_only_the_joint_version_accepts_by_the_joint_loss(version, on_loss):
   assert "square" in names
   _, config = COMPONENTS["square"](settings)
   assert config.loss == (loss if on_loss else None)
+
+
+def test_the_joint_protocol_runs_square_at_every_beta_atk():
+  """Accepting by the joint loss makes Square adaptive there: once per
+  beta_atk target (gradient-free: one gradient mode); the standard
+  protocol's Square runs once, on the margin."""
+  from cifs_jax import evaluation
+
+  for name, targets in (("autoattack", 1), ("autoattack-joint", 9)):
+    protocol = evaluation.PROTOCOLS[name](eps=8 / 255)
+    runs = evaluation.protocol_runs(protocol, num_probes=2)
+    square_runs = [r for r in runs if r.attack.name == "square"]
+    assert len(square_runs) == targets
+    assert {r.gradient for r in square_runs} == {"stop"}
