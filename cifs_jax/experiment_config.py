@@ -1,8 +1,10 @@
 """The experiment config: its defaults, the paper's variants, validation.
 
-Every file in ``configs/`` builds on ``base_config()`` and selects variants
-with ``apply_variants(config, "cas,smoke")`` (the ``file.py:variant``
-argument of ``--config``, comma-separated). Sections:
+Every file in ``configs/`` defines ``settings()``, its config before any
+variant (built on ``base_config()`` or on another file's ``settings()``),
+and ``get_config = experiment_config.config_file(settings)``: the variants
+of ``--config=file.py:cas,smoke`` (comma-separated) are applied to
+``settings()``, last, so no file's own overrides can undo them. Sections:
 
   seed           int; parameters, data order, augmentation and attacks
   model          see ``cifs_jax.models.default_config``
@@ -19,10 +21,13 @@ argument of ``--config``, comma-separated). Sections:
 from __future__ import annotations
 
 import functools
+import math
+from typing import Callable
 
 import ml_collections
 
 from cifs_jax import data, losses, models, parallel
+from cifs_jax.attacks.pgd import START_DISTRIBUTIONS
 from cifs_jax.evaluation import protocols
 from cifs_jax.validation import check_choice, check_known_keys
 
@@ -30,6 +35,10 @@ METHODS = ("natural", "pgd_at", "fat", "trades")
 
 _positive = (lambda v: v > 0, "> 0")
 _non_negative = (lambda v: v >= 0, ">= 0")
+_finite_non_negative = (
+  lambda v: 0 <= v < math.inf,
+  ">= 0 and finite (inf would train the probes alone, not the final head)",
+)
 _count_or_all = (lambda v: v == -1 or v > 0, "-1 (all) or > 0")
 # Allowed values of the numeric keys: key -> (test, description). Pixel
 # values are in [0, 1] (images are scaled to [0, 1]).
@@ -40,7 +49,7 @@ RANGES = {
   "train.lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
   "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
   "train.weight_decay": _non_negative,
-  "train.loss_beta": _non_negative,
+  "train.loss_beta": _finite_non_negative,
   "train.loss_scale": _positive,
   "train.max_examples": _count_or_all,
   "train.log_every_steps": _positive,
@@ -49,6 +58,7 @@ RANGES = {
   "attack.num_steps": _positive,
   "attack.unroll": (_non_negative[0], ">= 0 (0: chosen per backend)"),
   "fat.tau": _non_negative,
+  "fat.omega": _non_negative,
   "trades.beta": _non_negative,
   "eval.every_epochs": _positive,
   "eval.num_examples": _count_or_all,
@@ -74,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
       "learning_rate": 0.1,
       "lr_milestones": (75, 90),  # epochs where the rate is multiplied
       "lr_decay": 0.1,
+      # One factor per milestone instead of lr_decay at each; () : lr_decay.
+      "lr_decays": (),
       "momentum": 0.9,
       "weight_decay": 2e-4,  # coupled (added to the gradient), as SGD
       # Eq. 3's beta (CAS: its beta), also of the loss PGD maximises to craft
@@ -100,9 +112,21 @@ def base_config() -> ml_collections.ConfigDict:
       "tau": 0,  # FAT's tau in the first epochs (an int >= 0)
       # tau + 1 from each of these epochs on: FAT's dynamic tau.
       "tau_milestones": (50, 90),
+      # Std of the N(0, 1) noise added to each early-stopped PGD step: 0 as
+      # in the CIFS authors' copy of FAT (their Table 3); the official FAT
+      # code's is 0.001 (variant fat_official).
+      "omega": 0.0,
     }
   )
-  config.trades = ml_collections.ConfigDict({"beta": 6.0})
+  config.trades = ml_collections.ConfigDict(
+    {
+      "beta": 6.0,
+      # The inner maximisation's random start (with attack.random_start):
+      # "normal", the official TRADES code's x + 0.001 * N(0, 1), or
+      # "uniform" in the eps-ball, as PGD-AT's.
+      "start": "normal",
+    }
+  )
   config.eval = ml_collections.ConfigDict(
     {
       "every_epochs": 1,
@@ -126,7 +150,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _smoke(config):
-  """Seconds on a CPU: a narrow network, a few hundred examples, 1 epoch."""
+  """A smoke run, about a minute on a CPU, most of it compilation: a narrow
+  network, 256 training examples, 1 epoch; a PGD-2 check on 64 test
+  images; a final evaluation of FGSM alone (the cheapest attack, still at
+  every beta_atk of the protocol) on 32."""
   config.model.width = 1 if config.model.name == "wrn28_10" else 8
   config.model.cifs.mlp_hidden = 16
   config.train.epochs = 1
@@ -139,8 +166,8 @@ def _smoke(config):
   config.eval.num_examples = 64
   config.eval.batch_size = 64
   config.eval.pgd_steps = 2
-  config.eval.final_attacks = ("pgd20",)
-  config.eval.final_num_examples = 64
+  config.eval.final_attacks = ("fgsm",)
+  config.eval.final_num_examples = 32
 
 
 def _natural_pretrain(config):
@@ -153,6 +180,40 @@ def _natural_pretrain(config):
   config.train.lr_milestones = ()
 
 
+# The official TRADES code's PGD step per dataset (train_trades_cifar10.py:
+# 0.007 at eps 0.031; train_trades_mnist.py: 0.01); SVHN takes CIFAR-10's.
+TRADES_STEP_SIZES = {"cifar10": 0.007, "svhn": 0.007, "fashion_mnist": 0.01}
+# The official FAT code's (FAT.py: CIFAR-10 and SVHN only).
+FAT_STEP_SIZES = {"cifar10": 0.007, "svhn": 0.007}
+
+
+def _trades(config):
+  """TRADES with the official code's inner maximisation: the start
+  ``x + 0.001 * N(0, 1)`` (``trades.start = "normal"``, the default) and its
+  step size for the dataset (``TRADES_STEP_SIZES``); ``trades.start =
+  "uniform"`` and ``attack.step_size`` select PGD-AT's instead."""
+  config.train.method = "trades"
+  config.trades.start = "normal"
+  config.attack.step_size = TRADES_STEP_SIZES[config.data.name]
+
+
+def _fat_official(config):
+  """FAT as the official code (zjfheart/Friendly-Adversarial-Training,
+  ``FAT.py``) runs it on CIFAR-10, rather than the CIFS authors' copy: noise
+  omega = 0.001 at each step; the rate times 0.1 from epoch 60 (1-based),
+  0.01 from 90 and 0.005 from 110 (0-based milestones 59, 89, 109); step
+  0.007 on CIFAR-10 and SVHN (the official code has no Fashion-MNIST recipe:
+  its step stays the config's). FAT's dynamic tau (0, then 1 after epoch
+  50, 2 after 90) is the default ``fat.tau_milestones``."""
+  config.train.method = "fat"
+  config.fat.omega = 0.001
+  config.train.lr_milestones = (59, 89, 109)
+  config.train.lr_decays = (0.1, 0.1, 0.5)
+  config.attack.step_size = FAT_STEP_SIZES.get(
+    config.data.name, config.attack.step_size
+  )
+
+
 VARIANTS = {
   "cifs": lambda c: setattr(c.model, "defense", "cifs"),
   "cas": lambda c: setattr(c.model, "defense", "cas"),
@@ -161,7 +222,8 @@ VARIANTS = {
   "natural_pretrain": _natural_pretrain,
   "pgd_at": lambda c: setattr(c.train, "method", "pgd_at"),
   "fat": lambda c: setattr(c.train, "method", "fat"),
-  "trades": lambda c: setattr(c.train, "method", "trades"),
+  "fat_official": _fat_official,
+  "trades": _trades,
   "softmax": lambda c: setattr(c.model.cifs, "imgf", "softmax"),
   "sigmoid": lambda c: setattr(c.model.cifs, "imgf", "sigmoid"),
   "softplus": lambda c: setattr(c.model.cifs, "imgf", "softplus"),
@@ -188,6 +250,23 @@ def apply_variants(
   return config
 
 
+def config_file(
+  settings: Callable[[], ml_collections.ConfigDict],
+) -> Callable[[str], ml_collections.ConfigDict]:
+  """The ``get_config`` of a config file whose own settings are
+  ``settings()``: ``get_config("cas,smoke")`` applies the variants to them,
+  last (``ml_collections.config_flags`` passes the text after ``:``)."""
+
+  def get_config(variants: str = "") -> ml_collections.ConfigDict:
+    return apply_variants(settings(), variants)
+
+  get_config.__doc__ = (
+    f"``{settings.__module__}.settings()`` with the given variants applied "
+    "last (comma-separated)."
+  )
+  return get_config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises KeyError/ValueError naming any unknown key or bad value."""
   check_known_keys(config, base_config(), "config.")
@@ -195,6 +274,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   models.build_model(config.model)  # checks the model section
   check_choice("config.train.method", config.train.method, METHODS)
   check_choice("config.parallel", config.parallel, parallel.MODES)
+  check_choice("config.trades.start", config.trades.start, START_DISTRIBUTIONS)
   check_choice(
     "config.eval.final_protocol",
     config.eval.final_protocol,
@@ -210,6 +290,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = _lookup(config, key)
     if not in_range(value):
       raise ValueError(f"config.{key}={value!r} must be {allowed}.")
+  if math.isinf(config.eval.beta_atk) and config.model.defense != "cifs":
+    # Caught here, not when the first per-epoch check is traced: vanilla has
+    # no probes, and CAS's loss scale 1 + beta would be inf.
+    raise ValueError(
+      "config.eval.beta_atk=inf (the probes alone) needs "
+      f"model.defense='cifs', got {config.model.defense!r}; use a finite "
+      "beta_atk."
+    )
+  decays = tuple(config.train.lr_decays)
+  if decays and (
+    len(decays) != len(config.train.lr_milestones)
+    or not all(0 < d <= 1 for d in decays)
+  ):
+    raise ValueError(
+      f"config.train.lr_decays={decays} must be empty or one factor in "
+      f"(0, 1] per milestone of train.lr_milestones "
+      f"{tuple(config.train.lr_milestones)}."
+    )
   for key in ("train.lr_milestones", "fat.tau_milestones"):
     epochs = list(_lookup(config, key))
     if epochs != sorted(epochs) or any(e < 0 for e in epochs):

@@ -7,7 +7,11 @@ Variants as in ``cifar_resnet18.py``.
 from cifs_jax import experiment_config
 
 
-def get_config(variants: str = ""):
+def settings():
+  """This file's config before variants."""
   config = experiment_config.base_config()
   config.model.name = "wrn28_10"
-  return experiment_config.apply_variants(config, variants)
+  return config
+
+
+get_config = experiment_config.config_file(settings)

@@ -11,11 +11,15 @@ appendix with its exact values is not available to us). Variants as in
 from cifs_jax import experiment_config
 
 
-def get_config(variants: str = ""):
+def settings():
+  """This file's config before variants."""
   config = experiment_config.base_config()
   config.data.name = "fashion_mnist"
   config.data.source = "files"
   config.model.name = "resnet10"
   config.attack.eps = 0.1
   config.attack.step_size = 0.01
-  return experiment_config.apply_variants(config, variants)
+  return config
+
+
+get_config = experiment_config.config_file(settings)

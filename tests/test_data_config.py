@@ -26,9 +26,11 @@ def test_augment_options_defaults_and_overrides():
     return data.augment_options(config)
 
   assert options("cifar10") == {"crop_padding": 4, "flip": True}
-  assert options("svhn") == {"crop_padding": 4, "flip": False}
+  # SVHN as the authors' loader: RandomCrop(32, padding=4) and
+  # RandomHorizontalFlip.
+  assert options("svhn") == {"crop_padding": 4, "flip": True}
   assert options("fashion_mnist") == {"crop_padding": 0, "flip": False}
-  assert options("svhn", flip=True) == {"crop_padding": 4, "flip": True}
+  assert options("svhn", flip=False) == {"crop_padding": 4, "flip": False}
   assert options("fashion_mnist", crop_padding=2) == {
     "crop_padding": 2,
     "flip": False,

@@ -420,15 +420,20 @@ def expected_update(config, state, x, y):
     natural = eval_fn(x)[0]
     inner = lambda logits, probes, labels: kl_divergence(labels, logits)
     # The step's per-example attack keys, folded with the restart number
-    # (0); a uniform draw in the eps-ball.
+    # (0); the official TRADES start 0.001 * N(0, 1), or a uniform draw in
+    # the eps-ball.
     indices = jnp.arange(len(y), dtype=jnp.int32)
     _, keys = step_lib._example_keys(state, indices)
     keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-    noise = jax.vmap(
-      lambda key, image: jax.random.uniform(
+    if config.trades.start == "normal":
+      draw = lambda key, image: 0.001 * jax.random.normal(
+        key, image.shape, image.dtype
+      )
+    else:
+      draw = lambda key, image: jax.random.uniform(
         key, image.shape, image.dtype, -attack.eps, attack.eps
       )
-    )(keys, x)
+    noise = jax.vmap(draw)(keys, x)
     x_train = reference_pgd(eval_fn, inner, x, natural, attack, None, x + noise)
 
   def forward(params, inputs, batch_stats):
@@ -472,18 +477,22 @@ def expected_update(config, state, x, y):
 
 
 @pytest.mark.parametrize(
-  "method,defense",
+  "method,defense,trades_start",
   [
     # TRADES exercises most (two forward passes, KL, the random start): it
     # runs by default; each of the others takes ~40 s of CPU.
-    ("trades", "cifs"),
-    pytest.param("natural", "cifs", marks=pytest.mark.slow),
-    pytest.param("pgd_at", "cifs", marks=pytest.mark.slow),
-    pytest.param("fat", "cas", marks=pytest.mark.slow),
+    ("trades", "cifs", "normal"),
+    pytest.param("trades", "cifs", "uniform", marks=pytest.mark.slow),
+    pytest.param("natural", "cifs", "normal", marks=pytest.mark.slow),
+    pytest.param("pgd_at", "cifs", "normal", marks=pytest.mark.slow),
+    pytest.param("fat", "cas", "normal", marks=pytest.mark.slow),
   ],
 )
-def test_one_update_matches_the_loss_and_sgd_written_out(x64, method, defense):
+def test_one_update_matches_the_loss_and_sgd_written_out(
+  x64, method, defense, trades_start
+):
   config = one_step_config(method, defense)
+  config.trades.start = trades_start
   # Binary images: 0 and 1 are exact in float32 however they are computed.
   split = random_split(8, seed=1)
   binary = np.where(split.images > 127, 255, 0).astype(np.uint8)

@@ -67,8 +67,8 @@ EVAL_KEYS = {
   "eval_examples",
 }
 SMOKE_FMNIST_STEPS = 256 // 32  # smoke: train.max_examples / batch_size.
-# The final robustness evaluation (several PGD-20 attacks on 64 examples)
-# takes longer than the smoke training itself; tests that are about training
+# The final robustness evaluation (smoke: FGSM at every beta_atk, on 32
+# examples) adds compilation to the smoke run; tests that are about training
 # turn it off.
 NO_FINAL_EVAL = "--config.eval.final=False"
 

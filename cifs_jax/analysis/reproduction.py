@@ -28,6 +28,9 @@ TABLE_KEYS = {
   "num_examples",
 }
 CHANNEL_FIGURE_GLOB = "analysis/channels_*.png"
+# The two ways to sum up an adaptive attack's runs (``evaluation.summary``).
+MIN_OVER_BETA_LABEL = "min over beta_atk (as the paper)"
+WORST_CASE_LABEL = "per-example worst case"
 
 
 def pct(value: float | None) -> str:
@@ -160,7 +163,13 @@ def table1_section(all_runs: Sequence[Run]) -> list[str]:
 
 
 def paper_section(all_runs: Sequence[Run]) -> list[str]:
-  """Our numbers beside the paper's, for runs in a setting it reports."""
+  """Our numbers beside the paper's, for runs in a setting it reports.
+
+  The paper's attack columns are the lowest accuracy over separate attacks,
+  one per beta_atk target (our ``min_over_beta``); the comparison and the
+  difference use that. Our per-example worst case over every run, a
+  stronger attack, is shown below it, labelled.
+  """
   header = ["run", "", *(c for c in paper_results.COLUMNS)]
   rows, notes = [], []
   for run in all_runs:
@@ -169,16 +178,28 @@ def paper_section(all_runs: Sequence[Run]) -> list[str]:
     if paper is None or found is None:
       continue
     name, results = found
-    ours = {"natural": results["natural"]["top1"]}
-    ours.update(
-      {
+    natural = {"natural": results["natural"]["top1"]}
+    like_paper = {
+      **natural,
+      **{
+        attack: entry.get("min_over_beta")
+        for attack, entry in results["attacks"].items()
+      },
+    }
+    worst_case = {
+      **natural,
+      **{
         attack: entry["worst_case"]["top1"]
         for attack, entry in results["attacks"].items()
-      }
-    )
+      },
+    }
     columns = paper_results.COLUMNS
     rows += [
-      [run.label, f"ours ({name})", *(pct(ours.get(c)) for c in columns)],
+      [
+        run.label,
+        f"ours, {MIN_OVER_BETA_LABEL} ({name})",
+        *(pct(like_paper.get(c)) for c in columns),
+      ],
       [
         run.label,
         f"paper ({paper.source})",
@@ -186,11 +207,18 @@ def paper_section(all_runs: Sequence[Run]) -> list[str]:
       ],
       [
         run.label,
-        "ours - paper",
+        f"ours, {MIN_OVER_BETA_LABEL} - paper",
         *(
-          "-" if c not in ours else f"{ours[c] - paper.accuracies[c]:+.2f}"
+          "-"
+          if like_paper.get(c) is None
+          else f"{like_paper[c] - paper.accuracies[c]:+.2f}"
           for c in columns
         ),
+      ],
+      [
+        run.label,
+        f"ours, {WORST_CASE_LABEL} ({name})",
+        *(pct(worst_case.get(c)) for c in columns),
       ],
     ]
     notes.append(
@@ -203,7 +231,12 @@ def paper_section(all_runs: Sequence[Run]) -> list[str]:
     "## Beside the paper",
     "",
     "The paper's numbers are its last-epoch results (Yan et al., ICML "
-    "2021, Tables 1-3).",
+    "2021, Tables 1-3): per attack, the lowest accuracy over separate "
+    "attacks, one per beta_atk target. Ours in the same sense "
+    f"({MIN_OVER_BETA_LABEL}) is compared with them; our "
+    f"{WORST_CASE_LABEL} (an example counts as "
+    "robust only if it survives every beta_atk run) is stronger, never "
+    "higher.",
     "",
     markdown_table(header, rows),
     "",

@@ -15,7 +15,9 @@ Versions (the reference's settings, eps and norm given):
     rand       APGD-CE and APGD-DLR with EOT over 20 draws, for randomised
                models, which then take a key: logits_fn(x, key)
     joint      the CIFS authors' reduced AutoAttack: APGD-CE with 5 restarts
-               on the joint loss of Eq. 3 (``loss``), then Square
+               on the joint loss of Eq. 3 (``loss``), then Square keeping
+               the proposals that raise that loss (theirs), not those that
+               lower the final head's margin
     custom     the components named in ``attacks``
 
 Between stages the robust points are gathered on the host into chunks of at
@@ -67,6 +69,8 @@ class Settings:
     eot_iter: gradient draws per APGD step (above 1 for randomised models).
     num_target_classes: targets of APGD-T and FAB-T.
     square_queries: queries of Square.
+    square_on_loss: Square keeps the proposals that raise ``loss`` (else
+      those that lower the final head's margin).
     unroll: APGD steps per iteration of its compiled loop.
   """
 
@@ -77,6 +81,7 @@ class Settings:
   eot_iter: int = 1
   num_target_classes: int = 9
   square_queries: int = 5000
+  square_on_loss: bool = False
   unroll: int = 1
 
 
@@ -117,7 +122,10 @@ def _fab_t(s: Settings):
 
 def _square(s: Settings):
   return square, SquareConfig(
-    eps=s.eps, norm=s.norm, num_queries=s.square_queries
+    eps=s.eps,
+    norm=s.norm,
+    num_queries=s.square_queries,
+    loss=s.loss if s.square_on_loss else None,
   )
 
 
@@ -133,7 +141,10 @@ COMPONENTS: dict[str, Component] = {
 VERSIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
   "standard": (("apgd-ce", "apgd-t", "fab-t", "square"), {}),
   "rand": (("apgd-ce", "apgd-dlr"), {"eot_iter": 20}),
-  "joint": (("apgd-ce", "square"), {"apgd_restarts": 5}),
+  "joint": (
+    ("apgd-ce", "square"),
+    {"apgd_restarts": 5, "square_on_loss": True},
+  ),
 }
 
 

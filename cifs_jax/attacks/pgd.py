@@ -43,6 +43,12 @@ from cifs_jax.attacks.objectives import LogitsFn, LossFn
 
 Array = jax.Array
 
+# Random starts: "uniform" in the eps-ball (Madry et al.'s PGD), or "normal":
+# x + NORMAL_START_STD * N(0, 1) per coordinate (the official TRADES code's
+# start, also FAT's "normal_distribution_randominit").
+START_DISTRIBUTIONS = ("uniform", "normal")
+NORMAL_START_STD = 0.001
+
 
 @dataclasses.dataclass(frozen=True)
 class PGDConfig:
@@ -53,7 +59,10 @@ class PGDConfig:
     step_size: length of each step, in the attack's norm (input units).
     num_steps: number of gradient steps.
     norm: "linf" (sign of the gradient) or "l2" (normalised gradient).
-    random_start: start from a uniform draw in the ball (else from ``x``).
+    random_start: start from a random draw around ``x`` (else from ``x``).
+    start: the random start's distribution, one of ``START_DISTRIBUTIONS``;
+      either way the start is projected onto the ball and [0, 1] before the
+      first gradient.
     num_restarts: independent runs (each from its own random start); per
       example the first run that fools the final head is kept, else the one
       with the highest loss. More than one needs ``random_start``.
@@ -66,12 +75,17 @@ class PGDConfig:
   num_steps: int = 10
   norm: str = "linf"
   random_start: bool = True
+  start: str = "uniform"
   num_restarts: int = 1
   unroll: int = AUTO_UNROLL
 
   def __post_init__(self):
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+    if self.start not in START_DISTRIBUTIONS:
+      raise ValueError(
+        f"start must be one of {START_DISTRIBUTIONS}, got {self.start!r}."
+      )
     if self.eps < 0 or self.step_size < 0:
       raise ValueError("eps and step_size must be >= 0.")
     if self.num_steps < 1 or self.num_restarts < 1:
@@ -179,27 +193,35 @@ def friendly_pgd(
   loss_fn: LossFn,
   config: PGDConfig,
   tau: int,
+  *,
+  omega: float = 0.0,
 ) -> Array:
   """FAT's early-stopped PGD (Zhang et al., 2020).
 
   Like one run of ``pgd``, except that before each step every example is
   checked: once the final head misclassifies it for the (tau + 1)-th time it
-  is frozen where it is; the others take a step and are projected onto the
-  eps-ball and [0, 1]. ``key``: as for ``pgd``. Returns (N, ...).
+  is frozen where it is; the others take a step, plus ``omega * N(0, 1)``
+  noise per coordinate (the official FAT code's omega, 0.001 there, "for
+  escaping the local minimum"; 0 in the CIFS authors' copy), and are
+  projected onto the eps-ball and [0, 1]. ``key``: as for ``pgd``; needed
+  (not None) with ``random_start`` or ``omega > 0``. Returns (N, ...).
   """
   if config.num_restarts != 1:
     raise ValueError(
       "friendly_pgd runs once; num_restarts must be 1, got "
       f"{config.num_restarts}."
     )
+  if omega < 0:
+    raise ValueError(f"omega must be >= 0, got {omega}.")
+  keys = None
+  if config.random_start or omega > 0:
+    keys = example_keys(key, x.shape[0])
   x_start = x
   if config.random_start:
-    x_start = project(
-      _random_start(example_keys(key, x.shape[0]), x, config), x, config
-    )
+    x_start = project(_random_start(keys, x, config), x, config)
   gradient = _loss_gradient(logits_fn, y, loss_fn)
 
-  def step(carry, _):
+  def step(carry, index):
     x_adv, budget, active = carry
     grad, final_logits = gradient(x_adv)
     wrong = jnp.argmax(final_logits, axis=-1) != y
@@ -207,14 +229,21 @@ def friendly_pgd(
     budget = jnp.where(active & wrong & ~stop, budget - 1, budget)
     active = active & ~stop
     keep = active.reshape(active.shape + (1,) * (x.ndim - 1))
-    x_adv = jnp.where(keep, _step(x_adv, grad, x, config), x_adv)
+    noise = 0.0
+    if omega > 0:
+      # Keys folded with the step number: independent of the start's draw.
+      step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, index)
+      noise = omega * jax.vmap(
+        lambda k, example: jax.random.normal(k, example.shape, example.dtype)
+      )(step_keys, x)
+    x_adv = jnp.where(keep, _step(x_adv, grad, x, config, noise), x_adv)
     return (x_adv, budget, active), None
 
   budget = jnp.full(y.shape, tau, jnp.int32)
   (x_adv, _, _), _ = lax.scan(
     step,
     (x_start, budget, jnp.ones(y.shape, bool)),
-    length=config.num_steps,
+    jnp.arange(config.num_steps),
     unroll=loop_unroll(config.unroll, config.num_steps),
   )
   return x_adv
@@ -230,17 +259,22 @@ def _loss_gradient(logits_fn, y, loss_fn):
   return jax.grad(total_loss, has_aux=True)
 
 
-def _step(x_adv, grad, x, config):
-  """One steepest-ascent step along ``grad``, projected back."""
-  return project(
-    x_adv + config.step_size * ascent_direction(grad, config.norm), x, config
-  )
+def _step(x_adv, grad, x, config, noise=0.0):
+  """One steepest-ascent step along ``grad`` (plus ``noise``), projected
+  back."""
+  direction = ascent_direction(grad, config.norm)
+  return project(x_adv + config.step_size * direction + noise, x, config)
 
 
 def _random_start(keys: Array, x: Array, config: PGDConfig) -> Array:
-  """x plus a uniform draw from the ball of radius eps, per example."""
+  """x plus a draw of ``config.start`` around it, per example: uniform in
+  the ball of radius eps, or normal with std ``NORMAL_START_STD``."""
 
   def draw(key, example):
+    if config.start == "normal":
+      return NORMAL_START_STD * jax.random.normal(
+        key, example.shape, example.dtype
+      )
     if config.norm == "linf":
       return jax.random.uniform(
         key, example.shape, example.dtype, -config.eps, config.eps

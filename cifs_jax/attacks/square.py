@@ -4,7 +4,8 @@ Random search that needs only the final head's logits, never a gradient,
 as AutoAttack standard runs it (fra31/auto-attack, ``square.py``): start
 from vertical stripes of +-eps, then per query propose one square window,
 set to x +- eps (one sign per channel) inside the window, and keep the
-proposal where it lowers the margin ``f_y - max_{k != y} f_k``. The window's
+proposal where it lowers the margin ``f_y - max_{k != y} f_k`` (or, with
+``SquareConfig.loss``, where it raises that loss). The window's
 side shrinks with the reference's schedule (``square_sizes``). A point stops
 (and stops spending queries) once its margin is <= 0.
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cifs_jax.attacks.objectives import LogitsFn
+from cifs_jax.attacks.objectives import AttackLoss, LogitsFn, LossFn
 from cifs_jax.attacks.geometry import example_keys
 
 Array = jax.Array
@@ -51,6 +52,12 @@ class SquareConfig:
       the query of the initial stripes.
     p_init: initial fraction of the image a window covers.
     num_restarts: runs, each on the points the earlier ones left robust.
+    loss: the acceptance rule. None (AutoAttack's): keep a proposal where it
+      lowers the final head's margin. A loss (e.g. Eq. 3's joint
+      cross-entropy, the CIFS authors' reduced AutoAttack, as the reference's
+      ``loss="ce"``): keep it where it raises that loss; the protocols pass
+      each beta_atk's as ``square``'s ``loss_fn``. Either way a point stops
+      once the final head is fooled.
   """
 
   eps: float
@@ -58,6 +65,7 @@ class SquareConfig:
   num_queries: int = 5000
   p_init: float = 0.8
   num_restarts: int = 1
+  loss: AttackLoss | None = None
 
   def __post_init__(self):
     if self.norm not in SQUARE_NORMS:
@@ -73,7 +81,13 @@ class SquareConfig:
 
 
 def square(
-  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: SquareConfig
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  key: Array,
+  config: SquareConfig,
+  *,
+  loss_fn: LossFn | None = None,
 ) -> Array:
   """Square attack: an adversarial point within eps of x, or x itself.
 
@@ -84,16 +98,24 @@ def square(
     y: integer labels, (N,).
     key: a PRNG key or (N,) keys.
     config: the attack's settings.
+    loss_fn: (final_logits, probe_logits, y) -> (N,) loss whose increase
+      accepts a proposal, in place of ``config.loss``; None: ``config.loss``.
 
   Returns:
     (N, H, W, C): where a point's top-1 was turned away from y, the
     adversarial point (within eps of x in L-inf, inside [0, 1]); x elsewhere.
   """
-  return square_with_queries(logits_fn, x, y, key, config)[0]
+  return square_with_queries(logits_fn, x, y, key, config, loss_fn=loss_fn)[0]
 
 
 def square_with_queries(
-  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: SquareConfig
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  key: Array,
+  config: SquareConfig,
+  *,
+  loss_fn: LossFn | None = None,
 ) -> tuple[Array, Array]:
   """``square``, also returning the queries spent on each point.
 
@@ -106,13 +128,16 @@ def square_with_queries(
   if x.ndim != 4:
     raise ValueError(f"Square needs images (N, H, W, C), got shape {x.shape}.")
   keys = example_keys(key, x.shape[0])
+  loss_fn = config.loss if loss_fn is None else loss_fn
   sizes = jnp.asarray(square_sizes(config, *x.shape[1:3]))
   robust = jnp.argmax(logits_fn(x)[0], axis=-1) == y
 
   def restart(carry, index):
     x_adv, robust, queries = carry
     restart_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, index)
-    x_best, spent = _run(logits_fn, x, y, restart_keys, robust, sizes, config)
+    x_best, spent = _run(
+      logits_fn, x, y, restart_keys, robust, sizes, config, loss_fn
+    )
     fooled = robust & (jnp.argmax(logits_fn(x_best)[0], axis=-1) != y)
     x_adv = jnp.where(fooled[:, None, None, None], x_best, x_adv)
     return (x_adv, robust & ~fooled, queries + spent), None
@@ -141,21 +166,26 @@ def square_sizes(config: SquareConfig, height: int, width: int) -> np.ndarray:
   return np.minimum(np.array(sizes, np.int32), min(height, width))
 
 
-def _margin(logits_fn, x, y):
-  """f_y - max_{k != y} f_k of the final head, (N,); <= 0 means fooled."""
-  logits = logits_fn(x)[0]
+def _margin_and_score(logits_fn, x, y, loss_fn):
+  """(margin (N,), score (N,)) of one forward pass: the final head's margin
+  (<= 0: fooled) and what a proposal must lower to be kept: the margin
+  itself, or minus ``loss_fn`` (the reference's ``margin_and_loss``)."""
+  logits, probe_logits = logits_fn(x)
   true = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
   others = jnp.where(
     jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits
   )
-  return true - jnp.max(others, axis=-1)
+  margin = true - jnp.max(others, axis=-1)
+  if loss_fn is None:
+    return margin, margin
+  return margin, -loss_fn(logits, probe_logits, y).astype(margin.dtype)
 
 
-def _run(logits_fn, x, y, keys, todo, sizes, config):
+def _run(logits_fn, x, y, keys, todo, sizes, config, loss_fn):
   """One restart on the points ``todo`` (N,) bool.
 
   Returns:
-    x_best (N, H, W, C), the lowest-margin point found per example (only
+    x_best (N, H, W, C), the lowest-score point found per example (only
     meaningful where ``todo``), and the queries spent per example (N,).
   """
   _, height, width, channels = x.shape
@@ -166,7 +196,8 @@ def _run(logits_fn, x, y, keys, todo, sizes, config):
     lambda k: jax.random.rademacher(k, (1, width, channels), x.dtype)
   )(stripe_keys)
   x_best = jnp.clip(x + config.eps * stripes, 0.0, 1.0)
-  margin = jnp.where(todo, _margin(logits_fn, x_best, y), -jnp.inf)
+  margin, score = _margin_and_score(logits_fn, x_best, y, loss_fn)
+  margin = jnp.where(todo, margin, -jnp.inf)
   rows = lax.broadcasted_iota(jnp.int32, (height, width, 1), 0)
   cols = lax.broadcasted_iota(jnp.int32, (height, width, 1), 1)
 
@@ -187,7 +218,7 @@ def _run(logits_fn, x, y, keys, todo, sizes, config):
     return window, jnp.clip(example + config.eps * sign, 0.0, 1.0)
 
   def query(state):
-    iteration, x_best, margin, spent = state
+    iteration, x_best, margin, score, spent = state
     active = margin > 0
     iteration_keys = jax.vmap(jax.random.fold_in, (0, None))(
       query_keys, iteration
@@ -196,19 +227,20 @@ def _run(logits_fn, x, y, keys, todo, sizes, config):
       iteration_keys, x, sizes[iteration]
     )
     candidate = jnp.where(window, corner, x_best)
-    new_margin = _margin(logits_fn, candidate, y)
-    better = active & (new_margin < margin)
+    new_margin, new_score = _margin_and_score(logits_fn, candidate, y, loss_fn)
+    better = active & (new_score < score)
     return (
       iteration + 1,
       jnp.where(better[:, None, None, None], candidate, x_best),
       jnp.where(better, new_margin, margin),
+      jnp.where(better, new_score, score),
       spent + active.astype(jnp.int32),
     )
 
   def robust_left(state):
-    iteration, _, margin, _ = state
-    return (iteration < config.num_queries) & jnp.any(margin > 0)
+    margin = state[2]
+    return (state[0] < config.num_queries) & jnp.any(margin > 0)
 
-  start = (jnp.int32(0), x_best, margin, todo.astype(jnp.int32))
-  _, x_best, _, spent = lax.while_loop(robust_left, query, start)
+  start = (jnp.int32(0), x_best, margin, score, todo.astype(jnp.int32))
+  _, x_best, _, _, spent = lax.while_loop(robust_left, query, start)
   return x_best, spent

@@ -40,10 +40,10 @@ class DatasetInfo:
     return len(self.class_names)
 
 
-# Augmentation defaults: CIFAR-10 as in the paper and the authors' code; SVHN
-# crops without flips (digits are not mirror-symmetric; the authors' code
-# flips, set `augment.flip = True` to match it); Fashion-MNIST none, as in the
-# authors' code (`transforms.ToTensor()` only).
+# Augmentation defaults, as in the authors' loaders: CIFAR-10 and SVHN random
+# crop (pad 4) and horizontal flip (SVHN too, although digits are not
+# mirror-symmetric: `augment.flip = False` turns it off); Fashion-MNIST none
+# (`transforms.ToTensor()` only).
 DATASETS = {
   "cifar10": DatasetInfo(
     name="cifar10",
@@ -72,7 +72,7 @@ DATASETS = {
     class_names=tuple(str(d) for d in range(10)),
     num_examples={"train": 73_257, "test": 26_032},
     crop_padding=4,
-    flip=False,
+    flip=True,
   ),
   "fashion_mnist": DatasetInfo(
     name="fashion_mnist",

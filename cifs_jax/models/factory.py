@@ -158,12 +158,17 @@ def build_model(
   """
   check_known_keys(config, default_config(), "model.")
   check_choice("model.name", config.name, ARCHITECTURES)
+  if config.width is not None and config.width < 1:
+    raise ValueError(
+      f"model.width={config.width!r} must be >= 1 (None: the "
+      "architecture's standard width)."
+    )
   cifs_options(config)  # checked whatever the defence
   defense = defense_from_config(config)
   if config.name == "wrn28_10":
     return WideResNet(
       depth=28,
-      widen_factor=config.width or 10,
+      widen_factor=10 if config.width is None else config.width,
       num_classes=config.num_classes,
       defense=defense,
       dtype=dtype,
@@ -173,7 +178,7 @@ def build_model(
   return ResNet(
     stage_sizes=stage_sizes,
     num_classes=config.num_classes,
-    width=config.width or 64,
+    width=64 if config.width is None else config.width,
     defense=defense,
     dtype=dtype,
     bn_axis_name=bn_axis_name,

@@ -11,6 +11,7 @@ step loop is a ``lax.scan`` inside it, so one training step is one program.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -120,6 +121,9 @@ def make_train_step(
     kind, config.train.loss_beta, config.train.loss_scale
   )
   pgd_config = attack_config(config.attack)
+  # TRADES' inner maximisation starts from ``trades.start`` ("normal": the
+  # official 0.001 * N(0, 1)).
+  trades_pgd_config = dataclasses.replace(pgd_config, start=config.trades.start)
   fat_tau = fat_tau_schedule(config, steps_per_epoch)
 
   def craft(state, x, y, attack_keys):
@@ -136,6 +140,7 @@ def make_train_step(
         train_loss,
         pgd_config,
         fat_tau(state.step),
+        omega=config.fat.omega,
       )
     elif method == "trades":
       natural_logits = lax.stop_gradient(logits_fn(x)[0])
@@ -145,7 +150,7 @@ def make_train_step(
         natural_logits,
         attack_keys,
         _trades_inner_loss,
-        pgd_config,
+        trades_pgd_config,
       )
     return lax.stop_gradient(x)
 

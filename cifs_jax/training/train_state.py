@@ -34,15 +34,19 @@ class TrainState(train_state.TrainState):
 def learning_rate_schedule(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
-  """Piecewise-constant rate: ``learning_rate`` times ``lr_decay`` after each
-  milestone epoch, as PyTorch's MultiStepLR stepped once per epoch.
+  """Piecewise-constant rate: ``learning_rate`` times ``lr_decay`` (or the
+  milestone's own factor of ``lr_decays``) after each milestone epoch, as
+  PyTorch's MultiStepLR stepped once per epoch.
 
   Update number t (0-based) uses the rate at count t and belongs to epoch
   t // steps_per_epoch; optax scales from the boundary count on.
   """
+  decays = tuple(config.lr_decays) or (config.lr_decay,) * len(
+    config.lr_milestones
+  )
   boundaries = {
-    milestone * steps_per_epoch: config.lr_decay
-    for milestone in config.lr_milestones
+    milestone * steps_per_epoch: decay
+    for milestone, decay in zip(config.lr_milestones, decays, strict=True)
   }
   return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
