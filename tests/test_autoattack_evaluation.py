@@ -8,7 +8,7 @@ import pytest
 
 from cifs_jax import evaluation
 from cifs_jax.evaluation import summary
-from tests.test_evaluation import NUM_CLASSES, _evaluate, _model
+from tests.test_evaluation import NUM_CLASSES, _evaluate, _model, _protocol
 
 # Budgets small enough for a test; K = 4 classes leave 3 targets.
 REDUCED = dict(num_target_classes=NUM_CLASSES - 1, square_queries=20)
@@ -23,6 +23,7 @@ def _reduced_protocol(version="standard", betas=(0.0, math.inf)):
     tuple(_fewer_steps(attack) for attack in protocol.attacks),
     protocol.gradient_modes,
     betas,
+    cascade=protocol.cascade,
   )
 
 
@@ -122,3 +123,32 @@ def test_evaluating_the_standard_protocol_on_a_model_with_probes():
   markdown = evaluation.to_markdown(results)
   assert "## Robust accuracy after each stage" in markdown
   assert f"| APGD-T | {stages[2]:.2f} |" in markdown
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "protocol", [_reduced_protocol(), _protocol(True)], ids=["autoattack", "pgd"]
+)
+def test_the_cascade_gives_the_full_protocols_worst_case(protocol, tmp_path):
+  """The same final-head worst case and stages, each run on fewer points;
+  a resumed cascade reads its finished runs back."""
+  _, fns = _model()
+  full = _evaluate(
+    fns, dataclasses.replace(protocol, cascade=False), batch_size=8
+  )
+  partial = evaluation.evaluator.PartialResults(tmp_path / "p.json", {})
+  cascade_protocol = dataclasses.replace(protocol, cascade=True)
+  cascaded = _evaluate(fns, cascade_protocol, batch_size=8, partial=partial)
+  assert cascaded["stages"] == full["stages"]
+  assert cascaded["worst_case"]["top1"] == full["worst_case"]["top1"]
+  assert full["worst_case"]["top1"] < full["natural"]["top1"]
+  runs = list(cascaded["cascade"]["runs"].values())
+  attacked = [run["attacked"] for run in runs]
+  assert attacked[0] == round(full["natural"]["top1"] * 23 / 100)
+  assert attacked == sorted(attacked, reverse=True)
+  assert attacked[-1] < attacked[0]
+  for run, before in zip(runs[1:], runs):
+    assert run["attacked"] == round(before["robust_accuracy"] * 23 / 100)
+  resumed = _evaluate(fns, cascade_protocol, batch_size=8, partial=partial)
+  assert resumed["stages"] == cascaded["stages"]
+  assert all(run["seconds"] < 1 for run in resumed["cascade"]["runs"].values())

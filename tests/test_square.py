@@ -31,13 +31,44 @@ def margins(logits, y):
   return logits[rows, y] - others.max(-1)
 
 
-def test_window_sizes_follow_the_reference_schedule():
-  sizes = square.square_sizes(square.SquareConfig(eps=0.03), 32, 32)
+def test_window_sizes_follow_the_official_autoattack_schedule():
+  """AutoAttack's Square (resc_schedule=False), 5,000 queries on 28x28: the
+  sides 25, 18, 13, 9, 6, 4, 3, 2 start at queries 0, 11, 51, 201, 501,
+  1001, 2001, 4001 and the last one runs to the end."""
+  sizes = square.square_sizes(square.SquareConfig(eps=0.1), 28, 28)
   assert sizes.shape == (5000,)
+  changes = np.flatnonzero(np.diff(sizes, prepend=-1))
+  np.testing.assert_array_equal(
+    changes, [0, 11, 51, 201, 501, 1001, 2001, 4001]
+  )
+  np.testing.assert_array_equal(sizes[changes], [25, 18, 13, 9, 6, 4, 3, 2])
+
+
+def test_rescaled_schedule_stretches_the_halvings_to_the_budget():
+  config = square.SquareConfig(eps=0.03, rescale_schedule=True)
+  sizes = square.square_sizes(config, 32, 32)
   # p_selection(it) with it = int(i / 5000 * 10000); side round(sqrt(p 1024)).
   expected = {0: 29, 5: 29, 6: 20, 25: 20, 26: 14, 101: 10, 2500: 3, 4999: 1}
   assert {i: sizes[i] for i in expected} == expected
   assert np.all(np.diff(sizes) <= 0)
+
+
+@pytest.mark.parametrize("anywhere", [False, True])
+def test_official_placement_leaves_the_last_column_to_the_stripes(anywhere):
+  """The official windows cover the last column only when they span the
+  image, and both they and the initial stripes are constant down a column:
+  the last column's perturbation is the same in every row."""
+  _, y = linear_classifier.correctly_labelled_points(MODEL, 2, (64,) + IMAGE)
+  x = jnp.full((64,) + IMAGE, 0.5, jnp.float32)  # no box clipping
+  config = square.SquareConfig(
+    eps=0.1, num_queries=200, window_anywhere=anywhere
+  )
+  x_adv, _ = square_with_queries(
+    MODEL.logits_fn, x, jnp.asarray(y), jax.random.key(1), config=config
+  )
+  last_column = np.asarray(x_adv - x)[:, :, -1, :]  # (N, H, C)
+  constant = np.all(last_column == last_column[:, :1], axis=(1, 2))
+  assert np.all(constant) != anywhere
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +80,13 @@ def linear_run():
   )
   y[:10] = (y[:10] + 1) % NUM_CLASSES  # misclassified from the start
   eps = 0.06
-  config = square.SquareConfig(eps=eps, num_queries=500, num_restarts=2)
+  config = square.SquareConfig(
+    eps=eps,
+    num_queries=500,
+    num_restarts=2,
+    rescale_schedule=True,
+    window_anywhere=True,
+  )
   x = jnp.asarray(x, jnp.float32)
   x_adv, queries = square_with_queries(
     MODEL.logits_fn, x, jnp.asarray(y), jax.random.key(0), config=config

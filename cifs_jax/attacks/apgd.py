@@ -13,8 +13,9 @@ The algorithm of the reference implementation (fra31/auto-attack,
   ``0.03 N`` shorter than the last down to ``0.06 N`` (``checkpoint_lengths``);
   at each, per example, the step halves and the iterate returns to the best
   point found when the loss went up on at most ``rho`` of the interval's
-  steps, or when neither the step size nor the best loss changed since the
-  previous checkpoint;
+  steps (the first step's "up" meaning above zero, as the official code
+  compares it with a still-zero entry of its loss history), or when neither
+  the step size nor the best loss changed since the previous checkpoint;
 - per example the best loss and its point are tracked, and the latest
   misclassified iterate, which is the result for a fooled example.
 
@@ -380,7 +381,11 @@ def _run(draw, loss_fn, x, y, target, start_keys, eot_key, config):
     x_adv=x_start,
     x_prev=x_start,
     grad=grad,
-    loss=loss,
+    # The loss the first step's is compared with when counting increases:
+    # as the official code, whose first checkpoint compares it with a
+    # still-zero entry of its loss history (loss_steps[-1]), not with the
+    # starting point's loss.
+    loss=jnp.zeros_like(loss),
     step_size=jnp.full(y.shape, INITIAL_STEP * config.eps, x.dtype),
     x_best=x_start,
     grad_best=grad,

@@ -20,12 +20,14 @@ Versions (the reference's settings, eps and norm given):
                lower the final head's margin
     custom     the components named in ``attacks``
 
-Between stages the robust points are gathered on the host into chunks of at
-most ``batch_size``, each padded to ``batch_size`` or a power of two, so a
+The stages run as a cascade (``run_cascade``, shared with the evaluation
+protocols): between stages the robust points are gathered on the host into
+chunks of ``chunk_sizes`` (``batch_size``, then powers of two), so a
 shrinking robust set reuses a few compiled programs instead of compiling one
-per subset size. Components are ``attack(logits_fn, x, y, key, config) ->
-x_adv`` with a hashable config, looked up by name in ``COMPONENTS`` (or in
-the ``components`` argument). ``plan`` gives a version's components and
+per subset size, and pads fewer than ``MIN_CHUNK`` points per stage.
+Components are ``attack(logits_fn, x, y, key, config) -> x_adv`` with a
+hashable config, looked up by name in ``COMPONENTS`` (or in the
+``components`` argument). ``plan`` gives a version's components and
 settings; the "autoattack" evaluation protocols build on it
 (``cifs_jax.evaluation.protocols``).
 """
@@ -149,6 +151,72 @@ VERSIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class StageStats:
+  """One stage of a cascade.
+
+  Attributes:
+    name: the stage (a component, or an evaluation run).
+    robust_accuracy: percentage of all points still robust after it.
+    attacked: points it attacked (those robust before it).
+    seconds: its wall time.
+  """
+
+  name: str
+  robust_accuracy: float
+  attacked: int
+  seconds: float
+
+
+# A cascade stage: (name, attack) with attack(indices (n,)) -> fooled (n,).
+Stage = tuple[str, Callable[[np.ndarray], np.ndarray]]
+
+
+def run_cascade(
+  stages: Sequence[Stage],
+  robust: np.ndarray,
+  log: Callable[[str], None] | None = None,
+) -> list[StageStats]:
+  """Runs ``stages`` in order, each only on the points still robust.
+
+  The ensemble of ``autoattack`` and of the evaluation protocols in cascade
+  mode (``cifs_jax.evaluation.evaluator``). The worst case over the stages
+  (a point is robust iff no stage fools it) is the same as running every
+  stage on every point, when a stage's verdict on a point does not depend
+  on the other points attacked with it.
+
+  Args:
+    stages: (name, attack) pairs; ``attack(indices)`` gets the indices
+      (n,) of the points still robust (n may be 0) and returns which of them
+      it fooled, (n,) bool.
+    robust: (N,) bool, the points robust before the first stage; updated in
+      place.
+    log: receives a progress line per stage (default: this module's logger).
+
+  Returns:
+    One ``StageStats`` per stage.
+  """
+  log = log or logging.getLogger(__name__).info
+  stats = []
+  for name, attack in stages:
+    start = time.perf_counter()
+    to_attack = np.flatnonzero(robust)
+    robust[to_attack[np.asarray(attack(to_attack), bool)]] = False
+    stats.append(
+      StageStats(
+        name=name,
+        robust_accuracy=100 * float(np.mean(robust)),
+        attacked=len(to_attack),
+        seconds=time.perf_counter() - start,
+      )
+    )
+    log(
+      f"robust accuracy after {name}: {stats[-1].robust_accuracy:.2f} % "
+      f"({len(to_attack)} points attacked, {stats[-1].seconds:.1f} s)"
+    )
+  return stats
+
+
+@dataclasses.dataclass(frozen=True)
 class AutoAttackResult:
   """The outcome of ``autoattack``.
 
@@ -157,17 +225,20 @@ class AutoAttackResult:
       non-robust point, the clean input for the rest (and for points
       misclassified when clean).
     robust: (N,) bool, the final head still right after every stage.
-    accuracy: robust accuracy (fraction) after each stage, in order:
+    accuracy: robust accuracy (percentage) after each stage, in order:
       "clean" first, then each component's name.
+    stages: each component's ``StageStats`` (points attacked, seconds).
   """
 
   x_adv: np.ndarray
   robust: np.ndarray
   accuracy: dict[str, float]
+  stages: tuple[StageStats, ...] = ()
 
   @property
   def robust_accuracy(self) -> float:
-    return float(np.mean(self.robust))
+    """Percentage of the points robust after every stage."""
+    return 100 * float(np.mean(self.robust))
 
 
 def autoattack(
@@ -204,7 +275,7 @@ def autoattack(
     components: extra or replacement components by name.
 
   Returns:
-    An ``AutoAttackResult``.
+    An ``AutoAttackResult`` (accuracies in percent).
   """
   names, settings = plan(version, attacks, eps=eps, norm=norm, loss=loss)
   registry = {**COMPONENTS, **(components or {})}
@@ -221,32 +292,46 @@ def autoattack(
   )
 
   robust = ~check(x, y, x, jax.random.fold_in(key, 0), np.arange(len(y)))
-  accuracy = {"clean": float(np.mean(robust))}
-  log(f"initial accuracy: {100 * accuracy['clean']:.2f} %")
+  log(f"initial accuracy: {100 * np.mean(robust):.2f} %")
   x_adv = x.copy()
-  start = time.time()
-  for stage, name in enumerate(names, start=1):
+
+  def stage(index, name):
     attack, config = registry[name](settings)
-    stage_key, check_key = jax.random.split(jax.random.fold_in(key, stage))
-    to_attack = np.flatnonzero(robust)
-    candidates = _attack_chunks(
-      _jitted(attack), logits_fn, config, x, y, stage_key, to_attack, batch_size
-    )
-    fooled = check(
-      x[to_attack],
-      y[to_attack],
-      candidates,
-      check_key,
-      np.arange(len(to_attack)),
-    )
-    robust[to_attack[fooled]] = False
-    x_adv[to_attack[fooled]] = candidates[fooled]
-    accuracy[name] = float(np.mean(robust))
-    log(
-      f"robust accuracy after {name.upper()}: {100 * accuracy[name]:.2f} "
-      f"% (total time {time.time() - start:.1f} s)"
-    )
-  return AutoAttackResult(x_adv=x_adv, robust=robust, accuracy=accuracy)
+    stage_key, check_key = jax.random.split(jax.random.fold_in(key, index))
+
+    def run(to_attack):
+      candidates = _attack_chunks(
+        _jitted(attack),
+        logits_fn,
+        config,
+        x,
+        y,
+        stage_key,
+        to_attack,
+        batch_size,
+      )
+      fooled = check(
+        x[to_attack],
+        y[to_attack],
+        candidates,
+        check_key,
+        np.arange(len(to_attack)),
+      )
+      x_adv[to_attack[fooled]] = candidates[fooled]
+      return fooled
+
+    return name, run
+
+  accuracy = {"clean": 100 * float(np.mean(robust))}
+  stats = run_cascade(
+    [stage(index, name) for index, name in enumerate(names, start=1)],
+    robust,
+    log,
+  )
+  accuracy.update((s.name, s.robust_accuracy) for s in stats)
+  return AutoAttackResult(
+    x_adv=x_adv, robust=robust, accuracy=accuracy, stages=tuple(stats)
+  )
 
 
 def plan(
@@ -288,10 +373,26 @@ def _jitted(attack: Attack):
   return jax.jit(attack, static_argnums=(0, 4))
 
 
-def padded_size(num_points: int, batch_size: int) -> int:
-  """The compiled batch size of a chunk of ``num_points`` <= batch_size:
-  ``batch_size``, or the next power of two when that is smaller."""
-  return min(batch_size, 1 << max(num_points - 1, 0).bit_length())
+# The smallest compiled chunk: the remainder of the points is padded up to a
+# multiple of it (so at most MIN_CHUNK - 1 padded points per stage).
+MIN_CHUNK = 8
+
+
+def chunk_sizes(num_points: int, batch_size: int) -> list[int]:
+  """The compiled batch sizes that cover ``num_points``: (sizes, in order).
+
+  Full ``batch_size`` chunks, then the rest rounded up to a multiple of
+  ``MIN_CHUNK`` split into powers of two (its binary digits), largest first:
+  a shrinking robust set reuses at most log2(batch_size / MIN_CHUNK) + 2
+  compiled shapes and pads fewer than ``MIN_CHUNK`` points per call, where
+  one padded chunk of the next power of two would waste up to half.
+  """
+  full, rest = divmod(num_points, batch_size)
+  rest = -(-rest // MIN_CHUNK) * MIN_CHUNK
+  if rest >= batch_size:
+    return [batch_size] * (full + 1)
+  powers = [1 << bit for bit in range(rest.bit_length()) if rest >> bit & 1]
+  return [batch_size] * full + powers[::-1]
 
 
 def _chunks(indices: np.ndarray, batch_size: int):
@@ -299,9 +400,10 @@ def _chunks(indices: np.ndarray, batch_size: int):
 
   Padding repeats the chunk's first index; its results are dropped.
   """
-  for begin in range(0, len(indices), batch_size):
-    chunk = indices[begin : begin + batch_size]
-    size = padded_size(len(chunk), batch_size)
+  begin = 0
+  for size in chunk_sizes(len(indices), batch_size):
+    chunk = indices[begin : begin + size]
+    begin += size
     yield (
       len(chunk),
       np.concatenate(

@@ -6,8 +6,17 @@ from vertical stripes of +-eps, then per query propose one square window,
 set to x +- eps (one sign per channel) inside the window, and keep the
 proposal where it lowers the margin ``f_y - max_{k != y} f_k`` (or, with
 ``SquareConfig.loss``, where it raises that loss). The window's
-side shrinks with the reference's schedule (``square_sizes``). A point stops
-(and stops spending queries) once its margin is <= 0.
+side shrinks with the schedule of ``square_sizes``: by default the one the
+official AutoAttack runs (``SquareAttack(resc_schedule=False)``: the
+halvings at fixed query counts, whatever the budget), optionally the
+official Square's default, rescaled to a 10,000-query budget
+(``rescale_schedule=True``). A point stops (and stops spending queries) once
+its margin is <= 0.
+
+Departure from the official code: each point draws its own window place and
+signs (the official code draws one per query for the whole batch), so a
+point's queries do not depend on the rest of the batch; each point's
+proposals have the official distribution.
 
 The query loop is a ``lax.while_loop`` that ends when every point is fooled
 or the budget is spent; the window is a mask built from iota comparisons, so
@@ -34,8 +43,9 @@ from cifs_jax.attacks.geometry import example_keys
 Array = jax.Array
 
 SQUARE_NORMS = ("linf",)
-# The reference's schedule: p_init is halved after each of these iterations
-# (of a 10,000-query budget; other budgets rescale the iteration).
+# The official schedule (``p_selection``): p_init is halved after each of
+# these iterations (with ``rescale_schedule``, iterations of a 10,000-query
+# budget: other budgets rescale the iteration).
 _HALVING_ITERATIONS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
@@ -58,6 +68,14 @@ class SquareConfig:
       ``loss="ce"``): keep it where it raises that loss; the protocols pass
       each beta_atk's as ``square``'s ``loss_fn``. Either way a point stops
       once the final head is fooled.
+    rescale_schedule: whether the window schedule is stretched to the
+      budget (the official ``SquareAttack``'s default, ``resc_schedule``);
+      False is the official AutoAttack's setting: with 5,000 queries the
+      windows never shrink past the 4,000th query's.
+    window_anywhere: whether a window may cover the last row or column of
+      the image; False is the official code (``randint(0, H - size)``):
+      there only a window that spans the image does, so the last row and
+      column keep the initial stripes (which matters on tiny images only).
   """
 
   eps: float
@@ -66,6 +84,8 @@ class SquareConfig:
   p_init: float = 0.8
   num_restarts: int = 1
   loss: AttackLoss | None = None
+  rescale_schedule: bool = False
+  window_anywhere: bool = False
 
   def __post_init__(self):
     if self.norm not in SQUARE_NORMS:
@@ -152,14 +172,18 @@ def square_with_queries(
 def square_sizes(config: SquareConfig, height: int, width: int) -> np.ndarray:
   """The window's side at each iteration, (num_queries,) int32 pixels.
 
-  The reference's ``p_selection`` (with its rescaling to the budget) gives
-  the fraction p of the image; the side is ``round(sqrt(p * H * W))``, at
-  least 1 and (a guard the reference's square images do not need) at most
-  min(H, W).
+  The official ``p_selection`` (rescaled to a 10,000-query budget only with
+  ``config.rescale_schedule``) gives the fraction p of the image; the side is
+  ``round(sqrt(p * H * W))``, at least 1 and at most min(H, W) (both as the
+  official code).
   """
   sizes = []
   for iteration in range(config.num_queries):
-    scaled = int(iteration / config.num_queries * 10000)
+    scaled = (
+      int(iteration / config.num_queries * 10000)
+      if config.rescale_schedule
+      else iteration
+    )
     halvings = sum(scaled > it for it in _HALVING_ITERATIONS)
     p = config.p_init / 2**halvings
     sizes.append(max(int(round(np.sqrt(p * height * width))), 1))
@@ -204,10 +228,15 @@ def _run(logits_fn, x, y, keys, todo, sizes, config, loss_fn):
   def propose(key, example, size):
     """x with one window set to x +- eps (a sign per channel): (H, W, C)."""
     top_key, left_key, sign_key = jax.random.split(key, 3)
-    # Every place the window fits; the reference never puts it on the last
-    # row or column unless it spans the image (randint(0, H - size)).
-    top = jax.random.randint(top_key, (), 0, height - size + 1)
-    left = jax.random.randint(left_key, (), 0, width - size + 1)
+    # The official code draws from [0, H - size): never on the last row or
+    # column unless the window spans the image.
+    extra = int(config.window_anywhere)
+    top = jax.random.randint(
+      top_key, (), 0, jnp.maximum(height - size + extra, 1)
+    )
+    left = jax.random.randint(
+      left_key, (), 0, jnp.maximum(width - size + extra, 1)
+    )
     sign = jax.random.rademacher(sign_key, (channels,), example.dtype)
     window = (
       (rows >= top)

@@ -26,6 +26,16 @@ every global batch, process 0's first (as ``data.eval_batches`` gives them);
 the ranks are gathered from all processes, so every process returns the
 same results and counts each example once.
 
+Cascade (``protocol.cascade``; AutoAttack's protocols): the runs go in
+protocol order through ``attacks.autoattack.run_cascade``, the ensemble of
+``attacks.autoattack``: each run attacks only the examples whose final head
+no earlier run fooled, re-batched on the host into ``chunk_sizes`` chunks.
+The per-example worst case of the final head (so ``stages`` and the top-1
+of ``worst_case``) is the full protocol's; an example a run did not attack
+keeps its clean ranks in that run, so the per-run and per-beta tables and
+the other heads count only what each run attacked. ``results["cascade"]``
+gives per run and per attack the points attacked and the seconds.
+
 Randomness does not depend on the batching: an example's random starts come
 from a key folded with the run's name and the example's index in the stream
 of valid examples.
@@ -53,6 +63,7 @@ import tqdm
 from cifs_jax import data
 from cifs_jax import attacks
 from cifs_jax.attacks import LogitsFn
+from cifs_jax.attacks.autoattack import chunk_sizes, run_cascade
 from cifs_jax.evaluation import metrics
 from cifs_jax.evaluation import summary
 from cifs_jax.evaluation.protocols import Attack, Protocol
@@ -288,11 +299,56 @@ def evaluate(
       }
     )
     run_ranks = {run.name: done[run.name] for run in runs if run.name in done}
+
+  def save(run, ranks):
+    run_ranks[run.name] = ranks
+    if partial is not None and jax.process_index() == 0:
+      partial.save_run(run.name, ranks)
+
+  if protocol.cascade:
+    valid = [
+      _valid_rows((images, example_ids), mask)
+      for images, _, example_ids, mask in device_batches
+    ]
+    images = np.concatenate([v[0] for v in valid])
+    order = np.argsort(np.concatenate([v[1] for v in valid]))
+    cascade = _cascade(
+      runs,
+      run_ranks,
+      save,
+      fns,
+      parallel,
+      (images[order], labels, clean_ranks),
+      device_batches[0][0].shape[0],
+      key,
+      num_probes,
+    )
+  else:
+    _full(runs, run_ranks, save, fns, device_batches, key, num_probes, progress)
+  results = summary.summarize(
+    protocol,
+    runs,
+    labels=labels,
+    clean_ranks=clean_ranks,
+    run_ranks=run_ranks,
+    num_classes=num_classes,
+    class_names=class_names,
+  )
+  if protocol.cascade:
+    results["cascade"] = cascade
+  return results
+
+
+def _full(
+  runs, run_ranks, save, fns, device_batches, key, num_probes, progress
+):
+  """Every run not yet in ``run_ranks`` on every example; ``save(run,
+  ranks (N, 1 + P))`` books each."""
   bar = tqdm.tqdm(
     total=len(runs) * len(device_batches),
     initial=len(run_ranks) * len(device_batches),
     disable=not progress,
-    desc=f"eval ({protocol.name})",
+    desc="eval",
     unit="batch",
   )
   for run in runs:
@@ -311,19 +367,119 @@ def evaluate(
       )
       ranks.append(_valid_rows(batch_ranks, mask))
       bar.update(1)
-    run_ranks[run.name] = np.concatenate(ranks)
-    if partial is not None and jax.process_index() == 0:
-      partial.save_run(run.name, run_ranks[run.name])
+    save(run, np.concatenate(ranks))
   bar.close()
-  return summary.summarize(
-    protocol,
-    runs,
-    labels=labels,
-    clean_ranks=clean_ranks,
-    run_ranks=run_ranks,
-    num_classes=num_classes,
-    class_names=class_names,
+
+
+def _cascade(
+  runs, run_ranks, save, fns, parallel, examples, batch_size, key, num_probes
+):
+  """The runs as a cascade (module docstring), each on the examples still
+  robust; ``save(run, ranks)`` books each run not yet in ``run_ranks``.
+
+  Args:
+    examples: (uint8 images (N, H, W, C), labels (N,), clean ranks (N, 1 +
+      P)), host arrays of every valid example, row = example id.
+    batch_size: the largest global batch attacked at once.
+
+  Returns:
+    {"runs": {run name: stats}, "stages": {attack name: stats}}: robust
+    accuracy (%) after it, points attacked, seconds; an attack's
+    "point_runs" sums the points attacked over its runs.
+  """
+  images, labels, clean_ranks = examples
+
+  def stage(run):
+    def attack(indices):
+      if run.name not in run_ranks:
+        ranks = clean_ranks.copy()
+        ranks[indices] = _attack_examples(
+          run,
+          fns[run.gradient],
+          parallel,
+          images,
+          labels,
+          indices,
+          batch_size,
+          _run_key(key, run),
+          attacks.head_weights(run.beta, run.probe, num_probes),
+        )
+        save(run, ranks)
+      return run_ranks[run.name][indices, 0] > 0
+
+    return run.name, attack
+
+  stats = run_cascade(
+    [stage(run) for run in runs], clean_ranks[:, 0] == 0, logging.info
   )
+  per_attack = {}
+  for run, stat in zip(runs, stats):
+    entry = per_attack.setdefault(
+      run.attack.name,
+      {"attacked": stat.attacked, "point_runs": 0, "seconds": 0.0},
+    )
+    entry["point_runs"] += stat.attacked
+    entry["seconds"] += stat.seconds
+    entry["robust_accuracy"] = stat.robust_accuracy
+  return {
+    "runs": {s.name: dataclasses.asdict(s) for s in stats},
+    "stages": per_attack,
+  }
+
+
+def _attack_examples(
+  run,
+  logits_fn,
+  parallel,
+  images,
+  labels,
+  indices,
+  batch_size,
+  run_key,
+  head_weights,
+):
+  """(len(indices), 1 + P) ranks of ``run`` on the examples ``indices``.
+
+  Chunks of ``chunk_sizes`` (each a multiple of the device count), each
+  split evenly over the processes (process 0's rows first), padded with
+  invalid rows.
+  """
+  num_devices = jax.device_count()
+  ranks, begin = [], 0
+  for size in chunk_sizes(len(indices), batch_size):
+    size = -(-size // num_devices) * num_devices
+    chunk = indices[begin : begin + size]
+    begin += size
+    padded = np.concatenate([chunk, np.full(size - len(chunk), chunk[0])])
+    mask = np.arange(size) < len(chunk)
+    rows = slice(
+      jax.process_index() * size // jax.process_count(),
+      (jax.process_index() + 1) * size // jax.process_count(),
+    )
+    sharded = parallel.shard(
+      (
+        images[padded][rows],
+        labels[padded][rows],
+        padded.astype(np.int32)[rows],
+        mask[rows],
+      )
+    )
+    chunk_images, y, example_ids, valid = sharded
+    ranks.append(
+      _valid_rows(
+        _adversarial_ranks(
+          logits_fn,
+          chunk_images,
+          y,
+          example_ids,
+          run_key,
+          head_weights,
+          attack=run.attack,
+        ),
+        valid,
+      )
+    )
+  return np.concatenate(ranks) if ranks else np.zeros((0,) + (1,), np.int32)
 
 
 def _example_ids(mask: np.ndarray, num_seen: int) -> tuple[np.ndarray, int]:

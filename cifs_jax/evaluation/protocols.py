@@ -17,10 +17,15 @@ mode); an example is robust against an attack only if it survives all runs.
   "autoattack") or the CIFS authors' "joint" (APGD-CE with 5 restarts and
   Square; protocol "autoattack-joint"). APGD-CE attacks Eq. 3 at every
   beta_atk; the others read the final head only and run once per gradient
-  mode (Square, gradient-free, once). Each runs on every point of the batch
-  (no compaction between stages): the per-example worst case over the
-  components is AutoAttack's result, and the robust accuracy after each
+  mode (Square, gradient-free, once). The runs form a cascade
+  (``Protocol.cascade``), the ensemble of ``attacks.autoattack``: each
+  runs only on the points still robust, and the robust accuracy after each
   stage is the summary's cumulative worst case in protocol order.
+
+Any protocol can run as a cascade (``dataclasses.replace(protocol,
+cascade=True)``): the same per-example worst case of the final head, at a
+cost that falls with robustness, but per-run tables that count only the
+points each run attacked (``evaluator``).
 
 ``PROTOCOLS`` maps each name to its constructor; every caller (the
 ``evaluate`` command, the final evaluation of training, config validation)
@@ -170,12 +175,17 @@ COMPONENT_LABELS = {
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-  """A named set of attacks, attacker betas and gradient modes."""
+  """A named set of attacks, attacker betas and gradient modes.
+
+  ``cascade``: each run attacks only the examples no earlier run fooled
+  (module docstring).
+  """
 
   name: str
   attacks: tuple[Attack, ...]
   gradient_modes: tuple[str, ...]
   betas: tuple[float, ...] = PAPER_BETAS
+  cascade: bool = False
 
   def __post_init__(self):
     unknown = set(self.gradient_modes) - set(GRADIENT_MODES)
@@ -210,6 +220,7 @@ class Protocol:
       "gradient_modes": list(self.gradient_modes),
       "betas": [beta_label(b) for b in self.betas],
       "attacks": {a.name: a.settings() for a in self.attacks},
+      "cascade": self.cascade,
     }
 
 
@@ -290,6 +301,7 @@ def autoattack_protocol(
       for name in names
     ),
     gradient_modes=GRADIENT_MODES,
+    cascade=True,
   )
 
 
