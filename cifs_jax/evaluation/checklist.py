@@ -17,7 +17,8 @@ Of the model, on one batch (no attack):
    3. an example's outputs do not depend on the rest of its batch;
    4. the input gradient of the cross-entropy is finite and non-zero, in
       each gradient mode.
-Of the attacks, at the model's eps (accuracies of the final head):
+Of the attacks, at the model's eps (accuracies of the final head; PGD on
+the cross-entropy, C&W-inf on the margin):
    5. PGD-20 is at least as strong as FGSM;
    6. more steps (PGD-100) and restarts (PGD-20 x R) never raise accuracy;
    7. PGD-20 has converged: the per-example worst case of PGD-20, PGD-100
@@ -206,6 +207,7 @@ def checklist_protocol(
   at_eps = [
     FinalHeadAttack("fgsm", "FGSM", attacks.fgsm_config(eps)),
     protocols.GradientAttack("short", f"PGD-{short}", pgd(short)),
+    FinalHeadAttack("cw", f"C&W-inf {short}", pgd(short), loss_kind="cw"),
     FinalHeadAttack("long", f"PGD-{long}", pgd(long)),
     FinalHeadAttack(
       "restarts",
