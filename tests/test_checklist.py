@@ -9,6 +9,8 @@ batch statistics.
 """
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -232,3 +234,27 @@ def test_settings_reject_a_large_eps_below_the_grey_bound():
 def test_sweep_is_increasing_and_ends_at_large_eps():
   settings = checklist.Settings(eps_multipliers=(0.5, 2.0, 100.0))
   assert settings.sweep(0.1) == (0.05, 0.1, 0.2, 0.5)
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--protocol=checklist", "--attacks=fgsm"], "--attacks does not apply"),
+    (["--protocol=paper", "--surrogate=/nonexistent"], "--surrogate applies"),
+  ],
+  ids=["attacks", "surrogate"],
+)
+def test_evaluate_command_rejects_flags_that_do_not_apply(
+  tmp_path, flags, message
+):
+  """Before reading the workdir, the command names the flag at fault."""
+  result = subprocess.run(
+    [sys.executable, "-m", "cifs_jax.evaluate", f"--workdir={tmp_path}"]
+    + flags,
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode != 0
+  assert message in result.stderr + result.stdout
