@@ -178,7 +178,7 @@ def test_quantised_input_is_flagged(data):
   for number in (4, 9, 11, 12):
     assert checks[number].verdict == checklist.WARN, checks[number]
   assert checks[4].figures["stop"]["zero"] == 32  # Every example of batch 1.
-  assert checks[11].figures["fooled_only_by_it"] > 10
+  assert checks[11].figures["fooled_only_by_it"] > 5
 
 
 @pytest.mark.slow
@@ -187,7 +187,7 @@ def test_masked_final_head_with_clean_probe_is_flagged(data):
   _, _, params, _ = data
   checks, _ = _run(data, _fns(_quantised_with_clean_probe, params))
   assert checks[14].verdict == checklist.WARN, checks[14]
-  assert checks[14].figures["only_probes_fool"] > 10
+  assert checks[14].figures["only_probes_fool"] > 5
   assert checks[13].verdict == checklist.NOT_RUN
 
 
