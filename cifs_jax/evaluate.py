@@ -2,9 +2,9 @@
 
   python -m cifs_jax.evaluate --workdir=DIR [--config=configs/...py:variant]
       [--checkpoint=last|best|STEP]
-      [--protocol=paper|strong|autoattack|autoattack-joint]
+      [--protocol=paper|strong|autoattack|autoattack-joint|checklist]
       [--attacks=fgsm,pgd20,cw,pgd100|apgd-ce,apgd-t,fab-t,square]
-      [--num_examples=N] [--output=DIR]
+      [--num_examples=N] [--output=DIR] [--surrogate=DIR]
 
 Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
 ``eval_<protocol>_<checkpoint>.json`` and ``.md`` to ``--output`` (default:
@@ -12,15 +12,20 @@ the workdir, checked to be writable before any attack runs) and prints the
 main tables. The workdir is only read. Interrupted (Ctrl-C), the same
 command continues from the finished attacks
 (``eval_<protocol>_<checkpoint>.partial.json``).
+
+``--protocol=checklist`` runs the gradient-masking checklist
+(``evaluation/checklist.py``) instead: numbered checks, each "pass", "warn"
+or "not run"; ``--surrogate`` names a run trained the same way without the
+defence, whose PGD transfers are check 12.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from cifs_jax import distributed, library_logs
-from cifs_jax.evaluation import protocols
-from cifs_jax.runs import evaluation as run_evaluation
+from cifs_jax.evaluation import checklist, protocols
 from cifs_jax.runs import checkpoints
+from cifs_jax.runs import evaluation as run_evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 config_flags.DEFINE_config_file(
@@ -38,8 +43,9 @@ _CHECKPOINT = flags.DEFINE_string(
 _PROTOCOL = flags.DEFINE_enum(
   "protocol",
   "paper",
-  list(protocols.PROTOCOLS),
-  "Evaluation protocol (README, docs/design.md).",
+  [*protocols.PROTOCOLS, checklist.NAME],
+  "Evaluation protocol (README, docs/design.md), or the gradient-masking "
+  "checklist.",
 )
 _ATTACKS = flags.DEFINE_list(
   "attacks",
@@ -55,6 +61,15 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 _OUTPUT = flags.DEFINE_string(
   "output", None, "Directory for the reports (default: the workdir)."
+)
+_SURROGATE = flags.DEFINE_string(
+  "surrogate",
+  None,
+  "checklist: workdir of a run trained the same way without the defence "
+  "(the transfer check; not run without it).",
+)
+_SURROGATE_CHECKPOINT = flags.DEFINE_string(
+  "surrogate_checkpoint", "last", "checklist: the surrogate's checkpoint."
 )
 flags.mark_flags_as_required(["workdir"])
 
@@ -73,6 +88,23 @@ def main(argv):
   library_logs.quiet_from_flags()
   distributed.initialize_from_flags()
   parse_checkpoint(_CHECKPOINT.value)
+  if _PROTOCOL.value == checklist.NAME:
+    if _ATTACKS.value:
+      raise app.UsageError("--attacks does not apply to the checklist.")
+    parse_checkpoint(_SURROGATE_CHECKPOINT.value)
+    run_evaluation.checklist_checkpoint(
+      _WORKDIR.value,
+      config=flags.FLAGS.config,
+      checkpoint=_CHECKPOINT.value,
+      num_examples=_NUM_EXAMPLES.value,
+      batch_size=_BATCH_SIZE.value,
+      output=_OUTPUT.value,
+      surrogate=_SURROGATE.value,
+      surrogate_checkpoint=_SURROGATE_CHECKPOINT.value,
+    )
+    return
+  if _SURROGATE.value:
+    raise app.UsageError("--surrogate applies to --protocol=checklist only.")
   run_evaluation.evaluate_checkpoint(
     _WORKDIR.value,
     config=flags.FLAGS.config,

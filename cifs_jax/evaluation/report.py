@@ -75,7 +75,7 @@ def to_markdown(results: dict) -> str:
   lines = [
     f'# Robust accuracy (%), protocol "{protocol["name"]}"',
     "",
-    *_run_lines(results.get("run")),
+    *run_lines(results.get("run")),
     _description(results),
     "",
   ]
@@ -92,7 +92,7 @@ def to_markdown(results: dict) -> str:
 
 def console_summary(results: dict) -> str:
   """The first ``CONSOLE_TABLES`` tables as aligned plain text."""
-  header = [*_run_lines(results.get("run")), _description(results)]
+  header = [*run_lines(results.get("run")), _description(results)]
   blocks = ["\n".join(header)]
   for title, header, rows in tables(results)[:CONSOLE_TABLES]:
     widths = [
@@ -206,7 +206,7 @@ def _description(results: dict) -> str:
   )
 
 
-def _run_lines(run: dict | None) -> list[str]:
+def run_lines(run: dict | None) -> list[str]:
   """What was evaluated (``runs.evaluation.run_label``), one line each,
   then a blank line; nothing without a label."""
   if not run:

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from cifs_jax import data, experiment_config, models
-from cifs_jax.evaluation import evaluator, protocols, report
+from cifs_jax.evaluation import checklist, evaluator, protocols, report
 from cifs_jax.runs.directory import (
   REPORT_PREFIX,
   RunDirectory,
@@ -285,3 +285,81 @@ def evaluate_checkpoint(
     name=evaluation_report_name(protocol, checkpoint),
     checkpoint=label,
   )
+
+
+def checklist_checkpoint(
+  workdir: str | os.PathLike,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  checkpoint: str = "last",
+  num_examples: int = -1,
+  batch_size: int | None = None,
+  output: str | os.PathLike | None = None,
+  surrogate: str | os.PathLike | None = None,
+  surrogate_checkpoint: str = "last",
+  settings: checklist.Settings | None = None,
+) -> list[checklist.CheckResult]:
+  """``python -m cifs_jax.evaluate --protocol=checklist``: runs the
+  checklist on checkpoint ``checkpoint`` of the run in ``workdir`` and
+  writes ``eval_checklist_<checkpoint>.json`` / ``.md`` to ``output``
+  (default: ``workdir``); returns the checks.
+
+  Args:
+    workdir, config, checkpoint, num_examples, batch_size, output: as
+      ``evaluate_checkpoint``'s.
+    surrogate: the workdir of a run trained the same way without the
+      defence (check 12), or None.
+    surrogate_checkpoint: its checkpoint ("last", "best" or a step).
+    settings: the checklist's settings (default: ``checklist.Settings``
+      with the
+      config's ``attack.unroll``).
+  """
+  run = RunDirectory(workdir)
+  which = checkpoints.parse_which(checkpoint)
+  config = config or run.load_config()
+  experiment_config.validate(config)
+  output = os.fspath(output or workdir)
+  report.check_writable(output)
+  model, variables, label = restore_checkpoint(config, run, which)
+  logits_fns = logits_functions(model, variables)
+  if model.defense.kind != "cifs":
+    logits_fns = {"stop": logits_fns["stop"]}
+  surrogate_fn, surrogate_label = None, None
+  if surrogate is not None:
+    surrogate_run = RunDirectory(surrogate)
+    surrogate_config = surrogate_run.load_config()
+    surrogate_model, surrogate_variables, surrogate_label = restore_checkpoint(
+      surrogate_config,
+      surrogate_run,
+      checkpoints.parse_which(surrogate_checkpoint),
+    )
+    surrogate_fn = logits_functions(surrogate_model, surrogate_variables)[
+      "full"
+    ]
+    surrogate_label = {"workdir": os.fspath(surrogate), **surrogate_label}
+  settings = settings or checklist.Settings(unroll=config.attack.unroll)
+  split = data.load_split(config.data, "test").head(num_examples)
+  checks, results = checklist.run_checklist(
+    logits_fns,
+    split.images,
+    split.labels,
+    config.attack.eps,
+    jax.random.key(config.seed),
+    surrogate=surrogate_fn,
+    settings=settings,
+    batch_size=batch_size or config.eval.batch_size,
+    progress=jax.process_index() == 0,
+  )
+  protocol = protocols.Protocol(checklist.NAME, (), tuple(logits_fns))
+  results["run"] = run_label(config, protocol, label, len(split)) | {
+    "surrogate": surrogate_label
+  }
+  if jax.process_index() == 0:
+    checklist.publish(
+      checks,
+      results,
+      settings,
+      output,
+      evaluation_report_name(checklist.NAME, checkpoint),
+    )
+  return checks
