@@ -11,13 +11,16 @@ Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
 the workdir, checked to be writable before any attack runs) and prints the
 main tables. The workdir is only read. Interrupted (Ctrl-C), the same
 command continues from the finished attacks
-(``eval_<protocol>_<checkpoint>.partial.json``).
+(``eval_<protocol>_<checkpoint>.partial.json``). Names, values and paths
+are checked before any data is read: a user error prints one line and exits
+with status 2 (``cifs_jax.cli``); ``--config.attack.eps=8/255`` takes a pixel
+fraction.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from cifs_jax import distributed, library_logs
+from cifs_jax import cli, distributed, library_logs
 from cifs_jax.evaluation import protocols, runner
 from cifs_jax.training import checkpoints
 
@@ -58,23 +61,44 @@ _OUTPUT = flags.DEFINE_string(
 flags.mark_flags_as_required(["workdir"])
 
 
+@flags.multi_flags_validator(
+  ["protocol", "attacks"],
+  message="--attacks names an attack its --protocol does not have.",
+)
+def _attacks_of_protocol(values) -> bool:
+  """True if every --attacks name is an attack of --protocol; otherwise
+  raises flags.ValidationError naming the unknown ones and the protocol's."""
+  try:
+    protocols.PROTOCOLS[values["protocol"]]().select(values["attacks"])
+  except ValueError as e:
+    raise flags.ValidationError(f"--attacks: {e}") from e
+  return True
+
+
 def parse_checkpoint(which: str) -> str | int:
   """ "best", "last" or a step number (ASCII digits) -> what to restore."""
   try:
     return checkpoints.parse_which(which)
   except ValueError as e:
-    raise app.UsageError(f"--checkpoint: {e}") from e
+    raise cli.UsageError(f"--checkpoint: {e}") from e
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.no_positional_arguments(argv)
+  parse_checkpoint(_CHECKPOINT.value)
+  config = cli.config_from_flags(flags.FLAGS.config)
+  cli.check_run_directory(
+    "workdir", _WORKDIR.value, needs_config=config is None
+  )
+  output = _OUTPUT.value
+  cli.check_writable_directory(
+    "output" if output else "workdir", output or _WORKDIR.value
+  )
   library_logs.quiet_from_flags()
   distributed.initialize_from_flags()
-  parse_checkpoint(_CHECKPOINT.value)
   runner.evaluate_checkpoint(
     _WORKDIR.value,
-    config=flags.FLAGS.config,
+    config=config,
     checkpoint=_CHECKPOINT.value,
     protocol=_PROTOCOL.value,
     attacks=tuple(_ATTACKS.value),
@@ -85,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
