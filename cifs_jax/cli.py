@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
@@ -175,7 +176,7 @@ def no_positional_arguments(argv: Sequence[str]) -> None:
     raise UsageError(f"unexpected arguments {list(argv[1:])}.")
 
 
-def config_from_flags(
+def validated_config(
   config: ml_collections.ConfigDict | None,
 ) -> ml_collections.ConfigDict | None:
   """``config`` checked by ``experiment_config.validate`` (None as is).
@@ -196,9 +197,9 @@ def _is_remote(path: str | os.PathLike) -> bool:
 
 
 def check_writable_directory(flag: str, path: str | os.PathLike) -> None:
-  """Checks that directory ``path`` exists and is writable, or can be
-  created (its nearest existing ancestor is a writable directory). Creates
-  nothing.
+  """Checks that directory ``path`` exists and a file can be written there,
+  or that it can be created (its nearest existing ancestor is a directory
+  where a file can be written). Creates nothing that stays.
 
   Raises:
     UsageError: naming ``flag`` and ``path``.
@@ -215,18 +216,26 @@ def check_writable_directory(flag: str, path: str | os.PathLike) -> None:
     raise UsageError(
       f"--{flag}={path} cannot be created: {existing} is a file."
     )
-  if not os.access(existing, os.W_OK | os.X_OK):
-    what = (
-      "is" if existing == path else f"would be created in {existing}, which is"
-    )
-    raise UsageError(f"--{flag}={path} {what} not writable.")
+  try:  # os.access would not see a read-only file system, nor root's rights
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    where = "" if existing == path else f" (to be created in {existing})"
+    raise UsageError(
+      f"--{flag}={path}{where} is not writable: {e.strerror or e}."
+    ) from e
 
 
 def check_run_directory(
-  flag: str, path: str | os.PathLike, *, needs_config: bool = True
+  flag: str,
+  path: str | os.PathLike,
+  *,
+  needs_config: bool = True,
+  needs_checkpoints: bool = True,
 ) -> None:
-  """Checks that ``path`` is an existing run directory with checkpoints
-  (and its config if ``needs_config``). Reads nothing.
+  """Checks that ``path`` is an existing run directory, with its config if
+  ``needs_config`` and its checkpoints if ``needs_checkpoints``. Reads
+  nothing.
 
   Raises:
     UsageError: naming ``flag`` and ``path``.
@@ -241,10 +250,10 @@ def check_run_directory(
     )
   if needs_config and not run.config_path.is_file():
     raise UsageError(
-      f"--{flag}={run.path} has no {run.config_path.name}: point it at a "
-      "training run's directory (or pass --config)."
+      f"--{flag}={run.path} has no {run.config_path.name}: it is not a "
+      "training run's directory."
     )
-  if not run.checkpoints_path.is_dir():
+  if needs_checkpoints and not run.checkpoints_path.is_dir():
     raise UsageError(
       f"--{flag}={run.path} has no {run.checkpoints_path.name}/: the run "
       "has not saved a checkpoint yet."

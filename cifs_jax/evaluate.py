@@ -86,7 +86,7 @@ def parse_checkpoint(which: str) -> str | int:
 def main(argv):
   cli.no_positional_arguments(argv)
   parse_checkpoint(_CHECKPOINT.value)
-  config = cli.config_from_flags(flags.FLAGS.config)
+  config = cli.validated_config(flags.FLAGS.config)
   cli.check_run_directory(
     "workdir", _WORKDIR.value, needs_config=config is None
   )

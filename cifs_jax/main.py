@@ -34,7 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   cli.no_positional_arguments(argv)
   cli.check_writable_directory("workdir", _WORKDIR.value)
-  config = cli.config_from_flags(flags.FLAGS.config)
+  config = cli.validated_config(flags.FLAGS.config)
   library_logs.quiet_from_flags()
   distributed.initialize_from_flags()
   if jax.process_count() > 1:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 import tensorflow_datasets as tfds
 
+from cifs_jax import cli
 from cifs_jax.data.info import DATASETS, get_info
 
 _NAME = flags.DEFINE_enum(
@@ -84,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
