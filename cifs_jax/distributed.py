@@ -11,8 +11,8 @@
                           --num_processes=N --process_id=I (all three)
 
 Every process of a run gets the same flags but its own ``--process_id``;
-process 0 hosts the coordinator at ``--coordinator_address``. See README,
-"Running at scale", and the scripts in ``launch/``.
+process 0 hosts the coordinator at ``--coordinator_address``. See
+docs/scaling.md and the scripts in ``launch/``.
 """
 
 from __future__ import annotations

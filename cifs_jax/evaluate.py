@@ -41,7 +41,7 @@ _PROTOCOL = flags.DEFINE_enum(
   "protocol",
   "paper",
   list(protocols.PROTOCOLS),
-  "Evaluation protocol (README, docs/design.md).",
+  "Evaluation protocol (docs/evaluation.md).",
 )
 _ATTACKS = flags.DEFINE_list(
   "attacks",

@@ -32,7 +32,7 @@ def read(info: DatasetInfo, split: str, data_dir: str | None):
       f"{data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}, and "
       f"preparing it needs {e.name}: `pip install -r "
       "requirements-prepare.txt`, then `python -m cifs_jax.data.prepare "
-      f"--name={info.name}` (README.md, Data); or read the original files "
+      f"--name={info.name}` (docs/data.md); or read the original files "
       "with config.data.source='files'."
     ) from e
   images = np.empty((len(source), *info.image_shape), np.uint8)
