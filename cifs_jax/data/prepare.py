@@ -53,7 +53,7 @@ def check_prepare_modules() -> None:
       "pip install -r requirements-prepare.txt "
       "(tensorflow-cpu, importlib_resources). Or prepare nothing: download "
       "the original files and train with --config.data.source=files "
-      '--config.data.data_dir=DIR (docs/data.md).'
+      "--config.data.data_dir=DIR (docs/data.md)."
     )
 
 
