@@ -2,7 +2,7 @@
 
   python -m cifs_jax.analyze --workdir=DIR [--class=NAME] [--attack=pgd20]
       [--num_examples=N] [--checkpoint=last] [--output=DIR/analysis]
-      [--beta_atk=2] [--compare DIR2 ...]
+      [--beta_atk=2] [--compare=DIR2,DIR3]
 
 Writes to ``--output``:
 
@@ -14,65 +14,58 @@ Writes to ``--output``:
 * ``per_class_<attack>.png``: top-1 per class under the attack, from the
   ``eval_*.json`` report of this run and of every ``--compare`` run;
 * ``training_curves.png``: Figure 4 for this run and the ``--compare`` runs.
+
+Flags follow ``cifs_jax.cli``: a user error (an unknown class or attack, a
+workdir that is not a run, an unwritable output) prints one line and exits
+with status 2 before any data is read.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Sequence
 
-from cifs_jax import data, experiment_config
+from absl import flags
+
+from cifs_jax import cli, data
 from cifs_jax.analysis import class_analysis, run_figures, runs
 from cifs_jax.evaluation import protocols
 from cifs_jax.runs import evaluation as run_evaluation
 from cifs_jax.runs.directory import RunDirectory
 from cifs_jax.runs import checkpoints
 
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m cifs_jax.analyze", description=__doc__.split("\n")[0]
-  )
-  parser.add_argument("--workdir", required=True, help="A training run.")
-  parser.add_argument(
-    "--class",
-    dest="class_name",
-    default=None,
-    help="Class name or index (default: the first class).",
-  )
-  parser.add_argument(
-    "--attack",
-    default="pgd20",
-    choices=protocols.ATTACK_NAMES,
-    help="The paper-protocol attack crafting the adversarial inputs.",
-  )
-  parser.add_argument(
-    "--num_examples",
-    type=int,
-    default=-1,
-    help="The first N test examples of the class (-1: all).",
-  )
-  parser.add_argument(
-    "--checkpoint", default="last", help="'last', 'best' or a step number."
-  )
-  parser.add_argument("--beta_atk", type=float, default=2.0)
-  parser.add_argument(
-    "--batch_size", type=int, default=None, help="Default: eval.batch_size."
-  )
-  parser.add_argument(
-    "--output",
-    default=None,
-    help="Output directory (default: WORKDIR/analysis).",
-  )
-  parser.add_argument(
-    "--compare",
-    nargs="*",
-    default=[],
-    help="Other runs for the per-class and training-curve figures.",
-  )
-  return parser.parse_args(argv)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run.")
+_CLASS = flags.DEFINE_string(
+  "class", None, "Class name or index (default: the first class)."
+)
+_ATTACK = flags.DEFINE_enum(
+  "attack",
+  "pgd20",
+  list(protocols.ATTACK_NAMES),
+  "The paper-protocol attack crafting the adversarial inputs.",
+)
+_NUM_EXAMPLES = flags.DEFINE_integer(
+  "num_examples", -1, "The first N test examples of the class (-1: all)."
+)
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", "last", "'last', 'best' or a step number."
+)
+_BETA_ATK = flags.DEFINE_float(
+  "beta_atk", 2.0, "beta of the joint loss the attack maximises."
+)
+_BATCH_SIZE = flags.DEFINE_integer(
+  "batch_size", None, "Default: eval.batch_size."
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Output directory (default: WORKDIR/analysis)."
+)
+_COMPARE = flags.DEFINE_list(
+  "compare",
+  [],
+  "Other runs for the per-class and training-curve figures, "
+  "comma-separated (--compare DIR2 DIR3 also works).",
+)
+flags.mark_flags_as_required(["workdir"])
 
 
 def class_index(name: str | None, class_names: Sequence[str]) -> int:
@@ -95,42 +88,53 @@ def file_stem(text: str) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  args = parse_args(argv)
-  run = RunDirectory(args.workdir)
-  config = run.load_config()
-  experiment_config.validate(config)
-  model, variables, _ = run_evaluation.restore_checkpoint(
-    config, run, checkpoints.parse_which(args.checkpoint)
-  )
+  # The positional arguments are more --compare runs (--compare A B).
+  compare = [*_COMPARE.value, *argv[1:]]
+  workdir = _WORKDIR.value
+  cli.check_run_directory("workdir", workdir)
+  for other in compare:
+    cli.check_run_directory("compare", other, needs_checkpoints=False)
+  try:
+    which = checkpoints.parse_which(_CHECKPOINT.value)
+  except ValueError as e:
+    raise cli.UsageError(f"--checkpoint: {e}") from e
+  run = RunDirectory(workdir)
+  output = _OUTPUT.value or os.fspath(run.analysis_path)
+  cli.check_writable_directory("output", output)
+  config = cli.validated_config(run.load_config())
   class_names = data.get_info(config.data.name).class_names
-  index = class_index(args.class_name, class_names)
+  try:
+    index = class_index(_CLASS.value, class_names)
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from e
+  model, variables, _ = run_evaluation.restore_checkpoint(config, run, which)
   split = class_analysis.class_examples(
-    data.load_split(config.data, "test"), index, args.num_examples
+    data.load_split(config.data, "test"), index, _NUM_EXAMPLES.value
   )
+  attack = _ATTACK.value
   analysis = class_analysis.analyze_class(
     model,
     variables,
     split,
     index,
-    class_analysis.paper_attack(args.attack, config.attack.eps),
-    beta_atk=args.beta_atk,
-    batch_size=args.batch_size or config.eval.batch_size,
+    class_analysis.paper_attack(attack, config.attack.eps),
+    beta_atk=_BETA_ATK.value,
+    batch_size=_BATCH_SIZE.value or config.eval.batch_size,
   )
-  output = args.output or os.path.join(args.workdir, "analysis")
   metadata = {
-    "run": runs.run_label(args.workdir),
-    "checkpoint": args.checkpoint,
+    "run": runs.run_label(workdir),
+    "checkpoint": _CHECKPOINT.value,
     "class": class_names[index],
     "class_index": index,
-    "attack": args.attack,
+    "attack": attack,
     "eps": config.attack.eps,
-    "beta_atk": args.beta_atk,
+    "beta_atk": _BETA_ATK.value,
   }
-  stem = f"channels_{file_stem(class_names[index])}_{args.attack}"
+  stem = f"channels_{file_stem(class_names[index])}_{attack}"
   written = class_analysis.save_class_analysis(analysis, metadata, output, stem)
-  workdirs = [args.workdir, *args.compare]
+  workdirs = [workdir, *compare]
   per_class = run_figures.per_class_figure(
-    workdirs, args.attack, os.path.join(output, f"per_class_{args.attack}.png")
+    workdirs, attack, os.path.join(output, f"per_class_{attack}.png")
   )
   curves = run_figures.training_curves_figure(
     workdirs, os.path.join(output, "training_curves.png")
@@ -138,15 +142,15 @@ def main(argv: Sequence[str]) -> None:
   accuracy = analysis["accuracy"]
   print(
     f"class {class_names[index]!r}: {analysis['num_examples']} examples, "
-    f"natural {accuracy['natural']:.2f} %, {args.attack} "
+    f"natural {accuracy['natural']:.2f} %, {attack} "
     f"{accuracy['adversarial']:.2f} %"
   )
   for path in [*written.values(), per_class, curves]:
     if path is not None:
       print("wrote", path)
   if per_class is None:
-    print(f"no per-class figure: no eval_*.json report with {args.attack}")
+    print(f"no per-class figure: no eval_*.json report with {attack}")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main)

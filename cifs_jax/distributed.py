@@ -13,8 +13,8 @@
 Every process of a run gets the same flags but its own ``--process_id``;
 process 0 hosts the coordinator at ``--coordinator_address``.
 ``--heartbeat_timeout_s`` bounds how long the others run on when one process
-dies: the runtime then stops them all. See README, "Running at scale", and
-the scripts in ``launch/``.
+dies: the runtime then stops them all. See docs/scaling.md and the scripts
+in ``launch/``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
 the workdir, checked to be writable before any attack runs) and prints the
 main tables. The workdir is only read. Interrupted (Ctrl-C), the same
 command continues from the finished attacks
-(``eval_<protocol>_<checkpoint>.partial.json``).
+(``eval_<protocol>_<checkpoint>.partial.json``). Names, values and paths
+are checked before any data is read: a user error prints one line and exits
+with status 2 (``cifs_jax.cli``); ``--config.attack.eps=8/255`` takes a pixel
+fraction.
 
 ``--protocol=checklist`` runs the gradient-masking checklist
 (``evaluation/checklist.py``) instead: numbered checks, each "pass", "warn"
@@ -19,10 +22,10 @@ or "not run"; ``--surrogate`` names a run trained the same way without the
 defence, whose PGD transfers are check 12.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from cifs_jax import distributed, library_logs
+from cifs_jax import cli, distributed, library_logs
 from cifs_jax.evaluation import checklist, protocols
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import evaluation as run_evaluation
@@ -44,7 +47,7 @@ _PROTOCOL = flags.DEFINE_enum(
   "protocol",
   "paper",
   [*protocols.PROTOCOLS, checklist.NAME],
-  "Evaluation protocol (README, docs/design.md), or the gradient-masking "
+  "Evaluation protocol (docs/evaluation.md), or the gradient-masking "
   "checklist.",
 )
 _ATTACKS = flags.DEFINE_list(
@@ -74,27 +77,57 @@ _SURROGATE_CHECKPOINT = flags.DEFINE_string(
 flags.mark_flags_as_required(["workdir"])
 
 
+@flags.multi_flags_validator(
+  ["protocol", "attacks", "surrogate"],
+  message="--attacks names an attack its --protocol does not have.",
+)
+def _attacks_of_protocol(values) -> bool:
+  """True if every --attacks name is an attack of --protocol (the checklist
+  takes none, and only it takes --surrogate); otherwise raises
+  flags.ValidationError naming the unknown ones and the protocol's."""
+  if values["protocol"] == checklist.NAME:
+    if values["attacks"]:
+      raise flags.ValidationError("--attacks does not apply to the checklist.")
+    return True
+  if values["surrogate"]:
+    raise flags.ValidationError(
+      "--surrogate applies to --protocol=checklist only."
+    )
+  try:
+    protocols.PROTOCOLS[values["protocol"]]().select(values["attacks"])
+  except ValueError as e:
+    raise flags.ValidationError(f"--attacks: {e}") from e
+  return True
+
+
 def parse_checkpoint(which: str) -> str | int:
   """ "best", "last" or a step number (ASCII digits) -> what to restore."""
   try:
     return checkpoints.parse_which(which)
   except ValueError as e:
-    raise app.UsageError(f"--checkpoint: {e}") from e
+    raise cli.UsageError(f"--checkpoint: {e}") from e
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.no_positional_arguments(argv)
+  parse_checkpoint(_CHECKPOINT.value)
+  config = cli.validated_config(flags.FLAGS.config)
+  cli.check_run_directory(
+    "workdir", _WORKDIR.value, needs_config=config is None
+  )
+  output = _OUTPUT.value
+  cli.check_writable_directory(
+    "output" if output else "workdir", output or _WORKDIR.value
+  )
   library_logs.quiet_from_flags()
   distributed.initialize_from_flags()
-  parse_checkpoint(_CHECKPOINT.value)
   if _PROTOCOL.value == checklist.NAME:
-    if _ATTACKS.value:
-      raise app.UsageError("--attacks does not apply to the checklist.")
     parse_checkpoint(_SURROGATE_CHECKPOINT.value)
+    if _SURROGATE.value:
+      cli.check_run_directory("surrogate", _SURROGATE.value)
     run_evaluation.checklist_checkpoint(
       _WORKDIR.value,
-      config=flags.FLAGS.config,
+      config=config,
       checkpoint=_CHECKPOINT.value,
       num_examples=_NUM_EXAMPLES.value,
       batch_size=_BATCH_SIZE.value,
@@ -103,11 +136,9 @@ def main(argv):
       surrogate_checkpoint=_SURROGATE_CHECKPOINT.value,
     )
     return
-  if _SURROGATE.value:
-    raise app.UsageError("--surrogate applies to --protocol=checklist only.")
   run_evaluation.evaluate_checkpoint(
     _WORKDIR.value,
-    config=flags.FLAGS.config,
+    config=config,
     checkpoint=_CHECKPOINT.value,
     protocol=_PROTOCOL.value,
     attacks=tuple(_ATTACKS.value),
@@ -118,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

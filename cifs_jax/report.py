@@ -1,6 +1,6 @@
 """The reproduction report: ``python -m cifs_jax.report``.
 
-  python -m cifs_jax.report --runs DIR1 [DIR2 ...] --out report.md
+  python -m cifs_jax.report --runs=DIR1[,DIR2...] --out=report.md
 
 Writes a Markdown report of the runs: their settings, Table 1 (Natural and
 every evaluated attack: FGSM, PGD-20, C&W-inf, PGD-100, AutoAttack when
@@ -15,29 +15,34 @@ training) and ``metrics.jsonl``.
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 from typing import Sequence
 
+from absl import flags
+
+from cifs_jax import cli
 from cifs_jax.analysis import reproduction
 
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m cifs_jax.report", description=__doc__.split("\n")[0]
-  )
-  parser.add_argument(
-    "--runs", nargs="+", required=True, help="Training run directories."
-  )
-  parser.add_argument("--out", required=True, help="The Markdown file.")
-  return parser.parse_args(argv)
+_RUNS = flags.DEFINE_list(
+  "runs",
+  None,
+  "Training run directories, comma-separated (--runs DIR1 DIR2 also works).",
+)
+_OUT = flags.DEFINE_string("out", None, "The Markdown file.")
+flags.mark_flags_as_required(["runs", "out"])
 
 
 def main(argv: Sequence[str]) -> None:
-  args = parse_args(argv)
-  reproduction.build_report(args.runs, args.out)
-  print("wrote", args.out)
+  # The positional arguments are more runs (the spelling --runs A B).
+  run_dirs = [*_RUNS.value, *argv[1:]]
+  for run_dir in run_dirs:
+    cli.check_run_directory("runs", run_dir, needs_checkpoints=False)
+  cli.check_writable_directory(
+    "out", os.path.dirname(os.path.abspath(_OUT.value))
+  )
+  reproduction.build_report(run_dirs, _OUT.value)
+  print("wrote", _OUT.value)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main)

@@ -7,10 +7,16 @@ from typing import Any
 import ml_collections
 
 
+class UsageError(ValueError):
+  """A user error (a bad setting, name or path) whose message says what to
+  change; the entry points print it as one line and exit with status 2
+  (``cifs_jax.cli``). A ValueError, for callers that catch those."""
+
+
 def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-  """Raises ValueError naming ``name`` and the allowed values."""
+  """Raises UsageError naming ``name`` and the allowed values."""
   if value not in allowed:
-    raise ValueError(
+    raise UsageError(
       f"{name}={value!r} is not supported; choose one of {allowed}."
     )
 

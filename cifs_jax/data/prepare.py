@@ -10,7 +10,7 @@ TensorFlow)::
 
 (``tfds build`` would also need apache-beam, hence this command.) Without
 those packages it says what to install, or how to read the original files
-instead (``data.source = "files"``, README "Data").
+instead (``data.source = "files"``, docs/data.md).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 import tensorflow_datasets as tfds
 
+from cifs_jax import cli
 from cifs_jax.data.info import DATASETS, get_info
 
 _NAME = flags.DEFINE_enum(
@@ -52,7 +53,7 @@ def check_prepare_modules() -> None:
       "pip install -r requirements-prepare.txt "
       "(tensorflow-cpu, importlib_resources). Or prepare nothing: download "
       "the original files and train with --config.data.source=files "
-      '--config.data.data_dir=DIR (README.md, "Data").'
+      "--config.data.data_dir=DIR (docs/data.md)."
     )
 
 
@@ -84,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
