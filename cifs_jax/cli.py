@@ -30,7 +30,8 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags
 import ml_collections
 
-from cifs_jax import experiment_config, run_directory
+from cifs_jax import experiment_config
+from cifs_jax.runs import directory as run_directory
 from cifs_jax.validation import UsageError
 
 USAGE_ERROR_STATUS = 2
