@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-ModuleDef = Any
 
 # PyTorch's default weight init for Conv2d and Linear: variance 1/(3 fan_in).
 torch_default_kernel_init = nn.initializers.variance_scaling(
