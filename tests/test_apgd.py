@@ -10,7 +10,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from cifs_jax.attacks import objectives
@@ -70,54 +69,6 @@ def robust_flags(logits_fn, x_adv, y):
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def run_apgd(logits_fn, x, y, key, config):
   return apgd_lib.apgd(logits_fn, x, y, key, config)
-
-
-def trained_mlp(seed=13, num_classes=3, hidden=32, steps=150):
-  """A two-layer MLP trained on three Gaussian classes in [0, 1]^48.
-
-  Returns (logits_fn, sample) with sample(key, n) -> (images, labels).
-  """
-  dim = int(np.prod(IMAGE_SHAPE))
-  keys = jax.random.split(jax.random.key(seed), 4)
-  means = jax.random.uniform(
-    keys[0], (num_classes, dim), minval=0.3, maxval=0.7
-  )
-
-  def sample(key, n):
-    label_key, noise_key = jax.random.split(key)
-    labels = jax.random.randint(label_key, (n,), 0, num_classes)
-    noise = 0.08 * jax.random.normal(noise_key, (n, dim))
-    images = jnp.clip(means[labels] + noise, 0, 1)
-    return images.reshape((n,) + IMAGE_SHAPE), labels
-
-  def apply(params, x):
-    flat = x.reshape(x.shape[0], -1)
-    hidden_units = jax.nn.relu(flat @ params["w1"] + params["b1"])
-    return hidden_units @ params["w2"] + params["b2"], []
-
-  params = {
-    "w1": jax.random.normal(keys[1], (dim, hidden)) / np.sqrt(dim),
-    "b1": jnp.zeros(hidden),
-    "w2": jax.random.normal(keys[2], (hidden, num_classes)) / 6,
-    "b2": jnp.zeros(num_classes),
-  }
-  optimizer = optax.adam(1e-2)
-
-  def train(carry, key):
-    params, opt_state = carry
-    images, labels = sample(key, 128)
-    grads = jax.grad(
-      lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        apply(p, images)[0], labels
-      ).mean()
-    )(params)
-    updates, opt_state = optimizer.update(grads, opt_state)
-    return (optax.apply_updates(params, updates), opt_state), None
-
-  (params, _), _ = jax.jit(
-    lambda p, keys: jax.lax.scan(train, (p, optimizer.init(p)), keys)
-  )(params, jax.random.split(keys[3], steps))
-  return functools.partial(apply, params), sample
 
 
 # --- The reference's schedule and losses. ------------------------------------
@@ -191,8 +142,10 @@ def test_apgd_t_reaches_the_exact_l2_robust_accuracy_of_a_linear_model():
 
 
 @pytest.mark.slow
-def test_apgd_ce_is_at_least_as_strong_as_pgd_on_a_trained_model():
-  logits_fn, sample = trained_mlp()
+def test_apgd_ce_is_at_least_as_strong_as_pgd_on_a_trained_model(
+  trained_mlp,
+):
+  logits_fn, sample = trained_mlp
   x, y = sample(jax.random.key(14), 256)
   eps, steps = 0.1, 20
   x_pgd = jax.jit(
