@@ -21,17 +21,15 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
-import numpy as np
 import pytest
 
 from cifs_jax import cli, experiment_config, library_logs
 from cifs_jax.runs import directory as run_directory
 from cifs_jax.runs import trainer as trainer_lib
 from cifs_jax.runs.directory import RunDirectory
-from tests.test_data_files import _write_idx
+from tests.idx_files import write_tiny_fashion_mnist
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 # The keys of the issue, whose default None could not be set.
 DOCUMENTED_NONE_KEYS = {
   "data.data_dir",
@@ -199,20 +197,19 @@ def test_range_boundaries(key, inside, outside):
     experiment_config.validate(parse(f"--config.{key}={outside}"))
 
 
-@pytest.mark.skipif(
-  not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-  reason="needs Debian's dataset-fashion-mnist",
-)
-def test_invalid_config_writes_nothing_and_the_fixed_rerun_starts(tmp_path):
+def test_invalid_config_writes_nothing_and_the_fixed_rerun_starts(
+  tmp_path, tiny_fashion_mnist
+):
   """topk=20 of 10 classes used to pass validation, be saved and fail while
   initialising the model; the corrected run was then refused."""
   override = "--config.model.cifs.topk=20"
   smoke = dict(config="configs/fmnist_resnet10.py:smoke")
+  data_dir = f"--config.data.data_dir={tiny_fashion_mnist}"
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=r"model\.cifs\."):
-    trainer_lib.Trainer(parse(override, **smoke), str(workdir))
+    trainer_lib.Trainer(parse(override, data_dir, **smoke), str(workdir))
   assert not (workdir / "config.json").exists()
-  trainer = trainer_lib.Trainer(parse(**smoke), str(workdir))
+  trainer = trainer_lib.Trainer(parse(data_dir, **smoke), str(workdir))
   trainer.close()
   assert (workdir / "config.json").exists()
 
@@ -392,19 +389,6 @@ TINY_RUN = (
   "--config.eval.final_num_examples=16",
   "--config.attack.eps=8/255",
 )
-
-
-def write_tiny_fashion_mnist(
-  directory: pathlib.Path, num_train=64, num_test=32
-):
-  """Random 28x28 images and balanced labels as Fashion-MNIST IDX files."""
-  directory.mkdir(parents=True)
-  rng = np.random.default_rng(0)
-  for prefix, count in (("train", num_train), ("t10k", num_test)):
-    images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
-    labels = (np.arange(count) % 10).astype(np.uint8)
-    _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
-    _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
 
 
 @pytest.fixture(scope="module")

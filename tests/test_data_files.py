@@ -1,11 +1,9 @@
 """The ``files`` source: real Fashion-MNIST, tiny CIFAR-10 and SVHN files
 written in their original formats, the restricted unpickler, clear errors."""
 
-import gzip
 import io
 import os
 import pickle
-import struct
 import tarfile
 
 import numpy as np
@@ -14,8 +12,7 @@ import scipy.io
 
 from cifs_jax import data
 from cifs_jax.data import restricted_pickle
-
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+from tests.idx_files import needs_fashion_mnist, write_idx
 
 
 def _config(name, data_dir=None):
@@ -36,10 +33,7 @@ def _random_images(n, shape, seed):
 # ------------------------------------------------------------ Fashion-MNIST
 
 
-@pytest.mark.skipif(
-  not os.path.isdir(FASHION_DIR),
-  reason=f"{FASHION_DIR} missing: apt-get install dataset-fashion-mnist",
-)
+@needs_fashion_mnist
 def test_real_fashion_mnist_from_debian_package():
   """Default path, no data_dir: the files of `dataset-fashion-mnist`."""
   for split in ("train", "test"):
@@ -55,15 +49,6 @@ def test_real_fashion_mnist_from_debian_package():
     assert 0 < s.images.mean() < 255
 
 
-def _write_idx(path, array, count=None):
-  dims = (len(array) if count is None else count,) + array.shape[1:]
-  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
-    f">{array.ndim}I", *dims
-  )
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.tobytes())
-
-
 def _fashion_split(split, n=7):
   """The examples `_write_fashion` writes for ``split``: n + 1 for train."""
   return _random_images(
@@ -75,8 +60,8 @@ def _write_fashion(directory):
   """Writes both splits; returns the test split's (images, labels)."""
   for split, prefix in (("train", "train"), ("test", "t10k")):
     images, labels = _fashion_split(split)
-    _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
-    _write_idx(
+    write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+    write_idx(
       directory / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8)
     )
   return images, labels
@@ -103,8 +88,8 @@ def test_truncated_idx_file_is_named(tmp_path):
 def test_idx_file_shorter_than_its_header_says(tmp_path):
   images, labels = _write_fashion(tmp_path)
   path = tmp_path / "t10k-images-idx3-ubyte.gz"
-  _write_idx(path, images, count=len(images) + 1)
-  _write_idx(
+  write_idx(path, images, count=len(images) + 1)
+  write_idx(
     tmp_path / "t10k-labels-idx1-ubyte.gz",
     labels.astype(np.uint8),
     count=len(images) + 1,

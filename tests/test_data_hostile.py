@@ -30,9 +30,9 @@ from tests.test_data_files import (
   _pickled_batch,
   _write_cifar,
   _write_fashion,
-  _write_idx,
   _write_svhn,
 )
+from tests.idx_files import write_idx
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MB = 2**20
@@ -454,7 +454,7 @@ def test_idx_trailing_data_is_not_read(tmp_path):
   one = np.zeros((1, 28, 28), np.uint8)
   header = bytes([0, 0, 8, 3]) + np.array([1, 28, 28], ">u4").tobytes()
   path.write_bytes(gzip.compress(header + one.tobytes()) + _zeros_gzip(200))
-  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(1, np.uint8))
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(1, np.uint8))
   _refused_within(
     100,
     lambda: data.load_split(_config("fashion_mnist", str(tmp_path)), "test"),
@@ -465,7 +465,7 @@ def test_idx_trailing_data_is_not_read(tmp_path):
 def test_idx_count_beyond_the_split_is_not_read(tmp_path):
   _write_fashion(tmp_path)
   path = tmp_path / "train-labels-idx1-ubyte.gz"
-  _write_idx(path, np.zeros(5, np.uint8), count=1_000_000)
+  write_idx(path, np.zeros(5, np.uint8), count=1_000_000)
   with pytest.raises(
     ValueError,
     match=f"{path} is malformed.*declares "
@@ -488,9 +488,9 @@ def test_bad_idx_file(tmp_path, kind, content, match):
   images, labels = _write_fashion(tmp_path)
   path = tmp_path / f"t10k-{kind}-ubyte.gz"
   if content is None:
-    _write_idx(path, labels[:5].astype(np.uint8))
+    write_idx(path, labels[:5].astype(np.uint8))
   elif content == "label-11":
-    _write_idx(path, np.full(len(images), 11, np.uint8))
+    write_idx(path, np.full(len(images), 11, np.uint8))
   elif content.startswith(b"\x1f\x8b"):
     path.write_bytes(content)
   else:
