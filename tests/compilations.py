@@ -11,8 +11,8 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 @contextlib.contextmanager
 def counted_compilations():
-  """Yields a list that gets, per XLA compilation in the block, the name of
-  the function compiled (e.g. a jitted function's ``__name__``)."""
+  """Yields a list that gets, per XLA compilation in the block, the name JAX
+  gives the program: ``jit(f)`` for a jitted function ``f``."""
   compilations = []
 
   def listener(event, duration, **kwargs):

@@ -18,6 +18,7 @@ from cifs_jax.evaluation import report
 from cifs_jax.runs import evaluation as runner
 from cifs_jax.evaluation import summary as summary_lib
 from cifs_jax import evaluation
+from tests.compilations import counted_compilations
 
 IMAGE_SHAPE = (4, 4, 3)
 NUM_CLASSES = 4
@@ -447,12 +448,13 @@ def test_an_interrupted_evaluation_continues_with_the_same_numbers(tmp_path):
 
 
 def test_one_compile_per_attack_and_gradient_mode():
-  _, fns = _model(seed=5)  # New variables: a new Partial, new traces.
-  evaluator._adversarial_ranks.clear_cache()
+  _, fns = _model(seed=5)  # New logits functions: compiled anew.
   protocol = _protocol(False, betas=(0.0, 1.0, math.inf))
-  _evaluate(fns, protocol, batch_size=8)
+  with counted_compilations() as compilations:
+    _evaluate(fns, protocol, batch_size=8)
   # 2 attacks x 2 gradient modes, each over 5 targets and 3 batches.
-  assert evaluator._adversarial_ranks._cache_size() == 4
+  attack_programs = f"jit({evaluator._adversarial_ranks.__name__})"
+  assert compilations.count(attack_programs) == 4
 
 
 def test_report_header_labels_the_run(tmp_path):

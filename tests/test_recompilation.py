@@ -2,7 +2,6 @@
 per-epoch evaluation and every attack of each evaluation protocol, with a
 padded last batch (tiny ResNet-10, a few attack steps)."""
 
-import contextlib
 import dataclasses
 import functools
 
@@ -14,29 +13,11 @@ import pytest
 from cifs_jax import data, evaluation, experiment_config, models
 from cifs_jax.parallel import BATCH_AXIS, Parallel
 from cifs_jax.training import step as step_lib, train_state
+from tests.compilations import counted_compilations
 
-# Recorded by JAX once per XLA compilation (jax._src.dispatch).
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 IMAGE_SHAPE = (8, 8, 3)
 NUM_EXAMPLES = 40  # batches of 16: 16, 16, then 8 padded to 16
 BATCH_SIZE = 16
-
-
-@contextlib.contextmanager
-def counted_compilations():
-  """Yields a list that gets one entry per XLA compilation in the block."""
-  compilations = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == BACKEND_COMPILE_EVENT:
-      compilations.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield compilations
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def tiny_config():
