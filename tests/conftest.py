@@ -38,11 +38,14 @@ def compile_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-@pytest.fixture
-def tiny_fashion_mnist(tmp_path):
+@pytest.fixture(scope="session")
+def tiny_fashion_mnist(tmp_path_factory):
   """A directory of small synthetic Fashion-MNIST IDX files in Debian's
-  layout (64 train, 32 test examples; see ``idx_files``)."""
-  return idx_files.write_tiny_fashion_mnist(tmp_path / "fashion-mnist")
+  layout (64 train, 32 test examples; see ``idx_files``), for the code that
+  reads them to run without Debian's copy. Read it, do not change it."""
+  return idx_files.write_tiny_fashion_mnist(
+    tmp_path_factory.mktemp("fashion-mnist")
+  )
 
 
 # The trained MLP's inputs: 48 pixels in [0, 1].

@@ -8,7 +8,7 @@ the ``Trainer``'s own ``save`` and read back by ``restore_or_initialise``.
 
 from __future__ import annotations
 
-import pathlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,22 +19,17 @@ from cifs_jax import experiment_config
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import trainer as trainer_lib
 
-FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
-pytestmark = [
-  pytest.mark.skipif(
-    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="needs Debian's dataset-fashion-mnist",
-  ),
-  # Each Trainer jits the model's init anew: read it back, not recompile.
-  pytest.mark.usefixtures("compile_cache"),
-]
+# Each Trainer jits the model's init anew: read it back, not recompile.
+pytestmark = pytest.mark.usefixtures("compile_cache")
 STEPS_PER_EPOCH = 2  # 64 training examples, batch 32.
 
 
-def smoke_config(**overrides):
-  """``fmnist_resnet10.py:smoke`` on 64 examples, ``section__key=value``."""
+def _smoke_config(data_dir, **overrides):
+  """``fmnist_resnet10.py:smoke`` on the 64 training examples in
+  ``data_dir``, ``section__key=value``."""
   config = experiment_config.base_config()
   config.data.name, config.data.source = "fashion_mnist", "files"
+  config.data.data_dir = str(data_dir)
   config.model.name = "resnet10"
   experiment_config.apply_variants(config, "smoke")
   config.model.width = 4
@@ -44,6 +39,13 @@ def smoke_config(**overrides):
     section, name = key.split("__")
     config[section][name] = value
   return config
+
+
+@pytest.fixture(scope="module")
+def smoke_config(tiny_fashion_mnist):
+  """``_smoke_config`` on synthetic Fashion-MNIST files: what is restored
+  does not depend on the images, so this runs without Debian's copy."""
+  return functools.partial(_smoke_config, tiny_fashion_mnist)
 
 
 def shifted_state(trainer, shift: int, epoch: int, step_in_epoch: int):
@@ -92,7 +94,7 @@ def assert_trees_equal(actual, expected):
 
 
 @pytest.fixture(scope="module")
-def natural_source(tmp_path_factory):
+def natural_source(smoke_config, tmp_path_factory):
   """A natural run with checkpoints at epochs 1, 2, 3 (shifts 1, 2, 3);
   epoch 2 has the best natural accuracy, epoch 1 the best PGD accuracy."""
   workdir = tmp_path_factory.mktemp("natural_source")
@@ -114,7 +116,7 @@ def natural_source(tmp_path_factory):
   ids=["default_is_best", "best", "last", "step"],
 )
 def test_init_from_takes_the_chosen_checkpoint_and_a_fresh_optimiser(
-  tmp_path, natural_source, which, shift
+  smoke_config, tmp_path, natural_source, which, shift
 ):
   overrides = {"train__init_from": str(natural_source)}
   if which is not None:
@@ -130,7 +132,9 @@ def test_init_from_takes_the_chosen_checkpoint_and_a_fresh_optimiser(
   assert int(state.step) == 0 and position == trainer_lib.Position(0, 0)
 
 
-def test_init_from_reads_without_creating_anything(tmp_path, natural_source):
+def test_init_from_reads_without_creating_anything(
+  smoke_config, tmp_path, natural_source
+):
   before = sorted(natural_source.rglob("*"))
   start(tmp_path / "run", smoke_config(train__init_from=str(natural_source)))
   assert sorted(natural_source.rglob("*")) == before
@@ -140,7 +144,9 @@ def test_init_from_reads_without_creating_anything(tmp_path, natural_source):
   assert not typo.exists()
 
 
-def test_restore_step_resumes_there_and_sets_the_later_steps_aside(tmp_path):
+def test_restore_step_resumes_there_and_sets_the_later_steps_aside(
+  smoke_config, tmp_path
+):
   workdir = tmp_path / "run"
   config = smoke_config()
   write_run(
@@ -177,7 +183,7 @@ def test_restore_step_resumes_there_and_sets_the_later_steps_aside(tmp_path):
   ],
 )
 def test_a_checkpoint_position_out_of_range_is_refused(
-  tmp_path, epoch, step_in_epoch, step, message
+  smoke_config, tmp_path, epoch, step_in_epoch, step, message
 ):
   workdir = tmp_path / "run"
   trainer = trainer_lib.Trainer(smoke_config(), str(workdir))
@@ -206,19 +212,20 @@ def test_a_checkpoint_position_out_of_range_is_refused(
   ],
 )
 def test_bad_checkpoint_choices_are_named_before_anything_is_written(
-  tmp_path, overrides, message
+  smoke_config, tmp_path, overrides, message
 ):
   with pytest.raises(ValueError, match=message):
     trainer_lib.Trainer(smoke_config(**overrides), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
-def test_restore_step_without_checkpoints_is_an_error(tmp_path):
+def test_restore_step_without_checkpoints_is_an_error(smoke_config, tmp_path):
   with pytest.raises(FileNotFoundError, match="restore_step=4, but"):
     start(tmp_path / "run", smoke_config(checkpoint__restore_step=4))
 
 
 def test_a_damaged_checkpoint_is_refused_with_the_step_to_fall_back_to(
+  smoke_config,
   tmp_path,
 ):
   workdir = tmp_path / "run"
