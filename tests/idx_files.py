@@ -11,10 +11,12 @@ import pytest
 # Where Debian's `dataset-fashion-mnist` installs the four gzipped IDX files.
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 HAS_FASHION_MNIST = (FASHION_DIR / "train-images-idx3-ubyte.gz").exists()
+NO_FASHION_MNIST = (
+  f"needs Debian's Fashion-MNIST in {FASHION_DIR}: "
+  "apt-get install dataset-fashion-mnist"
+)
 needs_fashion_mnist = pytest.mark.skipif(
-  not HAS_FASHION_MNIST,
-  reason=f"needs Debian's Fashion-MNIST in {FASHION_DIR}: "
-  "apt-get install dataset-fashion-mnist",
+  not HAS_FASHION_MNIST, reason=NO_FASHION_MNIST
 )
 
 

@@ -35,6 +35,7 @@ from cifs_jax.analysis import (
 from cifs_jax.evaluation import protocols, report, summary
 from cifs_jax.evaluation.evaluator import protocol_runs
 from cifs_jax.runs.directory import RunDirectory
+from tests.idx_files import write_tiny_fashion_mnist
 
 # ----------------------------------------------------- channel statistics
 
@@ -417,15 +418,21 @@ def test_setting_names_non_paper_cifs_variants():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  """``fmnist_resnet10.py:smoke`` on real Fashion-MNIST with a minimal final
-  evaluation (FGSM on 64 test examples)."""
+  """``fmnist_resnet10.py:smoke`` with a minimal final evaluation (FGSM on
+  64 test examples), on synthetic Fashion-MNIST files (256 training, 160
+  test examples, 16 of each class): the commands read any run alike, so
+  this runs without Debian's copy."""
   from tests import test_training_e2e as e2e
 
-  if not (e2e.FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-    pytest.skip("needs Debian's dataset-fashion-mnist")
+  data_dir = write_tiny_fashion_mnist(
+    tmp_path_factory.mktemp("data"), num_train=256, num_test=160
+  )
   workdir = tmp_path_factory.mktemp("smoke")
   config = e2e.load_config(
-    "fmnist_resnet10", "smoke", "--config.eval.final_attacks=fgsm"
+    "fmnist_resnet10",
+    "smoke",
+    "--config.eval.final_attacks=fgsm",
+    f"--config.data.data_dir={data_dir}",
   )
   e2e.trainer_lib.train_and_evaluate(config, str(workdir))
   return workdir

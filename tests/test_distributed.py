@@ -56,9 +56,9 @@ from cifs_jax.runs import evaluation as runner
 from cifs_jax.runs.directory import RunDirectory
 from cifs_jax.training.train_state import create_train_state
 from tests.distributed_worker import flat_params
+from tests.idx_files import needs_fashion_mnist
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 STEPS_PER_EPOCH = 4  # max_examples / batch_size below.
 HANG_AFTER_STEPS = 6  # mid-epoch 2
 PHASE_TIMEOUT_S = 600
@@ -578,10 +578,7 @@ def epoch_evaluations(workdir) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-  not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-  reason="needs Debian's dataset-fashion-mnist",
-)
+@needs_fashion_mnist
 def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
   start = time.monotonic()
   reference, distributed_run = tmp_path / "reference", tmp_path / "two"

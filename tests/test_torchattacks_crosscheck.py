@@ -28,11 +28,8 @@ from cifs_jax import attacks, data, models  # noqa: E402
 from cifs_jax.runs import evaluation as runner  # noqa: E402
 from cifs_jax.runs.directory import RunDirectory  # noqa: E402
 from cifs_jax.runs import trainer as trainer_lib  # noqa: E402
-from tests.test_training_e2e import (  # noqa: E402
-  FASHION_DIR,
-  NO_FINAL_EVAL,
-  load_config,
-)
+from tests.idx_files import needs_fashion_mnist  # noqa: E402
+from tests.test_training_e2e import NO_FINAL_EVAL, load_config  # noqa: E402
 from tests.torch_resnet10 import ResNet10  # noqa: E402
 
 EPS = 0.1
@@ -43,13 +40,7 @@ WIDTH = 8
 # Largest allowed difference of robust accuracies (percentage points).
 TOLERANCE = 1.5
 
-pytestmark = [
-  pytest.mark.slow,
-  pytest.mark.skipif(
-    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="needs Debian's dataset-fashion-mnist",
-  ),
-]
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,13 @@ from cifs_jax.runs import evaluation as runner
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import trainer as trainer_lib
 from tests.event_files import read_scalar_events
+from tests.idx_files import (
+  HAS_FASHION_MNIST,
+  NO_FASHION_MNIST,
+  needs_fashion_mnist,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
-needs_fashion_mnist = pytest.mark.skipif(
-  not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-  reason="needs Debian's dataset-fashion-mnist",
-)
 
 # At least these (the step may add more, e.g. train_grad_norm).
 TRAIN_KEYS = {
@@ -333,8 +333,8 @@ def check_workdir(
 def fmnist_smoke(tmp_path_factory):
   """``fmnist_resnet10.py:smoke`` on real Fashion-MNIST, run once; several
   tests start from (copies of) its workdir."""
-  if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-    pytest.skip("needs Debian's dataset-fashion-mnist")
+  if not HAS_FASHION_MNIST:
+    pytest.skip(NO_FASHION_MNIST)
   workdir = tmp_path_factory.mktemp("fmnist_smoke")
   config = load_config("fmnist_resnet10")
   start = time.perf_counter()
