@@ -9,6 +9,7 @@ import pytest
 from cifs_jax import attacks, data, experiment_config, models
 from cifs_jax.parallel import BATCH_AXIS, Parallel
 from cifs_jax.training import step as step_lib, train_state
+from tests.compilations import counted_compilations
 
 
 def smoke_config(*variants):
@@ -234,17 +235,20 @@ def test_friendly_pgd_takes_a_traced_tau():
     eps=0.1, step_size=0.02, num_steps=10, random_start=False
   )
   loss = step_lib.defense_loss("none", beta=2.0)
-  attack = jax.jit(
-    lambda tau: attacks.friendly_pgd(
+
+  @jax.jit
+  def attack(tau):
+    return attacks.friendly_pgd(
       linear_logits_fn(weights), x, labels, None, loss, config, tau
     )
-  )
-  distances = [np.abs(np.asarray(attack(jnp.int32(t)) - x)) for t in range(3)]
+
+  with counted_compilations() as compilations:
+    distances = [np.abs(np.asarray(attack(jnp.int32(t)) - x)) for t in range(3)]
   np.testing.assert_array_equal(distances[0], 0)
   np.testing.assert_allclose(distances[1], 0.02, rtol=1e-5)
   # A second step may move a pixel back; it moves none further.
   assert np.max(distances[2]) == pytest.approx(0.04, rel=1e-5)
-  assert attack._cache_size() == 1
+  assert compilations.count(f"jit({attack.__name__})") == 1
 
 
 @pytest.mark.slow
