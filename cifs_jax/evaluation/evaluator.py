@@ -302,7 +302,7 @@ def evaluate(
 
   def save(run, ranks):
     run_ranks[run.name] = ranks
-    if partial is not None and jax.process_index() == 0:
+    if partial is not None and parallel.is_chief():
       partial.save_run(run.name, ranks)
 
   if protocol.cascade:

@@ -36,10 +36,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 from etils import epath
-import jax
 import ml_collections
 
 from cifs_jax import experiment_config
+from cifs_jax.parallel import is_chief
 from cifs_jax.runs.checkpoints import Checkpointer, absolute_path
 
 CONFIG_FILENAME = "config.json"
@@ -167,7 +167,7 @@ class RunDirectory:
     Raises:
       RunInUseError: another process holds the lock.
     """
-    if jax.process_index() != 0:
+    if not is_chief():
       yield
       return
     self.path.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ class RunDirectory:
     The text goes to a fresh temporary file in the same directory, renamed
     into place; values that are not JSON types are written as strings.
     """
-    if jax.process_index() != 0:
+    if not is_chief():
       return
     text = _config_as_json(config)
     if self.config_path.exists() and self.config_path.read_text() == text:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cifs_jax import data, experiment_config, models
+from cifs_jax import data, experiment_config, models, parallel
 from cifs_jax.evaluation import checklist, evaluator, protocols, report
 from cifs_jax.runs.directory import (
   REPORT_PREFIX,
@@ -214,10 +214,10 @@ def evaluate_and_publish(
     jax.random.key(config.seed),
     class_names=data.get_info(config.data.name).class_names,
     partial=partial,
-    progress=jax.process_index() == 0,
+    progress=parallel.is_chief(),
   )
   results["run"] = label
-  if jax.process_index() == 0:
+  if parallel.is_chief():
     report.publish(results, output_dir, name)
     partial.remove()
   return results
@@ -348,13 +348,13 @@ def checklist_checkpoint(
     surrogate=surrogate_fn,
     settings=settings,
     batch_size=batch_size or config.eval.batch_size,
-    progress=jax.process_index() == 0,
+    progress=parallel.is_chief(),
   )
   protocol = protocols.Protocol(checklist.NAME, (), tuple(logits_fns))
   results["run"] = run_label(config, protocol, label, len(split)) | {
     "surrogate": surrogate_label
   }
-  if jax.process_index() == 0:
+  if parallel.is_chief():
     checklist.publish(
       checks,
       results,
