@@ -28,9 +28,10 @@ import ml_collections
 
 from cifs_jax import data, losses, models, parallel, protocol_names
 from cifs_jax.attacks.pgd import START_DISTRIBUTIONS
+from cifs_jax.training import methods
 from cifs_jax.validation import check_choice, check_known_keys
 
-METHODS = ("natural", "pgd_at", "fat", "trades")
+METHODS = tuple(methods.METHODS)
 
 _positive = (lambda v: v > 0, "> 0")
 _non_negative = (lambda v: v >= 0, ">= 0")

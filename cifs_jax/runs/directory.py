@@ -40,6 +40,7 @@ import ml_collections
 
 from cifs_jax import experiment_config
 from cifs_jax.parallel import is_chief
+from cifs_jax.training import methods
 from cifs_jax.runs.checkpoints import Checkpointer, absolute_path
 
 CONFIG_FILENAME = "config.json"
@@ -56,15 +57,11 @@ MODEL_KEYS = ("model", "data.name")
 # Keys that must not change when a run is resumed: the model, the data and
 # what fixes the data order and the step count of an epoch.
 RESUME_KEYS = MODEL_KEYS + ("seed", "train.batch_size", "train.max_examples")
-# Checkpoints are ranked by PGD accuracy, or by natural accuracy for
-# natural training (whose PGD accuracy is near zero and uninformative).
-_BEST_METRIC = {"natural": "natural_accuracy"}
-_DEFAULT_BEST_METRIC = "pgd_accuracy"
 
 
 def best_metric(config: ml_collections.ConfigDict) -> str:
   """The per-epoch evaluation metric that ranks a run's checkpoints."""
-  return _BEST_METRIC.get(config.train.method, _DEFAULT_BEST_METRIC)
+  return methods.METHODS[config.train.method].best_metric
 
 
 def final_report_name(config: ml_collections.ConfigDict) -> str:
