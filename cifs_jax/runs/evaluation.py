@@ -32,6 +32,11 @@ from cifs_jax.validation import check_choice
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class EvaluationInterrupted(KeyboardInterrupt):
+  """Ctrl-C during an evaluation; the message says where its finished runs
+  are kept and how to continue."""
+
+
 def build_protocol(
   name: str,
   eps: float,
@@ -207,15 +212,21 @@ def evaluate_and_publish(
     | {"seed": config.seed},
   )
   batch_size = batch_size or config.eval.batch_size
-  results = evaluator.evaluate(
-    logits_functions(model, variables),
-    data.eval_batches(test_split, batch_size),
-    protocol,
-    jax.random.key(config.seed),
-    class_names=data.get_info(config.data.name).class_names,
-    partial=partial,
-    progress=parallel.is_chief(),
-  )
+  try:
+    results = evaluator.evaluate(
+      logits_functions(model, variables),
+      data.eval_batches(test_split, batch_size),
+      protocol,
+      jax.random.key(config.seed),
+      class_names=data.get_info(config.data.name).class_names,
+      partial=partial,
+      progress=parallel.is_chief(),
+    )
+  except KeyboardInterrupt:
+    raise EvaluationInterrupted(
+      f"Interrupted. The finished attack runs are kept in {partial.path};"
+      " run the same command again to continue from them."
+    ) from None
   results["run"] = label
   if parallel.is_chief():
     report.publish(results, output_dir, name)
