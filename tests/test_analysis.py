@@ -518,3 +518,24 @@ def test_the_evaluation_reports_table_names_the_checkpoint_briefly(
     "0123456789",
   ]
   assert max(len(cell) for cell in rows[0]) < 40
+
+
+@pytest.mark.parametrize(
+  "natural,adversarial,beta_atk,expected",
+  [
+    (50.0, 25.0, 2.0, None),
+    (50.0, 50.0, 0.0, None),
+    (18.75, 25.0, 2.0, "joint loss at beta_atk=2"),
+    (18.75, 25.0, 0.0, "gradient masking"),
+  ],
+)
+def test_an_attack_that_raises_accuracy_is_explained(
+  natural, adversarial, beta_atk, expected
+):
+  note = class_analysis.accuracy_note(
+    {"natural": natural, "adversarial": adversarial}, beta_atk
+  )
+  if expected is None:
+    assert note is None
+  else:
+    assert expected in note
