@@ -325,7 +325,16 @@ def evaluate(
       num_probes,
     )
   else:
-    _full(runs, run_ranks, save, fns, device_batches, key, num_probes, progress)
+    _full(
+      runs,
+      run_ranks,
+      save,
+      fns,
+      device_batches,
+      key,
+      num_probes,
+      progress and f"{protocol.name}: {len(runs)} attack runs",
+    )
   results = summary.summarize(
     protocol,
     runs,
@@ -344,12 +353,13 @@ def _full(
   runs, run_ranks, save, fns, device_batches, key, num_probes, progress
 ):
   """Every run not yet in ``run_ranks`` on every example; ``save(run,
-  ranks (N, 1 + P))`` books each."""
+  ranks (N, 1 + P))`` books each. ``progress``: the progress bar's
+  description (it counts batches of every run), or False for none."""
   bar = tqdm.tqdm(
     total=len(runs) * len(device_batches),
     initial=len(run_ranks) * len(device_batches),
     disable=not progress,
-    desc="eval",
+    desc=progress or None,
     unit="batch",
   )
   for run in runs:
