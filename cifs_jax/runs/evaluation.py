@@ -230,6 +230,7 @@ def evaluate_and_publish(
   results["run"] = label
   if parallel.is_chief():
     report.publish(results, output_dir, name)
+    print(report.console_summary(results))
     partial.remove()
   return results
 
@@ -373,4 +374,5 @@ def checklist_checkpoint(
       output,
       evaluation_report_name(checklist.NAME, checkpoint),
     )
+    print(checklist.console_summary(checks))
   return checks
