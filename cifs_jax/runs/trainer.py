@@ -121,7 +121,6 @@ class Trainer:
     check_checkpoint_keys(config)
     self.config = config
     self.run = RunDirectory(workdir)
-    self.run.check_writable()
     self.parallel = Parallel.create(config.parallel)
     num_devices = self.parallel.num_devices
     for name, size in (
