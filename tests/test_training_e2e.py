@@ -527,7 +527,7 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(
     f"Resuming {workdir} after checkpoint step {stopped_at} (epoch 1, step"
     f" {stopped_at} of {SMOKE_FMNIST_STEPS})." in second.stderr
   )
-  assert "Final state on 64 test images: natural" in second.stderr
+  assert "Final state on 32 test images: natural" in second.stderr
   state, metadata, steps = read_checkpoint(workdir)
   expected_state, expected_metadata, _ = read_checkpoint(reference)
   assert steps == [stopped_at, SMOKE_FMNIST_STEPS]
