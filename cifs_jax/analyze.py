@@ -145,6 +145,9 @@ def main(argv: Sequence[str]) -> None:
     f"natural {accuracy['natural']:.2f} %, {attack} "
     f"{accuracy['adversarial']:.2f} %"
   )
+  note = class_analysis.accuracy_note(accuracy, _BETA_ATK.value)
+  if note:
+    print(note)
   for path in [*written.values(), per_class, curves]:
     if path is not None:
       print("wrote", path)

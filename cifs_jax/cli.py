@@ -35,6 +35,8 @@ from cifs_jax.runs import directory as run_directory
 from cifs_jax.validation import UsageError
 
 USAGE_ERROR_STATUS = 2
+# The status of a program ended by Ctrl-C (128 + SIGINT), as shells report.
+INTERRUPTED_STATUS = 130
 _OVERRIDE_PREFIX = "--config."
 # Config leaves in pixel units (images in [0, 1]), which also take N/D.
 _PIXEL_NAMES = ("eps", "step_size")
@@ -167,6 +169,12 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except (UsageError, app.UsageError) as e:
       fail(str(e))
+    except KeyboardInterrupt as e:
+      # One line, no traceback; os._exit does not wait for a computation
+      # still running on the device (nothing is left to write).
+      sys.stderr.write(f"\n{e or 'Interrupted.'}\n")
+      sys.stderr.flush()
+      os._exit(INTERRUPTED_STATUS)
 
   app.run(guarded_main, flags_parser=parse_flags)
 

@@ -26,12 +26,12 @@ from typing import Callable
 
 import ml_collections
 
-from cifs_jax import data, losses, models, parallel
+from cifs_jax import data, losses, models, parallel, protocol_names
 from cifs_jax.attacks.pgd import START_DISTRIBUTIONS
-from cifs_jax.evaluation import protocols
+from cifs_jax.training import methods
 from cifs_jax.validation import check_choice, check_known_keys
 
-METHODS = ("natural", "pgd_at", "fat", "trades")
+METHODS = tuple(methods.METHODS)
 
 _positive = (lambda v: v > 0, "> 0")
 _non_negative = (lambda v: v >= 0, ">= 0")
@@ -278,11 +278,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_choice(
     "config.eval.final_protocol",
     config.eval.final_protocol,
-    tuple(protocols.PROTOCOLS),
+    tuple(protocol_names.PROTOCOL_ATTACKS),
   )
   try:
-    protocols.PROTOCOLS[config.eval.final_protocol]().select(
-      config.eval.final_attacks
+    protocol_names.check_attacks(
+      config.eval.final_protocol, config.eval.final_attacks
     )
   except ValueError as e:
     raise ValueError(f"config.eval.final_attacks: {e}") from e

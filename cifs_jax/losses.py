@@ -21,8 +21,9 @@ place of the probes').
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import chex
 import jax
@@ -87,6 +88,37 @@ def joint_loss_per_example(
     return scale * probe_term
   final_term = cross_entropy_per_example(logits, labels)
   return scale * (final_term + beta * probe_term) / (1.0 + beta)
+
+
+# Each defence's training loss as a scale of Eq. 3 (vanilla has no probes,
+# so any scale gives its cross-entropy): CAS's CE + beta * mean_l CE(q_l)
+# is the joint loss with scale 1 + beta (Bai et al., ICLR 2021).
+_DEFENSE_SCALES = {
+  "none": lambda beta, scale: scale,
+  "cifs": lambda beta, scale: scale,
+  "cas": lambda beta, scale: 1.0 + beta,
+}
+
+
+def defense_loss(
+  defense_kind: str, beta: float, scale: float = REFERENCE_SCALE
+) -> Callable[[Array, Sequence[Array], Array], Array]:
+  """The per-example training loss (N,) of a model with this defence:
+  ``(final_logits, probe_logits, labels) -> (N,)``.
+
+  CIFS: Eq. 3's joint loss times ``scale``; CAS: CE + beta times the mean
+  of the auxiliary CEs; vanilla ("none"): cross-entropy. It is also what
+  PGD maximises to craft the training examples.
+  """
+  if defense_kind not in _DEFENSE_SCALES:
+    raise ValueError(
+      f"Unknown defence {defense_kind!r}; one of {tuple(_DEFENSE_SCALES)}."
+    )
+  return functools.partial(
+    joint_loss_per_example,
+    beta=beta,
+    scale=_DEFENSE_SCALES[defense_kind](beta, scale),
+  )
 
 
 def trades_kl_per_example(

@@ -33,6 +33,13 @@ BATCH_AXIS = "batch"
 MODES = ("pmap", "shard_map")
 
 
+def is_chief() -> bool:
+  """Whether this process writes the files every process computes (reports,
+  metrics, config, checksums) and draws progress bars: process 0. The one
+  place this rule lives."""
+  return jax.process_index() == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Parallel:
   """A compilation mode and the 1-D device mesh it runs on.

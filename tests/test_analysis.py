@@ -497,3 +497,52 @@ def test_commands_on_a_smoke_run(smoke_run, tmp_path):
     round(results["worst_case"]["top1"], 2),
   ]
   assert "channels_Trouser_fgsm.png" in markdown
+
+
+def test_the_evaluation_reports_table_names_the_checkpoint_briefly(
+  fake_runs, tmp_path
+):
+  """One short cell per field of the report's ``run`` entry that a reader
+  needs (checkpoint, eps, date, commit), not a blob of every label."""
+  directory, results = fake_runs
+  label = {
+    "eps": 0.1,
+    "checkpoint": {"which": "last", "step": 8, "epoch": 2},
+    "date": "2026-12-03T10:00:00+00:00",
+    "git_commit": "0123456789abcdef",
+    "device": "2 x cpu (cpu)",
+  }
+  report.write_json(
+    {**results["cifs"], "run": label}, str(directory / "cifs/eval_paper.json")
+  )
+  markdown = reproduction.build_report([directory / "cifs"], tmp_path / "r.md")
+  header, _, *rows = markdown_table(markdown, "Evaluation reports")
+  assert header[-4:] == ["checkpoint", "eps", "date", "commit"]
+  assert rows[0][-4:] == [
+    "last (step 8, epoch 2)",
+    "0.1",
+    "2026-12-03T10:00:00+00:00",
+    "0123456789",
+  ]
+  assert max(len(cell) for cell in rows[0]) < 40
+
+
+@pytest.mark.parametrize(
+  "natural,adversarial,beta_atk,expected",
+  [
+    (50.0, 25.0, 2.0, None),
+    (50.0, 50.0, 0.0, None),
+    (18.75, 25.0, 2.0, "joint loss at beta_atk=2"),
+    (18.75, 25.0, 0.0, "gradient masking"),
+  ],
+)
+def test_an_attack_that_raises_accuracy_is_explained(
+  natural, adversarial, beta_atk, expected
+):
+  note = class_analysis.accuracy_note(
+    {"natural": natural, "adversarial": adversarial}, beta_atk
+  )
+  if expected is None:
+    assert note is None
+  else:
+    assert expected in note

@@ -4,6 +4,9 @@ import dataclasses
 import functools
 import json
 import math
+import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -280,7 +283,7 @@ def test_paper_and_strong_protocols_follow_design_section_6():
   assert paper.attacks[0].config == attacks.fgsm_config(eps)
 
 
-def test_publish_writes_json_markdown_and_a_console_table(tmp_path, capsys):
+def test_publish_writes_json_markdown_and_a_console_table(tmp_path):
   _, fns = _model()
   results = _evaluate(
     fns, _protocol(False, betas=(0.0, math.inf)), batch_size=8
@@ -306,7 +309,7 @@ def test_publish_writes_json_markdown_and_a_console_table(tmp_path, capsys):
     "Per class",
   ):
     assert f"## {title}" in markdown
-  console = capsys.readouterr().out
+  console = evaluation.console_summary(results)
   assert "Natural" in console and natural in console and "inf/probe1" in console
 
 
@@ -543,3 +546,23 @@ def test_build_protocol_restricts_and_adapts_to_the_model():
     r"\['cw', 'fgsm', 'pgd100', 'pgd20'\]",
   ):
     build("paper", 0.1, 2, True, attack_names=("pgd20", "pgd7"))
+
+
+def test_waiting_for_a_long_attack_batch_is_interruptible():
+  """A KeyboardInterrupt (Ctrl-C) reaches the evaluator while a batch is
+  still computing, not once it is done."""
+
+  @jax.jit
+  def slow(x):
+    return jax.lax.fori_loop(0, 3000, lambda i, v: jnp.tanh(v @ v), x)
+
+  x = jnp.eye(256) * 0.5
+  slow(x).block_until_ready()  # compile
+  start = time.perf_counter()
+  slow(x).block_until_ready()
+  batch_seconds = time.perf_counter() - start
+  threading.Timer(0.2, signal.raise_signal, (signal.SIGINT,)).start()
+  start = time.perf_counter()
+  with pytest.raises(KeyboardInterrupt):
+    evaluator._wait_interruptibly(slow(x))
+  assert time.perf_counter() - start < 0.2 + batch_seconds / 2

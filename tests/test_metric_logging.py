@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,9 +68,7 @@ def test_non_chief_writes_nothing(tmp_path):
 def test_chief_defaults_to_process_zero(
   tmp_path, monkeypatch, process_index, is_chief
 ):
-  monkeypatch.setattr(
-    metric_logging.jax, "process_index", lambda: process_index
-  )
+  monkeypatch.setattr(jax, "process_index", lambda: process_index)
   with metric_logging.MetricLogger(RunDirectory(tmp_path)) as logger:
     logger.write_scalars(1, {"loss": 1.0})
   assert logger.is_chief == is_chief

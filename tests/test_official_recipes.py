@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cifs_jax import attacks, experiment_config
-from cifs_jax.training import step as step_lib, train_state
+from cifs_jax.training import methods
+from cifs_jax.training import train_state
 
 NUM_EXAMPLES, SHAPE = 64, (16, 16, 3)  # 49,152 coordinates
 
@@ -92,7 +93,7 @@ def test_trades_inner_step_is_the_configured_step():
   config = experiment_config.apply_variants(
     experiment_config.base_config(), "trades"
   )
-  pgd_config = step_lib.attack_config(config.attack)
+  pgd_config = methods.attack_config(config.attack)
   x = grey_images()
   _, iterates = attacks.pgd(
     pixel_sum_logits,

@@ -8,6 +8,8 @@ import pytest
 
 from cifs_jax import attacks, data, experiment_config, models
 from cifs_jax.parallel import BATCH_AXIS, Parallel
+from cifs_jax import losses
+from cifs_jax.training import methods
 from cifs_jax.training import step as step_lib, train_state
 from tests.compilations import counted_compilations
 
@@ -167,7 +169,7 @@ def test_friendly_pgd_freezes_misclassified_examples():
   config = attacks.PGDConfig(
     eps=0.1, step_size=0.02, num_steps=10, random_start=False
   )
-  loss = step_lib.defense_loss("none", beta=2.0)
+  loss = losses.defense_loss("none", beta=2.0)
   x_fat = attacks.friendly_pgd(
     linear_logits_fn(weights), x, labels, None, loss, config, tau=0
   )
@@ -214,12 +216,12 @@ def test_fat_tau_schedule_is_fats_dynamic_tau():
   tau 0 in epochs 1-50, 1 in 51-90, 2 after; 10 steps per epoch."""
   config = smoke_config("fat")
   config.fat.tau_milestones = (50, 90)
-  tau = jax.jit(step_lib.fat_tau_schedule(config, steps_per_epoch=10))
+  tau = jax.jit(methods.fat_tau_schedule(config, steps_per_epoch=10))
   steps = {0: 0, 499: 0, 500: 1, 899: 1, 900: 2, 1199: 2}
   assert {s: int(tau(s)) for s in steps} == steps
   config.fat.tau = 3
   assert int(tau(0)) == 0  # the schedule read the config when made
-  tau = step_lib.fat_tau_schedule(config, steps_per_epoch=10)
+  tau = methods.fat_tau_schedule(config, steps_per_epoch=10)
   assert [int(tau(s)) for s in (0, 500, 900)] == [3, 4, 5]
 
 
@@ -234,7 +236,7 @@ def test_friendly_pgd_takes_a_traced_tau():
   config = attacks.PGDConfig(
     eps=0.1, step_size=0.02, num_steps=10, random_start=False
   )
-  loss = step_lib.defense_loss("none", beta=2.0)
+  loss = losses.defense_loss("none", beta=2.0)
 
   @jax.jit
   def attack(tau):
@@ -334,7 +336,7 @@ def test_training_attack_uses_the_loss_beta_and_the_check_beta_atk(
     (loss_fn,) = captured_attack_losses(monkeypatch, config, make_step)
     np.testing.assert_allclose(
       loss_fn(logits, probes, labels),
-      step_lib.defense_loss("cifs", beta)(logits, probes, labels),
+      losses.defense_loss("cifs", beta)(logits, probes, labels),
       rtol=1e-6,
     )
     monkeypatch.undo()
@@ -415,7 +417,7 @@ def expected_update(config, state, x, y):
   kind = model.defense.kind
   train_loss = reference_training_loss(kind, config)
   eval_fn = lambda v: model.apply(state.variables, v, train=False)
-  attack = step_lib.attack_config(config.attack)
+  attack = methods.attack_config(config.attack)
   x_train = x
   if method in ("pgd_at", "fat"):
     tau = config.fat.tau if method == "fat" else None

@@ -527,7 +527,7 @@ def test_sigterm_mid_epoch_saves_and_rerun_resumes(
     f"Resuming {workdir} after checkpoint step {stopped_at} (epoch 1, step"
     f" {stopped_at} of {SMOKE_FMNIST_STEPS})." in second.stderr
   )
-  assert "Final state on 64 test images: natural" in second.stderr
+  assert "Final state on 32 test images: natural" in second.stderr
   state, metadata, steps = read_checkpoint(workdir)
   expected_state, expected_metadata, _ = read_checkpoint(reference)
   assert steps == [stopped_at, SMOKE_FMNIST_STEPS]
@@ -853,6 +853,55 @@ def test_evaluate_command_on_a_trained_run(
     trainer_eval[-1]["natural_accuracy"]
   )
   assert results["worst_case"]["top1"] <= results["natural"]["top1"]
+
+
+def test_ctrl_c_during_evaluation_stops_at_once_and_the_rerun_continues(
+  tmp_path, fmnist_smoke, compile_cache
+):
+  """SIGINT once the first attack run is saved: the command ends within
+  seconds with one line naming the partial file (no traceback, status
+  130), and the same command then finishes from it."""
+  workdir = tmp_path / "run"
+  shutil.copytree(fmnist_smoke[0], workdir)
+  command = [
+    sys.executable,
+    "-m",
+    "cifs_jax.evaluate",
+    f"--workdir={workdir}",
+    "--attacks=fgsm,pgd20",
+    "--num_examples=64",
+  ]
+  env = subprocess_env(compile_cache)
+  partial = workdir / "eval_paper_last.partial.json"
+  process = subprocess.Popen(
+    command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+  )
+  try:
+    deadline = time.monotonic() + 300
+    while not partial.exists():
+      assert process.poll() is None, process.stderr.read()[-3000:]
+      assert time.monotonic() < deadline, "no finished attack run in 300 s"
+      time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    interrupted = time.monotonic()
+    returncode = process.wait(timeout=60)
+    seconds = time.monotonic() - interrupted
+  finally:
+    if process.poll() is None:
+      process.kill()
+  stderr = process.stderr.read()
+  assert returncode == 130, stderr[-3000:]
+  assert seconds < 10, seconds
+  assert f"The finished attack runs are kept in {partial}" in stderr
+  assert "Traceback" not in stderr, stderr[-3000:]
+  assert partial.exists() and not (workdir / "eval_paper_last.json").exists()
+
+  second = subprocess.run(
+    command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Continuing the evaluation" in second.stderr
+  assert (workdir / "eval_paper_last.json").exists() and not partial.exists()
 
 
 # ------------------------------------------- python -m cifs_jax.evaluate

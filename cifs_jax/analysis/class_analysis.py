@@ -45,6 +45,26 @@ def class_examples(split: data.Split, class_index: int, num_examples: int):
   return subset.head(num_examples)
 
 
+def accuracy_note(accuracy: dict[str, float], beta_atk: float) -> str | None:
+  """Why the adversarial accuracy (%) is above the natural one, when it is:
+  the attack maximises Eq. 3's joint loss, which at beta_atk > 0 includes
+  the probes' cross-entropy, not the final head's alone; None otherwise."""
+  if accuracy["adversarial"] <= accuracy["natural"]:
+    return None
+  if beta_atk > 0:
+    return (
+      f"The attack raised the final head's accuracy: it maximises Eq. 3's"
+      f" joint loss at beta_atk={beta_atk:g} (the probes' cross-entropy as"
+      " well), not the final head's, and can move examples towards their"
+      " class there. --beta_atk=0 attacks the final head alone."
+    )
+  return (
+    "The attack raised the final head's accuracy although it maximises the"
+    " final head's loss alone: a sign of a weak attack or of gradient"
+    " masking; check with python -m cifs_jax.evaluate --protocol=checklist."
+  )
+
+
 def paper_attack(name: str, eps: float) -> protocols.Attack:
   """The attack ``name`` (fgsm, pgd20, cw, pgd100) of the paper protocol."""
   return protocols.paper_protocol(eps=eps).select([name]).attacks[0]

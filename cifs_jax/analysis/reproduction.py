@@ -3,8 +3,7 @@
 Every number comes from a run's files: its ``eval_*.json`` reports
 (``evaluation.summary`` describes their layout), ``config.json`` and
 ``metrics.jsonl``; the paper's numbers from ``paper_results``. Fields that
-not every report has (AutoAttack, other attacks, extra labels) are shown
-when present.
+not every report has (AutoAttack, other attacks) are shown when present.
 """
 
 from __future__ import annotations
@@ -16,17 +15,6 @@ from typing import Any, Sequence
 from cifs_jax.analysis import paper_results, run_figures, runs
 from cifs_jax.evaluation import protocols
 
-# Keys of a results dict rendered by their own tables, not as labels.
-TABLE_KEYS = {
-  "protocol",
-  "natural",
-  "attacks",
-  "worst_case",
-  "class_names",
-  "num_classes",
-  "num_probes",
-  "num_examples",
-}
 CHANNEL_FIGURE_GLOB = "analysis/channels_*.png"
 # The two ways to sum up an adaptive attack's runs (``evaluation.summary``).
 MIN_OVER_BETA_LABEL = "min over beta_atk (as the paper)"
@@ -71,23 +59,24 @@ def table1_row(results: dict, columns: Sequence[tuple[str, str]]) -> list:
   )
 
 
-def report_labels(results: dict) -> str:
-  """The report's scalar fields beyond the tables ("key=value; ...");
-  nested dicts of scalars are flattened one level ("labels.step=...")."""
-  items = []
-  for key, value in results.items():
-    if key in TABLE_KEYS:
-      continue
-    if isinstance(value, dict):
-      items += [
-        (f"{key}.{k}", v)
-        for k, v in value.items()
-        if isinstance(v, (str, int, float, bool))
-      ]
-    elif isinstance(value, (str, int, float, bool)):
-      items.append((key, value))
-  text = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
-  return "; ".join(f"{k}={text(v)}" for k, v in items)
+def evaluated_checkpoint(results: dict) -> list[str]:
+  """What a report evaluated, from its ``run`` entry: [checkpoint (which,
+  step, epoch), eps, date, git commit]; "-" where a report has no entry."""
+  run = results.get("run") or {}
+  checkpoint = run.get("checkpoint") or {}
+  which = (
+    f"{checkpoint['which']} (step {checkpoint['step']}, epoch"
+    f" {checkpoint['epoch']})"
+    if checkpoint
+    else "-"
+  )
+  eps = f"{run['eps']:.4g}" if "eps" in run else "-"
+  return [
+    which,
+    eps,
+    run.get("date", "-"),
+    str(run.get("git_commit", "-"))[:10],
+  ]
 
 
 class Run:
@@ -114,7 +103,7 @@ def runs_section(all_runs: Sequence[Run]) -> list[str]:
       ", ".join(results["protocol"]["gradient_modes"]),
       ", ".join(results["protocol"]["betas"]),
       results["num_examples"],
-      report_labels(results),
+      *evaluated_checkpoint(results),
     ]
     for run in all_runs
     for name, results in run.reports.items()
@@ -134,7 +123,10 @@ def runs_section(all_runs: Sequence[Run]) -> list[str]:
         "gradient modes",
         "beta_atk",
         "examples",
-        "labels",
+        "checkpoint",
+        "eps",
+        "date",
+        "commit",
       ],
       evaluations,
     ),

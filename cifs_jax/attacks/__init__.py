@@ -31,6 +31,7 @@ from cifs_jax.attacks.pgd import fgsm_config
 from cifs_jax.attacks.pgd import friendly_pgd
 from cifs_jax.attacks.pgd import pgd
 from cifs_jax.attacks.pgd import PGDConfig
+from cifs_jax.attacks.pgd import reference_pgd_config
 from cifs_jax.attacks.apgd import apgd
 from cifs_jax.attacks.apgd import apgd_targeted
 from cifs_jax.attacks.apgd import APGDConfig
@@ -58,6 +59,7 @@ __all__ = [
   "friendly_pgd",
   "head_weights",
   "pgd",
+  "reference_pgd_config",
   "square",
   "weighted_head_loss",
 ]

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,7 +195,7 @@ def run_cascade(
   Returns:
     One ``StageStats`` per stage.
   """
-  log = log or logging.getLogger(__name__).info
+  log = log or logging.info
   stats = []
   for name, attack in stages:
     start = time.perf_counter()
@@ -284,7 +284,7 @@ def autoattack(
     raise ValueError(
       f"Unknown components {unknown}; known: {sorted(registry)}."
     )
-  log = log or logging.getLogger(__name__).info
+  log = log or logging.info
   x, y = np.asarray(x), np.asarray(y)
   randomized = version == "rand"
   check = functools.partial(

@@ -96,6 +96,21 @@ class PGDConfig:
       raise ValueError("Restarts without a random start repeat the same run.")
 
 
+def reference_pgd_config(
+  eps: float, num_steps: int, unroll: int = 0
+) -> PGDConfig:
+  """The CIFS authors' PGD-``num_steps`` (the paper's PGD-20 and PGD-100,
+  and the per-epoch check of training): step eps / 10 from the clean input
+  (no random start); ``unroll`` as ``PGDConfig``'s (0: per backend)."""
+  return PGDConfig(
+    eps=eps,
+    step_size=0.1 * eps,
+    num_steps=num_steps,
+    random_start=False,
+    unroll=unroll,
+  )
+
+
 def fgsm_config(eps: float = 8 / 255) -> PGDConfig:
   """FGSM (L-inf): one step of size eps from the clean input."""
   return PGDConfig(eps=eps, step_size=eps, num_steps=1, random_start=False)

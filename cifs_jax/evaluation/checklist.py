@@ -818,8 +818,8 @@ def publish(
   name: str,
 ) -> tuple[str, str]:
   """Writes ``<name>.json`` (the checks, the settings and the attacks'
-  results dict) and ``<name>.md`` to ``directory``, prints the checklist;
-  returns the two paths."""
+  results dict) and ``<name>.md`` to ``directory``; returns the two paths
+  (``console_summary`` gives the checklist to print)."""
   json_path = os.path.join(directory, f"{name}.json")
   markdown_path = os.path.join(directory, f"{name}.md")
   report.write_json(
@@ -833,5 +833,4 @@ def publish(
   )
   with open(markdown_path, "w") as f:
     f.write(to_markdown(checks, results))
-  print(console_summary(checks))
   return json_path, markdown_path

@@ -49,6 +49,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -68,7 +69,7 @@ from cifs_jax.evaluation import metrics
 from cifs_jax.evaluation import summary
 from cifs_jax.evaluation.protocols import Attack, Protocol
 from cifs_jax.evaluation.protocols import adaptive_targets, beta_label
-from cifs_jax.parallel import Parallel
+from cifs_jax.parallel import Parallel, is_chief
 
 Array = jax.Array
 
@@ -302,7 +303,7 @@ def evaluate(
 
   def save(run, ranks):
     run_ranks[run.name] = ranks
-    if partial is not None and jax.process_index() == 0:
+    if partial is not None and is_chief():
       partial.save_run(run.name, ranks)
 
   if protocol.cascade:
@@ -324,7 +325,16 @@ def evaluate(
       num_probes,
     )
   else:
-    _full(runs, run_ranks, save, fns, device_batches, key, num_probes, progress)
+    _full(
+      runs,
+      run_ranks,
+      save,
+      fns,
+      device_batches,
+      key,
+      num_probes,
+      progress and f"{protocol.name}: {len(runs)} attack runs",
+    )
   results = summary.summarize(
     protocol,
     runs,
@@ -343,12 +353,13 @@ def _full(
   runs, run_ranks, save, fns, device_batches, key, num_probes, progress
 ):
   """Every run not yet in ``run_ranks`` on every example; ``save(run,
-  ranks (N, 1 + P))`` books each."""
+  ranks (N, 1 + P))`` books each. ``progress``: the progress bar's
+  description (it counts batches of every run), or False for none."""
   bar = tqdm.tqdm(
     total=len(runs) * len(device_batches),
     initial=len(run_ranks) * len(device_batches),
     disable=not progress,
-    desc="eval",
+    desc=progress or None,
     unit="batch",
   )
   for run in runs:
@@ -510,8 +521,18 @@ def _valid_rows(tree, mask: Array):
   Returns:
     ``tree`` with leaves (num_valid, ...), rows in the global batch order.
   """
+  _wait_interruptibly((tree, mask))
   tree, mask = multihost_utils.process_allgather((tree, mask), tiled=True)
   return jax.tree.map(lambda x: x[mask], tree)
+
+
+def _wait_interruptibly(tree, poll_seconds: float = 0.05) -> None:
+  """Waits for the arrays of ``tree`` in short sleeps rather than one
+  blocking call, so that Ctrl-C (KeyboardInterrupt) acts within
+  ``poll_seconds`` instead of after the attack's batch finishes."""
+  for leaf in jax.tree.leaves(tree):
+    while not leaf.is_ready():
+      time.sleep(poll_seconds)
 
 
 def _as_pytree(logits_fn: LogitsFn) -> jax.tree_util.Partial:

@@ -241,11 +241,7 @@ def paper_protocol(eps: float = PAPER_EPS, unroll: int = 0) -> Protocol:
   """The authors' evaluation (the paper's Table 1 columns); ``unroll`` as
   ``PGDConfig``'s (0: per backend)."""
   pgd_config = functools.partial(
-    attacks.PGDConfig,
-    eps=eps,
-    step_size=0.1 * eps,
-    random_start=False,
-    unroll=unroll,
+    attacks.reference_pgd_config, eps, unroll=unroll
   )
   return Protocol(
     name="paper",

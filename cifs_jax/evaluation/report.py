@@ -26,13 +26,12 @@ MIN_OVER_BETA = "min over beta_atk (paper's comparator)"
 def publish(
   results: dict, directory: str, name: str = "eval"
 ) -> tuple[str, str]:
-  """Writes ``<name>.json`` and ``<name>.md`` to ``directory`` and prints the
-  console summary; returns the two paths."""
+  """Writes ``<name>.json`` and ``<name>.md`` to ``directory``; returns the
+  two paths (``console_summary`` gives the tables to print)."""
   json_path = os.path.join(directory, f"{name}.json")
   markdown_path = os.path.join(directory, f"{name}.md")
   write_json(results, json_path)
   write_markdown(results, markdown_path)
-  print(console_summary(results))
   return json_path, markdown_path
 
 

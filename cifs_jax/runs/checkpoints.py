@@ -68,7 +68,8 @@ from typing import Any, Mapping, NoReturn
 
 from absl import logging
 from etils import epath
-import jax
+
+from cifs_jax.parallel import is_chief
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -432,7 +433,7 @@ class Checkpointer:
           f"Cannot set aside checkpoint {self.step_path(moved)}:"
           f" {destination / str(moved)} exists already."
         )
-    if later and jax.process_index() == 0:
+    if later and is_chief():
       destination.mkdir(parents=True, exist_ok=True)
       for moved in later:
         self.step_path(moved).rename(destination / str(moved))

@@ -36,10 +36,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 from etils import epath
-import jax
 import ml_collections
 
 from cifs_jax import experiment_config
+from cifs_jax.parallel import is_chief
+from cifs_jax.training import methods
 from cifs_jax.runs.checkpoints import Checkpointer, absolute_path
 
 CONFIG_FILENAME = "config.json"
@@ -56,15 +57,11 @@ MODEL_KEYS = ("model", "data.name")
 # Keys that must not change when a run is resumed: the model, the data and
 # what fixes the data order and the step count of an epoch.
 RESUME_KEYS = MODEL_KEYS + ("seed", "train.batch_size", "train.max_examples")
-# Checkpoints are ranked by PGD accuracy, or by natural accuracy for
-# natural training (whose PGD accuracy is near zero and uninformative).
-_BEST_METRIC = {"natural": "natural_accuracy"}
-_DEFAULT_BEST_METRIC = "pgd_accuracy"
 
 
 def best_metric(config: ml_collections.ConfigDict) -> str:
   """The per-epoch evaluation metric that ranks a run's checkpoints."""
-  return _BEST_METRIC.get(config.train.method, _DEFAULT_BEST_METRIC)
+  return methods.METHODS[config.train.method].best_metric
 
 
 def final_report_name(config: ml_collections.ConfigDict) -> str:
@@ -167,7 +164,7 @@ class RunDirectory:
     Raises:
       RunInUseError: another process holds the lock.
     """
-    if jax.process_index() != 0:
+    if not is_chief():
       yield
       return
     self.path.mkdir(parents=True, exist_ok=True)
@@ -242,7 +239,7 @@ class RunDirectory:
     The text goes to a fresh temporary file in the same directory, renamed
     into place; values that are not JSON types are written as strings.
     """
-    if jax.process_index() != 0:
+    if not is_chief():
       return
     text = _config_as_json(config)
     if self.config_path.exists() and self.config_path.read_text() == text:

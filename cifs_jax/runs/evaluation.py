@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from cifs_jax import data, experiment_config, models
+from cifs_jax import data, experiment_config, models, parallel
 from cifs_jax.evaluation import checklist, evaluator, protocols, report
 from cifs_jax.runs.directory import (
   REPORT_PREFIX,
@@ -30,6 +30,11 @@ from cifs_jax.training.train_state import create_train_state
 from cifs_jax.validation import check_choice
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+  """Ctrl-C during an evaluation; the message says where its finished runs
+  are kept and how to continue."""
 
 
 def build_protocol(
@@ -207,18 +212,25 @@ def evaluate_and_publish(
     | {"seed": config.seed},
   )
   batch_size = batch_size or config.eval.batch_size
-  results = evaluator.evaluate(
-    logits_functions(model, variables),
-    data.eval_batches(test_split, batch_size),
-    protocol,
-    jax.random.key(config.seed),
-    class_names=data.get_info(config.data.name).class_names,
-    partial=partial,
-    progress=jax.process_index() == 0,
-  )
+  try:
+    results = evaluator.evaluate(
+      logits_functions(model, variables),
+      data.eval_batches(test_split, batch_size),
+      protocol,
+      jax.random.key(config.seed),
+      class_names=data.get_info(config.data.name).class_names,
+      partial=partial,
+      progress=parallel.is_chief(),
+    )
+  except KeyboardInterrupt:
+    raise EvaluationInterrupted(
+      f"Interrupted. The finished attack runs are kept in {partial.path};"
+      " run the same command again to continue from them."
+    ) from None
   results["run"] = label
-  if jax.process_index() == 0:
+  if parallel.is_chief():
     report.publish(results, output_dir, name)
+    print(report.console_summary(results))
     partial.remove()
   return results
 
@@ -348,13 +360,13 @@ def checklist_checkpoint(
     surrogate=surrogate_fn,
     settings=settings,
     batch_size=batch_size or config.eval.batch_size,
-    progress=jax.process_index() == 0,
+    progress=parallel.is_chief(),
   )
   protocol = protocols.Protocol(checklist.NAME, (), tuple(logits_fns))
   results["run"] = run_label(config, protocol, label, len(split)) | {
     "surrogate": surrogate_label
   }
-  if jax.process_index() == 0:
+  if parallel.is_chief():
     checklist.publish(
       checks,
       results,
@@ -362,4 +374,5 @@ def checklist_checkpoint(
       output,
       evaluation_report_name(checklist.NAME, checkpoint),
     )
+    print(checklist.console_summary(checks))
   return checks

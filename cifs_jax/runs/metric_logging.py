@@ -31,9 +31,9 @@ import uuid
 from typing import Mapping
 
 from absl import logging
-import jax
 import tensorboardX
 
+from cifs_jax import parallel
 from cifs_jax.runs.directory import RunDirectory
 
 
@@ -51,12 +51,12 @@ class MetricLogger:
     Args:
       run: a local run directory; created at the first write if missing.
       is_chief: whether this process writes; defaults to
-        ``jax.process_index() == 0``.
+        ``parallel.is_chief()`` (process 0).
       resumed_step: the global step of the checkpoint a resumed run restored;
         lines past it are dropped (see the module docstring).
     """
     if is_chief is None:
-      is_chief = jax.process_index() == 0
+      is_chief = parallel.is_chief()
     self.is_chief = is_chief
     self.metrics_path = pathlib.Path(run.metrics_path)
     self.tensorboard_path = pathlib.Path(run.tensorboard_path)

@@ -25,7 +25,7 @@ import tqdm
 
 from cifs_jax import data, experiment_config, models
 from cifs_jax.runs import evaluation as run_evaluation
-from cifs_jax.parallel import BATCH_AXIS, Parallel
+from cifs_jax.parallel import BATCH_AXIS, Parallel, is_chief
 from cifs_jax.runs.directory import RunDirectory, final_report_name
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import metric_logging
@@ -121,7 +121,6 @@ class Trainer:
     check_checkpoint_keys(config)
     self.config = config
     self.run = RunDirectory(workdir)
-    self.run.check_writable()
     self.parallel = Parallel.create(config.parallel)
     num_devices = self.parallel.num_devices
     for name, size in (
@@ -328,7 +327,7 @@ class Trainer:
       desc="natural + PGD-20",
       total=-(-len(split) // batch_size),
       unit="batch",
-      disable=jax.process_index() != 0,
+      disable=not is_chief(),
       leave=False,
     ):
       counts = self.eval_step(state, self.parallel.shard(batch))
@@ -388,7 +387,7 @@ class Trainer:
       total=self.steps_per_epoch,
       initial=position.step,
       desc=f"epoch {epoch + 1}/{config.train.epochs}",
-      disable=jax.process_index() != 0,
+      disable=not is_chief(),
       leave=False,
     )
     # Throughput over the steps since the last log point (which synced with

@@ -2,8 +2,9 @@
 
 ``make_train_step`` returns ``step(state, split, indices) -> (state,
 metrics)``: it gathers and augments the batch on the device, crafts the
-training inputs with the configured method (the model in inference mode, as
-the reference), takes one SGD step in training mode and averages gradients,
+training inputs with the configured method (``methods.METHODS``; the model in
+inference mode, as the reference), takes one SGD step in training mode on the
+method's loss and averages gradients,
 batch-norm statistics and metrics over the device axis ``BATCH_AXIS``.
 Compile it with ``Parallel.compile`` (pmap or shard_map); the attack's
 step loop is a ``lax.scan`` inside it, so one training step is one program.
@@ -11,8 +12,6 @@ step loop is a ``lax.scan`` inside it, so one training step is one program.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -24,65 +23,10 @@ import optax
 
 from cifs_jax import attacks, data, losses
 from cifs_jax.parallel import BATCH_AXIS
+from cifs_jax.training import methods
 from cifs_jax.training.train_state import TrainState
 
 Array = jax.Array
-
-
-def defense_loss(
-  defense_kind: str, beta: float, scale: float = losses.REFERENCE_SCALE
-) -> attacks.LossFn:
-  """The per-example loss of a model with this defence, (N,).
-
-  CIFS: Eq. 3's joint loss (times ``scale``); CAS: CE + beta * mean of the
-  auxiliary CEs (the joint loss with scale 1 + beta); vanilla:
-  cross-entropy. The training loss is also what PGD maximises to craft the
-  training examples.
-  """
-  if defense_kind == "cas":
-    scale = 1.0 + beta
-  return functools.partial(
-    losses.joint_loss_per_example, beta=beta, scale=scale
-  )
-
-
-def _trades_inner_loss(final_logits, probe_logits, natural_logits):
-  """TRADES' inner objective: KL(natural || adversarial) on the final head.
-
-  ``natural_logits`` (N, K) take the place of the labels in ``attacks.pgd``.
-  """
-  del probe_logits
-  return losses.trades_kl_per_example(final_logits, natural_logits)
-
-
-def attack_config(config: ml_collections.ConfigDict) -> attacks.PGDConfig:
-  """The L-inf PGD that crafts training examples (``config.attack``)."""
-  return attacks.PGDConfig(
-    eps=config.eps,
-    step_size=config.step_size,
-    num_steps=config.num_steps,
-    random_start=config.random_start,
-    unroll=config.unroll,
-  )
-
-
-def fat_tau_schedule(
-  config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> Callable[[Array], Array]:
-  """FAT's tau at a training step: ``fat.tau``, plus 1 from each epoch of
-  ``fat.tau_milestones`` on (FAT's dynamic tau: (50, 90) gives 0 in epochs
-  1-50, 1 in 51-90, 2 after).
-
-  Returns ``tau(step)``: the global step (int scalar, may be traced) ->
-  int32 tau, so that one compiled step serves every value.
-  """
-  milestones = jnp.asarray(config.fat.tau_milestones, jnp.int32)
-
-  def tau(step: Array) -> Array:
-    epoch = step // steps_per_epoch
-    return config.fat.tau + jnp.sum(epoch >= milestones, dtype=jnp.int32)
-
-  return tau
 
 
 def _example_keys(state: TrainState, indices: Array) -> tuple[Array, Array]:
@@ -115,44 +59,12 @@ def make_train_step(
   averaged over devices. ``steps_per_epoch`` places a step in its epoch
   (FAT's tau schedule). The model must use ``bn_axis_name=BATCH_AXIS``.
   """
-  method = config.train.method
-  kind = model.defense.kind
-  train_loss = defense_loss(
-    kind, config.train.loss_beta, config.train.loss_scale
+  train_loss = losses.defense_loss(
+    model.defense.kind, config.train.loss_beta, config.train.loss_scale
   )
-  pgd_config = attack_config(config.attack)
-  # TRADES' inner maximisation starts from ``trades.start`` ("normal": the
-  # official 0.001 * N(0, 1)).
-  trades_pgd_config = dataclasses.replace(pgd_config, start=config.trades.start)
-  fat_tau = fat_tau_schedule(config, steps_per_epoch)
-
-  def craft(state, x, y, attack_keys):
-    """The inputs to train on (gradient stopped)."""
-    logits_fn = lambda v: model.apply(state.variables, v, train=False)
-    if method == "pgd_at":
-      x = attacks.pgd(logits_fn, x, y, attack_keys, train_loss, pgd_config)
-    elif method == "fat":
-      x = attacks.friendly_pgd(
-        logits_fn,
-        x,
-        y,
-        attack_keys,
-        train_loss,
-        pgd_config,
-        fat_tau(state.step),
-        omega=config.fat.omega,
-      )
-    elif method == "trades":
-      natural_logits = lax.stop_gradient(logits_fn(x)[0])
-      x = attacks.pgd(
-        logits_fn,
-        x,
-        natural_logits,
-        attack_keys,
-        _trades_inner_loss,
-        trades_pgd_config,
-      )
-    return lax.stop_gradient(x)
+  recipe = methods.METHODS[config.train.method].recipe(
+    config, train_loss, steps_per_epoch
+  )
 
   def step(state: TrainState, split: data.Split, indices: Array):
     augment_keys, attack_keys = _example_keys(state, indices)
@@ -161,7 +73,10 @@ def make_train_step(
       x = data.augment(augment_keys, split.images[indices], **augment_options)
     y = split.labels[indices]
     with jax.named_scope("attack"):
-      x_train = craft(state, x, y, attack_keys)
+      logits_fn = lambda v: model.apply(state.variables, v, train=False)
+      x_train = lax.stop_gradient(
+        recipe.craft(logits_fn, x, y, attack_keys, state.step)
+      )
 
     def objective(params):
       def forward(inputs, batch_stats):
@@ -173,20 +88,7 @@ def make_train_step(
           mutable=["batch_stats"],
         )
 
-      if method != "trades":
-        (logits, probes), updates = forward(x_train, state.batch_stats)
-        return jnp.mean(train_loss(logits, probes, y)), (logits, updates)
-      # TRADES: the natural loss plus beta * KL(natural || adversarial).
-      (natural_logits, probes), updates = forward(x, state.batch_stats)
-      (adversarial_logits, _), updates = forward(
-        x_train, updates["batch_stats"]
-      )
-      loss = jnp.mean(
-        train_loss(natural_logits, probes, y)
-        + config.trades.beta
-        * losses.trades_kl_per_example(adversarial_logits, natural_logits)
-      )
-      return loss, (natural_logits, updates)
+      return recipe.loss(forward, x, x_train, y, state.batch_stats)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
       objective, has_aux=True
@@ -219,15 +121,10 @@ def make_eval_step(
   counts summed over devices: {"count", "natural_correct", "pgd_correct"}
   over the valid (mask) rows of the batch.
   """
-  eps = config.attack.eps
-  pgd_config = attacks.PGDConfig(
-    eps=eps,
-    step_size=eps / 10,
-    num_steps=config.eval.pgd_steps,
-    random_start=False,
-    unroll=config.attack.unroll,
+  pgd_config = attacks.reference_pgd_config(
+    config.attack.eps, config.eval.pgd_steps, config.attack.unroll
   )
-  attack_loss = defense_loss(model.defense.kind, config.eval.beta_atk)
+  attack_loss = losses.defense_loss(model.defense.kind, config.eval.beta_atk)
 
   def step(state: TrainState, batch: data.Batch) -> dict[str, Array]:
     x, y = data.to_float(batch.images), batch.labels
