@@ -18,6 +18,18 @@ worst case c = r = 1 and ``--clean`` / ``--robust`` (default 0.8 / 0.5).
   python -m benchmarks.autoattack --smoke   # tiny model: seconds
 
 writes benchmarks/results/autoattack.json (``--output``).
+
+``--against_official`` instead times the whole standard AutoAttack (full
+budgets, L-inf eps 0.1) side by side with the official code (pyautoattack,
+requirements-crosscheck.txt) on the same model and points: a width-8
+ResNet-10 trained briefly on real Fashion-MNIST and exported to PyTorch
+(tests/exported_resnet10.py), its first ``--points`` test images, the two
+run alternately in this process (``--repeats`` rounds; our first run
+includes compiling), torch on as many threads as the machine has cores, as
+JAX's CPU backend. Per stage: seconds, points attacked, robust accuracy;
+writes benchmarks/results/autoattack_vs_official.json.
+
+  python -m benchmarks.autoattack --against_official --repeats 2
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
+import tempfile
 import time
 
 import jax
@@ -34,7 +48,7 @@ import numpy as np
 from benchmarks import harness
 from cifs_jax import attacks
 from cifs_jax import models
-from cifs_jax.attacks.autoattack import COMPONENTS, VERSIONS, plan
+from cifs_jax.attacks.autoattack import COMPONENTS, VERSIONS, Settings, plan
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -116,6 +130,68 @@ def measure(args) -> dict:
   }
 
 
+def against_official(args) -> dict:
+  """Standard AutoAttack, official and ours alternately (module doc)."""
+  import torch  # noqa: PLC0415 (optional: requirements-test.txt)
+
+  from tests import exported_resnet10  # noqa: PLC0415 (needs torch)
+
+  torch.set_num_threads(os.cpu_count())
+  with tempfile.TemporaryDirectory() as workdir:
+    logits_fn, torch_model, x, y = exported_resnet10.train_and_export(
+      workdir, width=args.width, num_points=args.points
+    )
+  components = {
+    name: lambda s, name=name: COMPONENTS[name](
+      dataclasses.replace(s, unroll=args.unroll)
+    )
+    for name in ("apgd-ce", "apgd-t")
+  }
+  rounds = []
+  for seed in range(args.repeats):
+    start = time.perf_counter()
+    robust_after, seconds = exported_resnet10.official_autoattack(
+      torch_model, x, y, args.eps, seed=seed
+    )
+    official_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ours = attacks.autoattack(
+      logits_fn, x, y, jax.random.key(seed), eps=args.eps, components=components
+    )
+    ours_s = time.perf_counter() - start
+    stages = {
+      s.name: {
+        "official_s": harness.significant(seconds[s.name]),
+        "ours_s": harness.significant(s.seconds),
+        "attacked": s.attacked,
+        "official_robust_pct": harness.significant(
+          100 * robust_after[s.name].mean()
+        ),
+        "ours_robust_pct": harness.significant(s.robust_accuracy),
+      }
+      for s in ours.stages
+    }
+    rounds.append(
+      {
+        "official_s": harness.significant(official_s),
+        "ours_s": harness.significant(ours_s),
+        "ratio": harness.significant(ours_s / official_s),
+        "stages": stages,
+      }
+    )
+    print(
+      f"round {seed}: official {official_s:.1f} s, ours {ours_s:.1f} s "
+      f"(ratio {ours_s / official_s:.2f}); "
+      + ", ".join(
+        f"{n} {v['official_s']:.1f}/{v['ours_s']:.1f} s "
+        f"{v['official_robust_pct']:.2f}/{v['ours_robust_pct']:.2f} %"
+        for n, v in stages.items()
+      ),
+      flush=True,
+    )
+  return {"clean_pct": ours.accuracy["clean"], "rounds": rounds}
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--defense", default="cifs", choices=["cifs", "none"])
@@ -131,7 +207,36 @@ def main(argv=None) -> dict:
   harness.model_arguments(
     parser, "seconds: width 4, batch 2, one iteration of each component"
   )
+  parser.add_argument(
+    "--against_official",
+    action="store_true",
+    help="standard AutoAttack side by side with the official code",
+  )
+  parser.add_argument("--points", type=int, default=300)
+  parser.add_argument("--eps", type=float, default=0.1)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument(
+    "--unroll",
+    type=int,
+    default=Settings(eps=0.0).unroll,
+    help="APGD steps per loop iteration (0: per backend)",
+  )
   args = parser.parse_args(argv)
+  if args.against_official:
+    if args.width == 64:  # the ResNet-18 default: use the small model's
+      args.width = 8
+    results = {
+      "benchmark": "standard AutoAttack (L-inf) vs the official code, "
+      "Fashion-MNIST ResNet-10",
+      "config": {k: v for k, v in vars(args).items() if k != "output"},
+      "environment": harness.environment(),
+      "results": against_official(args),
+    }
+    path = harness.write_results(
+      results, args.output, "autoattack_vs_official.json"
+    )
+    print(path)
+    return results
   if args.smoke:
     args.width, args.batch_size, args.fraction = 4, 2, 0.0
   results = {

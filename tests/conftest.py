@@ -102,3 +102,24 @@ def trained_mlp():
     lambda p, keys: jax.lax.scan(train, (p, optimizer.init(p)), keys)
   )(params, jax.random.split(keys[3], 150))
   return functools.partial(apply, params), sample
+
+
+# Points of the exported model's test set (the official cross-check's >= 300).
+EXPORTED_POINTS = 300
+
+
+@pytest.fixture(scope="session")
+def exported_resnet10(tmp_path_factory):
+  """(JAX logits_fn, PyTorch model, x (300, 28, 28, 1), y (300,)) of a
+  width-8 ResNet-10 trained on real Fashion-MNIST and exported to PyTorch
+  (tests/exported_resnet10.py), shared by the PyTorch cross-checks."""
+  pytest.importorskip("torch")
+  from tests import exported_resnet10  # noqa: PLC0415 (needs torch)
+
+  if not idx_files.HAS_FASHION_MNIST:
+    pytest.skip(idx_files.NO_FASHION_MNIST)
+  return exported_resnet10.train_and_export(
+    tmp_path_factory.mktemp("fmnist_vanilla"),
+    width=8,
+    num_points=EXPORTED_POINTS,
+  )

@@ -24,69 +24,28 @@ torchattacks = pytest.importorskip("torchattacks")
 
 import jax  # noqa: E402
 
-from cifs_jax import attacks, data, models  # noqa: E402
-from cifs_jax.runs import evaluation as runner  # noqa: E402
-from cifs_jax.runs.directory import RunDirectory  # noqa: E402
-from cifs_jax.runs import trainer as trainer_lib  # noqa: E402
-from tests.idx_files import needs_fashion_mnist  # noqa: E402
-from tests.test_training_e2e import NO_FINAL_EVAL, load_config  # noqa: E402
-from tests.torch_resnet10 import ResNet10  # noqa: E402
+from cifs_jax import attacks  # noqa: E402
+from tests.exported_resnet10 import to_torch  # noqa: E402
 
 EPS = 0.1
 NUM_POINTS = 200
 SQUARE_QUERIES = 500
 NUM_TARGETS = 3
-WIDTH = 8
 # Largest allowed difference of robust accuracies (percentage points).
 TOLERANCE = 1.5
 
-pytestmark = [pytest.mark.slow, needs_fashion_mnist]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """(JAX logits_fn, PyTorch model, x (N, 28, 28, 1), y (N,)) of a vanilla
-  ResNet-10 PGD-trained on real Fashion-MNIST."""
+def trained(exported_resnet10):
+  """(JAX logits_fn, PyTorch model, x (N, 28, 28, 1), y (N,)) of the
+  exported ResNet-10 (conftest.py), its first NUM_POINTS test points."""
   # One intra-op thread: a run with torch's default thread pool next to
   # JAX's aborted once inside torchattacks' FAB backward ("double free").
   torch.set_num_threads(1)
-  workdir = tmp_path_factory.mktemp("fmnist_vanilla")
-  config = load_config(
-    "fmnist_resnet10",
-    "smoke,vanilla",
-    f"--config.model.width={WIDTH}",
-    "--config.train.max_examples=4000",
-    "--config.train.batch_size=128",
-    "--config.train.epochs=2",
-    "--config.eval.num_examples=500",
-    "--config.eval.batch_size=250",
-    NO_FINAL_EVAL,
-  )
-  trainer_lib.train_and_evaluate(config, str(workdir))
-  model, variables, _ = runner.restore_checkpoint(
-    config, RunDirectory(str(workdir)), "last"
-  )
-  test = data.load_split(config.data, "test").head(NUM_POINTS)
-  x = np.asarray(test.images, np.float32) / 255.0
-  y = np.asarray(test.labels, np.int64)
-  torch_model = ResNet10(width=WIDTH)
-  state = models.export_torch_state_dict(variables, "resnet10")
-  torch_model.load_state_dict(
-    {k: torch.from_numpy(v) for k, v in state.items()}
-  )
-  torch_model.eval()
-  logits_fn = jax.tree_util.Partial(model.apply, variables)
-  np.testing.assert_allclose(
-    np.asarray(logits_fn(x[:32])[0]),
-    torch_model(to_torch(x[:32])).detach().numpy(),
-    atol=1e-3,
-  )
-  return logits_fn, torch_model, x, y
-
-
-def to_torch(x):
-  """(N, H, W, C) numpy -> (N, C, H, W) tensor."""
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  logits_fn, torch_model, x, y = exported_resnet10
+  return logits_fn, torch_model, x[:NUM_POINTS], y[:NUM_POINTS]
 
 
 def jax_components():

@@ -228,12 +228,17 @@ class AutoAttackResult:
     accuracy: robust accuracy (percentage) after each stage, in order:
       "clean" first, then each component's name.
     stages: each component's ``StageStats`` (points attacked, seconds).
+    robust_after: (N,) bool per stage, as ``accuracy``: the points robust
+      after it (for point-by-point comparisons with other implementations).
   """
 
   x_adv: np.ndarray
   robust: np.ndarray
   accuracy: dict[str, float]
   stages: tuple[StageStats, ...] = ()
+  robust_after: Mapping[str, np.ndarray] = dataclasses.field(
+    default_factory=dict
+  )
 
   @property
   def robust_accuracy(self) -> float:
@@ -294,6 +299,7 @@ def autoattack(
   robust = ~check(x, y, x, jax.random.fold_in(key, 0), np.arange(len(y)))
   log(f"initial accuracy: {100 * np.mean(robust):.2f} %")
   x_adv = x.copy()
+  robust_after = {"clean": robust.copy()}
 
   def stage(index, name):
     attack, config = registry[name](settings)
@@ -318,6 +324,8 @@ def autoattack(
         np.arange(len(to_attack)),
       )
       x_adv[to_attack[fooled]] = candidates[fooled]
+      robust_after[name] = robust.copy()
+      robust_after[name][to_attack[fooled]] = False
       return fooled
 
     return name, run
@@ -330,7 +338,11 @@ def autoattack(
   )
   accuracy.update((s.name, s.robust_accuracy) for s in stats)
   return AutoAttackResult(
-    x_adv=x_adv, robust=robust, accuracy=accuracy, stages=tuple(stats)
+    x_adv=x_adv,
+    robust=robust,
+    accuracy=accuracy,
+    stages=tuple(stats),
+    robust_after=robust_after,
   )
 
 
