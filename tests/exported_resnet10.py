@@ -21,7 +21,6 @@ from cifs_jax import data, models
 from cifs_jax.runs import evaluation as runner
 from cifs_jax.runs import trainer as trainer_lib
 from cifs_jax.runs.directory import RunDirectory
-from tests.idx_files import FASHION_DIR
 from tests.test_training_e2e import NO_FINAL_EVAL, load_config
 from tests.torch_resnet10 import ResNet10
 
