@@ -4,7 +4,7 @@
       [--checkpoint=last|best|STEP]
       [--protocol=paper|strong|autoattack|autoattack-joint|checklist]
       [--attacks=fgsm,pgd20,cw,pgd100|apgd-ce,apgd-t,fab-t,square]
-      [--num_examples=N] [--output=DIR] [--surrogate=DIR]
+      [--num_examples=N] [--output=DIR] [--cascade] [--surrogate=DIR]
 
 Without ``--config`` the run's own ``DIR/config.json`` is used. Writes
 ``eval_<protocol>_<checkpoint>.json`` and ``.md`` to ``--output`` (default:
@@ -15,6 +15,12 @@ command continues from the finished attacks
 are checked before any data is read: a user error prints one line and exits
 with status 2 (``cifs_jax.cli``); ``--config.attack.eps=8/255`` takes a pixel
 fraction.
+
+``--cascade`` (paper and strong protocols; AutoAttack's always are) runs the
+attacks strongest first, each only on the examples still robust: the same
+per-example worst case of the final head, at a cost that falls with
+robustness; the per-attack and per-beta tables then count only the points
+each run attacked. Its report is ``eval_<protocol>_cascade_<checkpoint>``.
 
 ``--protocol=checklist`` runs the gradient-masking checklist
 (``evaluation/checklist.py``) instead: numbered checks, each "pass", "warn"
@@ -65,6 +71,12 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _OUTPUT = flags.DEFINE_string(
   "output", None, "Directory for the reports (default: the workdir)."
 )
+_CASCADE = flags.DEFINE_bool(
+  "cascade",
+  False,
+  "paper/strong: only the per-example worst case, each attack (strongest "
+  "first) on the examples still robust (AutoAttack's protocols always are).",
+)
 _SURROGATE = flags.DEFINE_string(
   "surrogate",
   None,
@@ -75,6 +87,17 @@ _SURROGATE_CHECKPOINT = flags.DEFINE_string(
   "surrogate_checkpoint", "last", "checklist: the surrogate's checkpoint."
 )
 flags.mark_flags_as_required(["workdir"])
+
+
+@flags.multi_flags_validator(
+  ["protocol", "cascade"],
+  message="--cascade applies to the paper and strong protocols.",
+)
+def _cascade_of_protocol(values) -> bool:
+  """False if --cascade is given with a protocol that is already a cascade
+  (AutoAttack's) or with the checklist."""
+  make = protocols.PROTOCOLS.get(values["protocol"])
+  return not values["cascade"] or (make is not None and not make().cascade)
 
 
 @flags.multi_flags_validator(
@@ -145,6 +168,7 @@ def main(argv):
     num_examples=_NUM_EXAMPLES.value,
     batch_size=_BATCH_SIZE.value,
     output=_OUTPUT.value,
+    cascade=_CASCADE.value,
   )
 
 

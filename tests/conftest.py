@@ -1,5 +1,6 @@
-"""Test configuration: two fake CPU devices, float64 on demand, and the
-fixtures several test modules share."""
+"""Test configuration: two fake CPU devices, quick compilation
+(``compilations.TEST_XLA_FLAGS``, a session-wide compilation cache), float64
+on demand, and the fixtures several test modules share."""
 
 import functools
 
@@ -11,9 +12,11 @@ import optax
 import pytest
 
 from tests import idx_files
+from tests.compilations import set_test_xla_flags
 
 # Must run before any JAX computation initialises the CPU backend.
 jax.config.update("jax_num_cpu_devices", 2)
+set_test_xla_flags()
 
 
 @pytest.fixture
@@ -23,12 +26,13 @@ def x64():
     yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory):
-  """A persistent JAX compilation cache private to the module that uses it
-  (its directory is yielded, e.g. for subprocesses): programs compiled again
-  (a new ``jax.jit`` of the same model) are read back instead of compiled.
-  It changes no result."""
+  """A persistent JAX compilation cache for the whole test session (its
+  directory is yielded, for subprocesses: ``JAX_COMPILATION_CACHE_DIR``):
+  a program compiled again (the same model in another test, a command run
+  in a subprocess) is read back instead of compiled. It changes no result;
+  ``tests/compilations.py`` counts a program read back as a compilation."""
   directory = str(tmp_path_factory.mktemp("jax_cache"))
   previous = jax.config.values["jax_compilation_cache_dir"]
   jax.config.update("jax_compilation_cache_dir", directory)

@@ -125,22 +125,42 @@ def test_evaluating_the_standard_protocol_on_a_model_with_probes():
   assert f"| APGD-T | {stages[2]:.2f} |" in markdown
 
 
+def test_as_cascade_puts_table_1s_attacks_strongest_first():
+  paper = evaluation.paper_protocol()
+  cascade = evaluation.protocols.as_cascade(paper)
+  assert cascade.cascade and not paper.cascade
+  assert [a.name for a in cascade.attacks] == ["pgd100", "cw", "pgd20", "fgsm"]
+  assert (cascade.betas, cascade.gradient_modes) == (
+    paper.betas,
+    paper.gradient_modes,
+  )
+  autoattack = evaluation.autoattack_protocol()
+  assert evaluation.protocols.as_cascade(autoattack) is autoattack
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
   "protocol", [_reduced_protocol(), _protocol(True)], ids=["autoattack", "pgd"]
 )
 def test_the_cascade_gives_the_full_protocols_worst_case(protocol, tmp_path):
-  """The same final-head worst case and stages, each run on fewer points;
-  a resumed cascade reads its finished runs back."""
+  """The same final-head worst case, each run on fewer points; a resumed
+  cascade reads its finished runs back. Table 1's attacks go strongest
+  first (``as_cascade``); AutoAttack's keep their order, so their stages
+  are the full protocol's."""
   _, fns = _model()
   full = _evaluate(
     fns, dataclasses.replace(protocol, cascade=False), batch_size=8
   )
   partial = evaluation.evaluator.PartialResults(tmp_path / "p.json", {})
-  cascade_protocol = dataclasses.replace(protocol, cascade=True)
+  cascade_protocol = evaluation.protocols.as_cascade(protocol)
   cascaded = _evaluate(fns, cascade_protocol, batch_size=8, partial=partial)
-  assert cascaded["stages"] == full["stages"]
+  if protocol.cascade:
+    assert cascaded["stages"] == full["stages"]
+  assert list(cascaded["stages"]) == ["clean"] + [
+    attack.name for attack in cascade_protocol.attacks
+  ]
   assert cascaded["worst_case"]["top1"] == full["worst_case"]["top1"]
+  assert list(cascaded["stages"].values())[-1] == full["worst_case"]["top1"]
   assert full["worst_case"]["top1"] < full["natural"]["top1"]
   runs = list(cascaded["cascade"]["runs"].values())
   attacked = [run["attacked"] for run in runs]

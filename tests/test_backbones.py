@@ -162,6 +162,7 @@ def test_cas_reweights_by_class_weights():
   )
 
 
+@pytest.mark.slow  # test_cifs_layer checks the same on an MLP by default.
 def test_full_relevance_grad_of_model_matches_finite_differences(x64):
   model = models.build_model(model_config("resnet10", "cifs", width=4))
   images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1), jnp.float64)
@@ -187,6 +188,7 @@ def test_full_relevance_grad_of_model_matches_finite_differences(x64):
   )
 
 
+@pytest.mark.slow  # test_train_step checks whole training steps by default.
 def test_pmap_matches_single_device():
   assert jax.local_device_count() == 2, "conftest sets two CPU devices"
   model = tiny("resnet18", "cifs")

@@ -104,9 +104,11 @@ def few_steps(protocol, num_steps=2):
 
 @pytest.mark.parametrize(
   "name",
+  # test_evaluation checks one compile per attack and mode on a small
+  # model by default; these compile a CIFS ResNet (the strong protocol: both
+  # gradient modes and restarts, twice the programs).
   [
-    "paper",
-    # Both gradient modes and restarts: twice the programs to compile.
+    pytest.param("paper", marks=pytest.mark.slow),
     pytest.param("strong", marks=pytest.mark.slow),
   ],
 )

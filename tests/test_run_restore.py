@@ -19,8 +19,6 @@ from cifs_jax import experiment_config
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import trainer as trainer_lib
 
-# Each Trainer jits the model's init anew: read it back, not recompile.
-pytestmark = pytest.mark.usefixtures("compile_cache")
 STEPS_PER_EPOCH = 2  # 64 training examples, batch 32.
 
 

@@ -43,6 +43,7 @@ from cifs_jax.runs import evaluation as runner
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import trainer as trainer_lib
 from tests.event_files import read_scalar_events
+from tests.compilations import TEST_XLA_FLAGS
 from tests.idx_files import (
   HAS_FASHION_MNIST,
   NO_FASHION_MNIST,
@@ -74,10 +75,6 @@ NO_FINAL_EVAL = "--config.eval.final=False"
 
 
 # ------------------------------------------------------------------ helpers
-
-# A persistent compilation cache for this module's runs (and, through the
-# environment, its subprocesses); see conftest.py.
-pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def load_config(name: str, variants: str = "smoke", *overrides: str):
@@ -169,7 +166,7 @@ def subprocess_env(cache_dir: str) -> dict[str, str]:
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
   )
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS
   return env
 
 
@@ -361,10 +358,12 @@ def test_smoke_fmnist_resnet10(fmnist_smoke):
 )
 @pytest.mark.parametrize(
   "name,data",
+  # The headline config by default; the others' files are read by default
+  # in test_data_files.
   [
     ("cifar_resnet18", "tfds_mock"),
-    ("cifar_wrn28_10", "files"),
-    ("svhn_resnet18", "files"),
+    pytest.param("cifar_wrn28_10", "files", marks=pytest.mark.slow),
+    pytest.param("svhn_resnet18", "files", marks=pytest.mark.slow),
   ],
 )
 def test_smoke_config_trains_evaluates_and_checkpoints(

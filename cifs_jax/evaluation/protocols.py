@@ -22,10 +22,10 @@ mode); an example is robust against an attack only if it survives all runs.
   runs only on the points still robust, and the robust accuracy after each
   stage is the summary's cumulative worst case in protocol order.
 
-Any protocol can run as a cascade (``dataclasses.replace(protocol,
-cascade=True)``): the same per-example worst case of the final head, at a
-cost that falls with robustness, but per-run tables that count only the
-points each run attacked (``evaluator``).
+Any protocol can run as a cascade (``as_cascade``, ``python -m
+cifs_jax.evaluate --cascade``): the same per-example worst case of the final
+head, at a cost that falls with robustness, but per-run tables that count
+only the points each run attacked (``evaluator``).
 
 ``PROTOCOLS`` maps each name to its constructor; every caller (the
 ``evaluate`` command, the final evaluation of training, config validation)
@@ -297,6 +297,28 @@ def autoattack_protocol(
       for name in names
     ),
     gradient_modes=GRADIENT_MODES,
+    cascade=True,
+  )
+
+
+# Table 1's attacks, strongest first: the order of a cascade, so that the
+# cheap, weak attacks only see the few points the strong ones left.
+STRONGEST_FIRST = ("pgd100", "cw", "pgd20", "fgsm")
+
+
+def as_cascade(protocol: Protocol) -> Protocol:
+  """``protocol`` as a cascade: its Table 1 attacks strongest first
+  (``STRONGEST_FIRST``), each run only on the examples still robust. The
+  final head's per-example worst case is the full protocol's; a protocol
+  that is already a cascade (AutoAttack's) is returned as it is."""
+  if protocol.cascade:
+    return protocol
+  order = {name: rank for rank, name in enumerate(STRONGEST_FIRST)}
+  return dataclasses.replace(
+    protocol,
+    attacks=tuple(
+      sorted(protocol.attacks, key=lambda a: order.get(a.name, len(order)))
+    ),
     cascade=True,
   )
 

@@ -69,10 +69,13 @@ def final_report_name(config: ml_collections.ConfigDict) -> str:
   return f"{REPORT_PREFIX}{config.eval.final_protocol}"
 
 
-def evaluation_report_name(protocol: str, checkpoint: str) -> str:
+def evaluation_report_name(
+  protocol: str, checkpoint: str, cascade: bool = False
+) -> str:
   """The name of a report of ``python -m cifs_jax.evaluate``, e.g.
-  "eval_paper_last"."""
-  return f"{REPORT_PREFIX}{protocol}_{checkpoint}"
+  "eval_paper_last" ("eval_paper_cascade_last" for ``--cascade``)."""
+  mode = "_cascade" if cascade else ""
+  return f"{REPORT_PREFIX}{protocol}{mode}_{checkpoint}"
 
 
 def partial_results_path(directory: str | os.PathLike, name: str) -> str:

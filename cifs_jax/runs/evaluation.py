@@ -44,8 +44,10 @@ def build_protocol(
   has_cifs: bool,
   attack_names: Sequence[str] = (),
   unroll: int = 0,
+  cascade: bool = False,
 ) -> protocols.Protocol:
-  """The protocol ``name`` at radius ``eps``, restricted to ``attack_names``.
+  """The protocol ``name`` at radius ``eps``, restricted to ``attack_names``
+  (``cascade``: as ``protocols.as_cascade``).
 
   Models without CIFS have no input-dependent mask to differentiate through,
   so they are attacked with one gradient mode; models without probes have no
@@ -58,7 +60,7 @@ def build_protocol(
     protocol = dataclasses.replace(protocol, gradient_modes=("stop",))
   if num_probes == 0:
     protocol = dataclasses.replace(protocol, betas=(0.0,))
-  return protocol
+  return protocols.as_cascade(protocol) if cascade else protocol
 
 
 def logits_functions(model: nn.Module, variables: Any) -> dict[str, Any]:
@@ -173,6 +175,7 @@ def evaluate_and_publish(
   batch_size: int | None = None,
   name: str | None = None,
   checkpoint: Mapping[str, Any] | None = None,
+  cascade: bool = False,
 ) -> dict:
   """Runs the protocol on the first ``num_examples`` test examples (-1: all)
   and writes ``<name>.json`` / ``<name>.md`` (default ``eval_<protocol>``)
@@ -183,7 +186,8 @@ def evaluate_and_publish(
   finished run is saved to ``<name>.partial.json`` there, and a rerun after
   an interruption continues from it (``evaluator.PartialResults``); the file
   is removed once the report is written. ``checkpoint`` (``checkpoint_label``)
-  goes into the report's ``run`` entry.
+  goes into the report's ``run`` entry. ``cascade``: only the per-example
+  worst case (``protocols.as_cascade``).
   """
   output_dir = os.fspath(output_dir)
   report.check_writable(output_dir)
@@ -200,6 +204,7 @@ def evaluate_and_publish(
     model.defense.kind == "cifs",
     attack_names,
     config.attack.unroll,
+    cascade,
   )
   name = name or f"{REPORT_PREFIX}{protocol.name}"
   label = run_label(config, protocol, checkpoint, len(test_split))
@@ -259,6 +264,7 @@ def evaluate_checkpoint(
   num_examples: int = -1,
   batch_size: int | None = None,
   output: str | os.PathLike | None = None,
+  cascade: bool = False,
 ) -> dict:
   """``python -m cifs_jax.evaluate``: evaluates checkpoint ``checkpoint`` of
   the run in ``workdir`` and writes ``eval_<protocol>_<checkpoint>.json`` /
@@ -273,6 +279,9 @@ def evaluate_checkpoint(
     num_examples: the first N test examples (-1: all).
     batch_size: global eval batch (default: ``eval.batch_size``).
     output: where the reports go.
+    cascade: only the per-example worst case, each attack run on the
+      examples still robust (``protocols.as_cascade``); the report is
+      ``eval_<protocol>_cascade_<checkpoint>``.
 
   Raises:
     ValueError: ``checkpoint`` is not "best", "last" or a step.
@@ -294,8 +303,9 @@ def evaluate_checkpoint(
     num_examples=num_examples,
     attack_names=attacks,
     batch_size=batch_size,
-    name=evaluation_report_name(protocol, checkpoint),
+    name=evaluation_report_name(protocol, checkpoint, cascade),
     checkpoint=label,
+    cascade=cascade,
   )
 
 
