@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
@@ -201,38 +200,16 @@ def validated_config(
   return config
 
 
-def _is_remote(path: str | os.PathLike) -> bool:
-  return "://" in os.fspath(path)
-
-
 def check_writable_directory(flag: str, path: str | os.PathLike) -> None:
-  """Checks that directory ``path`` exists and a file can be written there,
-  or that it can be created (its nearest existing ancestor is a directory
-  where a file can be written). Creates nothing that stays.
+  """``directory.check_writable_directory`` for the path of flag ``flag``.
 
   Raises:
-    UsageError: naming ``flag`` and ``path``.
+    UsageError: naming ``flag`` and what is wrong with ``path``.
   """
-  if _is_remote(path):
-    return
-  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UsageError(f"--{flag}={path} is a file, not a directory.")
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise UsageError(
-      f"--{flag}={path} cannot be created: {existing} is a file."
-    )
-  try:  # os.access would not see a read-only file system, nor root's rights
-    with tempfile.TemporaryFile(dir=existing):
-      pass
+  try:
+    run_directory.check_writable_directory(path)
   except OSError as e:
-    where = "" if existing == path else f" (to be created in {existing})"
-    raise UsageError(
-      f"--{flag}={path}{where} is not writable: {e.strerror or e}."
-    ) from e
+    raise UsageError(f"--{flag}={e}") from e
 
 
 def check_run_directory(
@@ -249,7 +226,7 @@ def check_run_directory(
   Raises:
     UsageError: naming ``flag`` and ``path``.
   """
-  if _is_remote(path):
+  if run_directory.is_remote(path):
     return
   run = run_directory.RunDirectory(path)
   if not run.path.is_dir():

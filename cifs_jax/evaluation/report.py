@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Sequence
 
 Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
@@ -33,24 +32,6 @@ def publish(
   write_json(results, json_path)
   write_markdown(results, markdown_path)
   return json_path, markdown_path
-
-
-def check_writable(directory: str) -> None:
-  """Creates ``directory`` if needed and checks that a file can be written
-  there, before hours of attacks.
-
-  Raises:
-    PermissionError: naming the directory (OSError for other failures).
-  """
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryFile(dir=directory):
-      pass
-  except OSError as e:
-    raise type(e)(
-      f"Cannot write the evaluation reports to {directory}: {e.strerror or e}."
-      " Pass --output=DIR to write them elsewhere."
-    ) from e
 
 
 def write_json(results: dict, path: str) -> None:

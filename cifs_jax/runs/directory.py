@@ -83,6 +83,40 @@ def partial_results_path(directory: str | os.PathLike, name: str) -> str:
   return os.path.join(directory, name + PARTIAL_SUFFIX)
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a URL such as ``gs://bucket/run`` (not checked locally)."""
+  return "://" in os.fspath(path)
+
+
+def check_writable_directory(path: str | os.PathLike) -> None:
+  """Checks that directory ``path`` exists and a file can be written there,
+  or that it can be created (its nearest existing ancestor is a directory
+  where a file can be written). Creates nothing that stays; remote paths
+  (``gs://...``) are not checked.
+
+  Raises:
+    NotADirectoryError: ``path``, or the ancestor it would be created in, is
+      a file (the message names both).
+    OSError: no file can be written there (e.g. PermissionError; the message
+      names the directory and the reason).
+  """
+  if is_remote(path):
+    return
+  path = str(absolute_path(path))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    problem = "is" if existing == path else f"cannot be created: {existing} is"
+    raise NotADirectoryError(f"{path} {problem} a file, not a directory.")
+  try:  # os.access would not see a read-only file system, nor root's rights
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    where = "" if existing == path else f" (to be created in {existing})"
+    raise type(e)(f"{path}{where} is not writable: {e.strerror or e}.") from e
+
+
 class RunInUseError(RuntimeError):
   """Another process is training in the run directory."""
 
@@ -132,31 +166,6 @@ class RunDirectory:
       self.report_path(name, ".json").exists()
       and not self.report_path(name, PARTIAL_SUFFIX).exists()
     )
-
-  def check_writable(self) -> None:
-    """Checks, without writing anything, that training can write here: the
-    path is a directory (or can be created as one) that this process may
-    write.
-
-    Raises:
-      NotADirectoryError: the path, or a parent of it, is a file.
-      PermissionError: the directory (or the parent it would be created
-        in) is not writable.
-    """
-    existing = self.path
-    while not existing.exists():
-      existing = existing.parent
-    if not existing.is_dir():
-      raise NotADirectoryError(
-        f"--workdir={self.path}: {existing} is a file, not a directory."
-      )
-    if not os.access(existing, os.W_OK | os.X_OK):
-      what = (
-        "is"
-        if existing == self.path
-        else f"would be created in {existing}, which is"
-      )
-      raise PermissionError(f"--workdir={self.path} {what} not writable.")
 
   @contextlib.contextmanager
   def locked_for_training(self) -> Iterator[None]:

@@ -19,6 +19,7 @@ import ml_collections
 from cifs_jax import data, experiment_config, models, parallel
 from cifs_jax.evaluation import checklist, evaluator, protocols, report
 from cifs_jax.runs.directory import (
+  check_writable_directory,
   REPORT_PREFIX,
   RunDirectory,
   best_metric,
@@ -190,7 +191,8 @@ def evaluate_and_publish(
   worst case (``protocols.as_cascade``).
   """
   output_dir = os.fspath(output_dir)
-  report.check_writable(output_dir)
+  check_writable_directory(output_dir)
+  os.makedirs(output_dir, exist_ok=True)
   test_split = test_split.head(num_examples)
   num_probes = len(
     jax.eval_shape(
@@ -341,7 +343,8 @@ def checklist_checkpoint(
   config = config or run.load_config()
   experiment_config.validate(config)
   output = os.fspath(output or workdir)
-  report.check_writable(output)
+  check_writable_directory(output)
+  os.makedirs(output, exist_ok=True)
   model, variables, label = restore_checkpoint(config, run, which)
   logits_fns = logits_functions(model, variables)
   if model.defense.kind != "cifs":

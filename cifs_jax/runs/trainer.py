@@ -26,7 +26,11 @@ import tqdm
 from cifs_jax import data, experiment_config, models
 from cifs_jax.runs import evaluation as run_evaluation
 from cifs_jax.parallel import BATCH_AXIS, Parallel, is_chief
-from cifs_jax.runs.directory import RunDirectory, final_report_name
+from cifs_jax.runs.directory import (
+  RunDirectory,
+  check_writable_directory,
+  final_report_name,
+)
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import metric_logging
 from cifs_jax.training import step as step_lib
@@ -505,7 +509,7 @@ def train_and_evaluate(
   """
   experiment_config.validate(config)
   run = RunDirectory(workdir)
-  run.check_writable()
+  check_writable_directory(run.path)
   # Before the data is loaded: a second writer is refused at once.
   with run.locked_for_training():
     trainer = Trainer(config, workdir)
