@@ -6,10 +6,12 @@ import os
 
 import jax
 
-# XLA flags of every test process (conftest.py) and of the commands tests run
-# in subprocesses: LLVM's optimisation level 0 halves the compile time that
-# dominates the suite on CPU (a TRADES step of a ResNet-10: 100 s -> 49 s)
-# and computes the same functions (the tests' tolerances hold).
+# XLA flags of the test process (conftest.py): LLVM's optimisation level 0
+# halves the compile time that dominates the in-process tests on CPU (a
+# TRADES step of a ResNet-10: 100 s -> 49 s) and computes the same
+# functions (the tests' tolerances hold). The commands that tests run in
+# subprocesses, which attack thousands of images, keep XLA's defaults: at
+# level 0 their generated code runs several times slower.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 

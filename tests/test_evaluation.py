@@ -507,7 +507,7 @@ def test_an_unwritable_output_fails_before_any_attack(tmp_path, monkeypatch):
   attacked = []
   monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: attacked.append(1))
   with pytest.raises(
-    OSError, match=f"Cannot write the evaluation reports to {blocker}/out"
+    NotADirectoryError, match=f"{blocker}/out cannot be created: {blocker} is"
   ):
     runner.evaluate_and_publish(
       None, None, None, None, blocker / "out", protocol_name="paper"

@@ -43,7 +43,6 @@ from cifs_jax.runs import evaluation as runner
 from cifs_jax.runs import checkpoints
 from cifs_jax.runs import trainer as trainer_lib
 from tests.event_files import read_scalar_events
-from tests.compilations import TEST_XLA_FLAGS
 from tests.idx_files import (
   HAS_FASHION_MNIST,
   NO_FASHION_MNIST,
@@ -166,7 +165,7 @@ def subprocess_env(cache_dir: str) -> dict[str, str]:
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
   )
-  env["XLA_FLAGS"] = TEST_XLA_FLAGS
+  env.pop("XLA_FLAGS", None)  # the commands compile as users' do
   return env
 
 
@@ -358,10 +357,11 @@ def test_smoke_fmnist_resnet10(fmnist_smoke):
 )
 @pytest.mark.parametrize(
   "name,data",
-  # The headline config by default; the others' files are read by default
-  # in test_data_files.
+  # The Fashion-MNIST smoke run trains by default (test_smoke_fmnist_resnet10);
+  # these configs' data readers run by default in test_data_files and
+  # test_data_tfds, their validation in test_configs.
   [
-    ("cifar_resnet18", "tfds_mock"),
+    pytest.param("cifar_resnet18", "tfds_mock", marks=pytest.mark.slow),
     pytest.param("cifar_wrn28_10", "files", marks=pytest.mark.slow),
     pytest.param("svhn_resnet18", "files", marks=pytest.mark.slow),
   ],
@@ -465,6 +465,9 @@ def test_resume_after_mid_epoch_stop_is_exact(
   assert last(read_jsonl(workdir)) == last(read_jsonl(reference))
 
 
+# A subprocess trains and is stopped; test_resume_after_mid_epoch_stop_is_exact
+# checks the resume in process by default.
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_rerun_resumes(
   tmp_path, compile_cache, fmnist_smoke
 ):
@@ -815,6 +818,8 @@ def test_workdir_of_another_model_is_refused(
   assert snapshot(workdir) == before
 
 
+# test_cli runs the evaluate command (relative paths, tiny data) by default.
+@pytest.mark.slow
 def test_evaluate_command_on_a_trained_run(
   tmp_path, fmnist_smoke, compile_cache
 ):
@@ -854,6 +859,9 @@ def test_evaluate_command_on_a_trained_run(
   assert results["worst_case"]["top1"] <= results["natural"]["top1"]
 
 
+# test_evaluation checks the resumed evaluation's numbers in process by
+# default.
+@pytest.mark.slow
 def test_ctrl_c_during_evaluation_stops_at_once_and_the_rerun_continues(
   tmp_path, fmnist_smoke, compile_cache
 ):
