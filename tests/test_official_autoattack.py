@@ -42,7 +42,7 @@ TOLERANCE = 1.0
 # Points whose robust flag after APGD-T may differ (random starts differ).
 APGD_T_DIFFERENCES = 1
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.crosscheck
 
 
 def test_standard_autoattack_matches_official(exported_resnet10):

@@ -34,7 +34,7 @@ NUM_TARGETS = 3
 # Largest allowed difference of robust accuracies (percentage points).
 TOLERANCE = 1.5
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.crosscheck
 
 
 @pytest.fixture(scope="module")
