@@ -26,6 +26,7 @@ def read_json(path):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_side_by_side_reports_the_jax_over_pytorch_ratio(tmp_path, capsys):
   output = tmp_path / "side_by_side.json"
   side_by_side.main([*SMOKE, "--case", "pgd10_at", "--output", str(output)])
@@ -42,7 +43,9 @@ def test_side_by_side_reports_the_jax_over_pytorch_ratio(tmp_path, capsys):
   assert "JAX vs PyTorch" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", [train_step, evaluate])
+@pytest.mark.parametrize(
+  "script", [train_step, pytest.param(evaluate, marks=pytest.mark.slow)]
+)
 def test_throughput_scripts_report_flops_and_images_per_second(
   script, tmp_path, capsys
 ):
@@ -59,6 +62,7 @@ def test_throughput_scripts_report_flops_and_images_per_second(
   assert "img/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_profile_splits_the_step_into_its_convolutions_and_the_rest(
   tmp_path, capsys
 ):
@@ -100,6 +104,7 @@ def test_a_compiled_convolution_runs_alone_as_it_ran_in_its_program(stride):
   chex.assert_trees_all_close(run(x, w), conv(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_autoattack_scales_each_component_to_its_full_budget(tmp_path, capsys):
   output = tmp_path / "autoattack.json"
   autoattack.main(["--smoke", "--output", str(output)])

@@ -109,7 +109,7 @@ def few_steps(protocol, num_steps=2):
   # gradient modes and restarts, twice the programs).
   [
     pytest.param("paper", marks=pytest.mark.slow),
-    pytest.param("strong", marks=pytest.mark.slow),
+    pytest.param("strong", marks=pytest.mark.long),
   ],
 )
 def test_every_attack_of_a_protocol_compiles_once(name):

@@ -40,7 +40,9 @@ def converted():
   return torch_model, flax_model, variables
 
 
-@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(
+  "train", [False, pytest.param(True, marks=pytest.mark.slow)]
+)
 def test_same_outputs_as_the_pytorch_model(x64, converted, train):
   torch_model, flax_model, variables = converted
   images = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3))

@@ -62,10 +62,10 @@ def run_steps(
 @pytest.mark.parametrize(
   "method",
   [
-    "pgd_at",
-    pytest.param("natural", marks=pytest.mark.slow),
-    pytest.param("fat", marks=pytest.mark.slow),
-    pytest.param("trades", marks=pytest.mark.slow),
+    pytest.param("pgd_at", marks=pytest.mark.slow),
+    pytest.param("natural", marks=pytest.mark.long),
+    pytest.param("fat", marks=pytest.mark.long),
+    pytest.param("trades", marks=pytest.mark.long),
   ],
 )
 def test_two_devices_equal_one_device(x64, method):
@@ -263,9 +263,11 @@ def test_fat_tau_schedule_reaches_the_attack_of_one_compiled_step(
   taus = []
   friendly_pgd = attacks.friendly_pgd
 
-  def recording(logits_fn, x, y, key, loss_fn, pgd_config, tau):
+  def recording(logits_fn, x, y, key, loss_fn, pgd_config, tau, **kwargs):
     jax.debug.callback(lambda t: taus.append(int(t)), tau)
-    return friendly_pgd(logits_fn, x, y, key, loss_fn, pgd_config, tau)
+    return friendly_pgd(
+      logits_fn, x, y, key, loss_fn, pgd_config, tau, **kwargs
+    )
 
   monkeypatch.setattr(step_lib.attacks, "friendly_pgd", recording)
   config = smoke_config("fat")
@@ -488,10 +490,10 @@ def expected_update(config, state, x, y):
     # TRADES exercises most (two forward passes, KL, the random start): it
     # runs by default; each of the others takes ~40 s of CPU.
     ("trades", "cifs", "normal"),
-    pytest.param("trades", "cifs", "uniform", marks=pytest.mark.slow),
-    pytest.param("natural", "cifs", "normal", marks=pytest.mark.slow),
-    pytest.param("pgd_at", "cifs", "normal", marks=pytest.mark.slow),
-    pytest.param("fat", "cas", "normal", marks=pytest.mark.slow),
+    pytest.param("trades", "cifs", "uniform", marks=pytest.mark.long),
+    pytest.param("natural", "cifs", "normal", marks=pytest.mark.long),
+    pytest.param("pgd_at", "cifs", "normal", marks=pytest.mark.long),
+    pytest.param("fat", "cas", "normal", marks=pytest.mark.long),
   ],
 )
 def test_one_update_matches_the_loss_and_sgd_written_out(

@@ -352,7 +352,7 @@ def test_smoke_fmnist_resnet10(fmnist_smoke):
 
 @pytest.mark.parametrize(
   "final_eval",
-  [False, pytest.param(True, marks=pytest.mark.slow)],
+  [False, pytest.param(True, marks=pytest.mark.long)],
   ids=["no_final_eval", "final_eval"],
 )
 @pytest.mark.parametrize(
@@ -362,8 +362,8 @@ def test_smoke_fmnist_resnet10(fmnist_smoke):
   # test_data_tfds, their validation in test_configs.
   [
     pytest.param("cifar_resnet18", "tfds_mock", marks=pytest.mark.slow),
-    pytest.param("cifar_wrn28_10", "files", marks=pytest.mark.slow),
-    pytest.param("svhn_resnet18", "files", marks=pytest.mark.slow),
+    pytest.param("cifar_wrn28_10", "files", marks=pytest.mark.long),
+    pytest.param("svhn_resnet18", "files", marks=pytest.mark.long),
   ],
 )
 def test_smoke_config_trains_evaluates_and_checkpoints(
@@ -925,7 +925,9 @@ def per_epoch_natural_accuracy(workdir) -> dict[int, float]:
 
 
 @pytest.mark.parametrize(
-  "checkpoint", ["best", str(SMOKE_FMNIST_STEPS)], ids=["best", "step"]
+  "checkpoint",
+  [pytest.param("best", marks=pytest.mark.slow), str(SMOKE_FMNIST_STEPS)],
+  ids=["best", "step"],
 )
 def test_evaluate_a_chosen_checkpoint_into_another_directory(
   tmp_path, two_epochs, checkpoint

@@ -222,7 +222,16 @@ def checklist_protocol(
       "square",
       "Square",
       attacks.square,
-      attacks.SquareConfig(eps=eps, num_queries=settings.square_queries),
+      # A budget of its own: the window schedule stretched to it (the
+      # official SquareAttack's default), and windows anywhere in the image
+      # (the official placement never changes the last row and column of
+      # a small image but with a window spanning it).
+      attacks.SquareConfig(
+        eps=eps,
+        num_queries=settings.square_queries,
+        rescale_schedule=True,
+        window_anywhere=True,
+      ),
     ),
   ]
   if surrogate is not None:
