@@ -16,7 +16,6 @@ import pathlib
 import sys
 import time
 
-from absl import app
 import jax
 import numpy as np
 
@@ -70,12 +69,11 @@ def hang_after(steps: int, out_dir: pathlib.Path) -> None:
 if __name__ == "__main__":
   # Only here: importing main defines its absl flags, which would clash with
   # cifs_jax.evaluate's in a test process that imports flat_params.
-  from cifs_jax import main
+  from cifs_jax import cli, main
 
   out, hang_steps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
   dump_params_after_training(out)
   if hang_steps > 0:
     hang_after(hang_steps, out)
-  app.run(
-    main.main, argv=[sys.argv[0], *sys.argv[3:]], flags_parser=main._parse_flags
-  )
+  sys.argv = [sys.argv[0], *sys.argv[3:]]
+  cli.run(main.main)

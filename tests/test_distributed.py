@@ -635,7 +635,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
       "--config.parallel=shard_map",
     )
     processes.wait(two, time.monotonic() + PHASE_TIMEOUT_S)
-    assert "at epoch 1, step 0." in processes.log(two[0])  # "Resuming ..."
+    assert "(epoch 2, step 0 of " in processes.log(two[0])  # "Resuming ..."
     params = [
       read_params(out["two"] / f"params_process{i}.npz") for i in (0, 1)
     ]
