@@ -664,7 +664,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
         "cifs_jax.evaluate",
         f"--workdir={distributed_run}",
         "--checkpoint=last",
-        "--attacks=pgd20",
+        "--attacks=fgsm",  # the smoke config's final attacks
         f"--num_examples={NUM_EVAL_EXAMPLES}",
         f"--batch_size={EVAL_BATCH_SIZE}",
       ],
