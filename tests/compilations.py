@@ -12,8 +12,10 @@ import jax
 # ResNet-10, compile and run: 100 s at level 2, 49 s at 0, 42 s at 1), while
 # the training runs of test_training_e2e need fast code (a resumed run:
 # 12 s at level 2, 63 s at 0, 15 s at 1). It computes the same functions
-# (the tests' tolerances hold). The commands that tests run in subprocesses
-# keep XLA's defaults.
+# (the tests' tolerances hold). Training commands that tests run in
+# subprocesses inherit these flags (their states are compared bit for bit
+# with in-process runs, and they share the compilation cache); the tests of
+# the README's commands and of several processes use XLA's defaults.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 
 

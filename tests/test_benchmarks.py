@@ -44,7 +44,11 @@ def test_side_by_side_reports_the_jax_over_pytorch_ratio(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-  "script", [train_step, pytest.param(evaluate, marks=pytest.mark.slow)]
+  "script",
+  [
+    pytest.param(train_step, marks=pytest.mark.slow),
+    pytest.param(evaluate, marks=pytest.mark.long),
+  ],
 )
 def test_throughput_scripts_report_flops_and_images_per_second(
   script, tmp_path, capsys

@@ -17,7 +17,9 @@ import pytest
 
 from cifs_jax import experiment_config
 from cifs_jax.runs import checkpoints
+from cifs_jax.runs import evaluation as runner
 from cifs_jax.runs import trainer as trainer_lib
+from cifs_jax.runs.directory import RunDirectory
 
 STEPS_PER_EPOCH = 2  # 64 training examples, batch 32.
 
@@ -128,6 +130,39 @@ def test_init_from_takes_the_chosen_checkpoint_and_a_fresh_optimiser(
   assert_trees_equal(state.batch_stats, source.batch_stats)
   assert_trees_equal(state.opt_state, trainer.initial_state.opt_state)
   assert int(state.step) == 0 and position == trainer_lib.Position(0, 0)
+
+
+def test_starting_from_or_evaluating_a_checkpoint_reads_only_its_weights(
+  smoke_config, tmp_path
+):
+  """``train.init_from`` and evaluation read params and batch statistics,
+  not the optimiser state: a source saved with another optimiser (here an
+  optimiser state of another structure) still serves both."""
+  source, config = tmp_path / "source", smoke_config(train__method="natural")
+  trainer = trainer_lib.Trainer(config, str(source))
+  try:
+    weights = shifted_state(trainer, 1, 1, 0)
+    trainer.save(
+      trainer.parallel.replicate(
+        weights.replace(opt_state={"another_optimiser": jnp.zeros(3)})
+      ),
+      trainer_lib.Position(1, 0),
+      {"natural_accuracy": 50.0},
+    )
+  finally:
+    trainer.close()
+
+  (state, _), trainer = start(
+    tmp_path / "run", smoke_config(train__init_from=str(source))
+  )
+  assert_trees_equal(state.variables, weights.variables)
+  assert_trees_equal(state.opt_state, trainer.initial_state.opt_state)
+
+  _, variables, label = runner.restore_checkpoint(
+    config, RunDirectory(source), "last"
+  )
+  assert_trees_equal(variables, weights.variables)
+  assert label["step"] == STEPS_PER_EPOCH
 
 
 def test_init_from_reads_without_creating_anything(

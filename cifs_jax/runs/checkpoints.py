@@ -351,7 +351,7 @@ class Checkpointer:
     ) from error
 
   def restore(
-    self, which: str | int, target: PyTree
+    self, which: str | int, target: PyTree, partial: bool = False
   ) -> tuple[PyTree, dict[str, Any]]:
     """Reads a checkpoint into the structure of ``target``.
 
@@ -360,6 +360,9 @@ class Checkpointer:
       target: pytree like the saved state whose leaves are ``jax.Array`` or
         ``jax.ShapeDtypeStruct`` (with ``sharding``); the restored arrays take
         their shapes, dtypes and shardings from it.
+      partial: ``target`` is a dict of some of the saved state's fields
+        (e.g. ``{"params": ..., "batch_stats": ...}``); only those are read
+        (the optimiser state, say, is neither read nor checked).
 
     Returns:
       (state, metadata): state with the structure of ``target``; metadata is
@@ -381,9 +384,18 @@ class Checkpointer:
       raise CheckpointError(
         f"Cannot restore checkpoint {path}: {e} {self._alternatives(step)}"
       ) from e
+    state_args = (
+      ocp.args.PyTreeRestore(
+        target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      )
+      if partial
+      else ocp.args.StandardRestore(target)
+    )
     args = ocp.args.Composite(
       **{
-        _STATE: ocp.args.StandardRestore(target),
+        _STATE: state_args,
         _METADATA: ocp.args.JsonRestore(),
       }
     )

@@ -117,6 +117,16 @@ def check_writable_directory(path: str | os.PathLike) -> None:
     raise type(e)(f"{path}{where} is not writable: {e.strerror or e}.") from e
 
 
+def make_writable_directory(path: str | os.PathLike) -> str:
+  """``check_writable_directory``, then creates ``path`` (with its
+  parents) if it is missing and local; returns it as a string."""
+  check_writable_directory(path)
+  path = os.fspath(path)
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+  return path
+
+
 class RunInUseError(RuntimeError):
   """Another process is training in the run directory."""
 

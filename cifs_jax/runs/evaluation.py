@@ -14,20 +14,20 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from cifs_jax import data, experiment_config, models, parallel
 from cifs_jax.evaluation import checklist, evaluator, protocols, report
 from cifs_jax.runs.directory import (
-  check_writable_directory,
   REPORT_PREFIX,
   RunDirectory,
   best_metric,
   evaluation_report_name,
+  make_writable_directory,
   partial_results_path,
 )
 from cifs_jax.runs import checkpoints
-from cifs_jax.training.train_state import create_train_state
 from cifs_jax.validation import check_choice
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,9 +190,7 @@ def evaluate_and_publish(
   goes into the report's ``run`` entry. ``cascade``: only the per-example
   worst case (``protocols.as_cascade``).
   """
-  output_dir = os.fspath(output_dir)
-  check_writable_directory(output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = make_writable_directory(output_dir)
   test_split = test_split.head(num_examples)
   num_probes = len(
     jax.eval_shape(
@@ -249,11 +247,26 @@ def restore_checkpoint(
   run, read without writing anything to the run directory."""
   model = models.build_model(config.model)
   image_shape = data.get_info(config.data.name).image_shape
-  target = create_train_state(model, image_shape, config, steps_per_epoch=1)
   with run.checkpointer(config, read_only=True) as checkpointer:
-    state, metadata = checkpointer.restore(which, target)
-  label = checkpoint_label(config, which, int(state.step), metadata)
-  return model, state.variables, label
+    state, metadata = checkpointer.restore(
+      which, model_variables_target(model, image_shape), partial=True
+    )
+  label = checkpoint_label(config, which, int(state["step"]), metadata)
+  return model, {k: state[k] for k in ("params", "batch_stats")}, label
+
+
+def model_variables_target(model: nn.Module, image_shape) -> dict:
+  """The fields of a saved ``TrainState`` that evaluating (or starting a new
+  run from) a checkpoint reads, as shapes: {"step", "params",
+  "batch_stats"}; the optimiser state is left on disk."""
+  variables = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, *image_shape))
+  )
+  return {
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "params": variables["params"],
+    "batch_stats": variables.get("batch_stats", {}),
+  }
 
 
 def evaluate_checkpoint(
@@ -342,9 +355,7 @@ def checklist_checkpoint(
   which = checkpoints.parse_which(checkpoint)
   config = config or run.load_config()
   experiment_config.validate(config)
-  output = os.fspath(output or workdir)
-  check_writable_directory(output)
-  os.makedirs(output, exist_ok=True)
+  output = make_writable_directory(output or workdir)
   model, variables, label = restore_checkpoint(config, run, which)
   logits_fns = logits_functions(model, variables)
   if model.defense.kind != "cifs":

@@ -295,14 +295,17 @@ class Trainer:
     source_config = (
       source.load_config() if source.config_path.exists() else self.config
     )
+    # Only the weights are read: the source may have another optimiser.
+    target = {
+      "params": self.initial_state.params,
+      "batch_stats": self.initial_state.batch_stats,
+    }
     with source.checkpointer(source_config, read_only=True) as checkpointer:
-      restored, _ = checkpointer.restore(which, self.initial_state)
+      restored, _ = checkpointer.restore(which, target, partial=True)
     logging.info(
       "Initialised the model from checkpoint %r of %s.", which, source_dir
     )
-    return self.initial_state.replace(
-      params=restored.params, batch_stats=restored.batch_stats
-    )
+    return self.initial_state.replace(**restored)
 
   def save(
     self,
