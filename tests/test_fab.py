@@ -181,6 +181,24 @@ def test_fab_targeted_keeps_successes_within_eps_and_in_the_box(norm):
   assert 0.4 < fooled.mean() <= (exact.min(-1) <= eps).mean() + 1e-9
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_host_loop_runs_the_same_attack(norm):
+  """``fab_targeted_host_loop`` (25 steps: calls of 10, 10 and 5; two
+  restarts) gives ``fab_targeted``'s points, misclassified points
+  included, up to float rounding."""
+  model, x, y, exact, _ = linear_problem(norm)
+  y = y.copy()
+  y[:3] = (y[:3] + 1) % NUM_CLASSES  # misclassified: returned unchanged
+  eps = float(np.median(exact.min(-1)))
+  config = fab.FABConfig(eps=eps, norm=norm, num_steps=25, num_restarts=2)
+  x, y, key = jnp.asarray(x, jnp.float32), jnp.asarray(y), jax.random.key(1)
+  traced = fab_targeted(model.logits_fn, x, y, key, config=config)
+  driven = fab.fab_targeted_host_loop(model.logits_fn, x, y, key, config)
+  chex.assert_trees_all_close(driven, traced, atol=1e-5)
+  np.testing.assert_array_equal(driven[:3], x[:3])
+  assert 0 < np.mean(np.any(np.asarray(traced) != np.asarray(x), -1)) < 1
+
+
 def test_misclassified_points_are_returned_unchanged():
   model = linear_classifier.random_classifier(0, NUM_CLASSES, DIM)
   x, y = linear_classifier.correctly_labelled_points(model, 2, (8, DIM))

@@ -107,7 +107,92 @@ def fab_targeted(
     (including points the clean input already misclassifies).
   """
   points, norms = fab_minimal_perturbations(logits_fn, x, y, key, config)
-  success = norms <= config.eps  # (T, N); inf (never adversarial) fails.
+  return _first_success(points, norms, x, config.eps)
+
+
+def fab_targeted_host_loop(
+  logits_fn: LogitsFn, x: Array, y: Array, key: Array | None, config: FABConfig
+) -> Array:
+  """``fab_targeted`` with its loops driven from Python, for XLA:CPU (see
+  ``apgd.apgd_host_loop``): each compiled call runs ``HOST_LOOP_STEPS``
+  steps unrolled. Once every example has a success the remaining targets
+  are skipped (the reference's early exit; the result is the same, the
+  first target that succeeds). The arguments and result are
+  ``fab_targeted``'s; not traceable: call it outside ``jax.jit``."""
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  targets, misclassified = _host_targets(logits_fn, config, x, y)
+  keys = example_keys(key, x.shape[0]) if config.num_restarts > 1 else None
+  flat_x = x.reshape(x.shape[0], -1)
+  points, norms = [], []
+  for index in range(targets.shape[0]):
+    best = (flat_x, jnp.full(y.shape, jnp.inf, flat_x.dtype))
+    for restart in range(config.num_restarts):
+      start = (
+        flat_x
+        if restart == 0
+        else _random_start(keys, flat_x, index, restart, config)
+      )
+      carry = (start, flat_x, jnp.full(y.shape, jnp.inf, flat_x.dtype))
+      for begin in range(0, config.num_steps, HOST_LOOP_STEPS):
+        carry = _host_fab_steps(
+          logits_fn,
+          config,
+          x.shape,
+          min(HOST_LOOP_STEPS, config.num_steps - begin),
+          carry,
+          flat_x,
+          y,
+          targets[index],
+        )
+      better = carry[2] < best[1]
+      best = (
+        jnp.where(better[:, None], carry[1], best[0]),
+        jnp.where(better, carry[2], best[1]),
+      )
+    points.append(best[0])
+    norms.append(jnp.where(misclassified, 0.0, best[1]))
+    if bool(jnp.all(jnp.any(jnp.stack(norms) <= config.eps, axis=0))):
+      break
+  points = jnp.where(
+    misclassified[None, :, None], flat_x[None], jnp.stack(points)
+  )
+  return _first_success(
+    points.reshape((len(norms),) + x.shape), jnp.stack(norms), x, config.eps
+  )
+
+
+# Steps per compiled call of ``fab_targeted_host_loop``.
+HOST_LOOP_STEPS = 10
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _host_targets(logits_fn, config, x, y):
+  """(targets (T, N), misclassified (N,)) of ``fab_minimal_perturbations``."""
+  clean_logits = logits_fn(x)[0]
+  return _ranked_targets(clean_logits, config), (
+    jnp.argmax(clean_logits, axis=-1) != y
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _host_fab_steps(logits_fn, config, shape, length, carry, x0, y, target):
+  """``length`` FAB steps (``_fab_step_function``), unrolled."""
+  flat_logits = lambda flat: logits_fn(flat.reshape(shape))[0]  # noqa: E731
+  step = _fab_step_function(flat_logits, x0, y, target, config)
+  return lax.scan(step, carry, length=length, unroll=True)[0]
+
+
+def _ranked_targets(clean_logits: Array, config: FABConfig) -> Array:
+  """The target classes (T, N): the clean logits' 2nd, 3rd, ... classes."""
+  num_targets = min(config.num_target_classes, clean_logits.shape[-1] - 1)
+  ranked = jnp.argsort(-clean_logits, axis=-1)  # (N, K), best first
+  return ranked[:, 1 : 1 + num_targets].T
+
+
+def _first_success(points: Array, norms: Array, x: Array, eps: float):
+  """Per example the point of the first target whose norm is within eps,
+  else x: (N, ...) from points (T, N, ...) and norms (T, N)."""
+  success = norms <= eps  # (T, N); inf (never adversarial) fails.
   first = jnp.argmax(success, axis=0)  # (N,)
   chosen = jnp.take_along_axis(
     points, first.reshape((1, -1) + (1,) * (x.ndim - 1)), axis=0
@@ -137,9 +222,8 @@ def fab_minimal_perturbations(
     that x itself misclassifies get x and 0 for every target.
   """
   clean_logits = logits_fn(x)[0]
-  num_targets = min(config.num_target_classes, clean_logits.shape[-1] - 1)
-  ranked = jnp.argsort(-clean_logits, axis=-1)  # (N, K), best first
-  targets = ranked[:, 1 : 1 + num_targets].T  # (T, N)
+  targets = _ranked_targets(clean_logits, config)  # (T, N)
+  num_targets = targets.shape[0]
   keys = example_keys(key, x.shape[0]) if config.num_restarts > 1 else None
   flat_x = x.reshape(x.shape[0], -1)
 
@@ -210,6 +294,15 @@ def _fab_run(flat_logits, x0, y, target, start, config):
     The least-norm adversarial iterate (N, D) (x0 where none) and its
     distance to x0 (N,) (inf where none).
   """
+  none_yet = (start, x0, jnp.full(y.shape, jnp.inf, x0.dtype))
+  step = _fab_step_function(flat_logits, x0, y, target, config)
+  (_, best, best_norm), _ = lax.scan(step, none_yet, length=config.num_steps)
+  return best, best_norm
+
+
+def _fab_step_function(flat_logits, x0, y, target, config):
+  """((iterate, best, best_norm), None) -> (the same, None): one FAB step
+  towards ``target`` (see ``_fab_run``)."""
   project = functools.partial(project_onto_hyperplane, norm=config.norm)
 
   def linearised_boundary(x1):
@@ -246,9 +339,7 @@ def _fab_run(flat_logits, x0, y, target, start, config):
     x1 = jnp.where(adversarial[:, None], x0 + config.beta * (x1 - x0), x1)
     return (x1, best, best_norm), None
 
-  none_yet = (start, x0, jnp.full(y.shape, jnp.inf, x0.dtype))
-  (_, best, best_norm), _ = lax.scan(step, none_yet, length=config.num_steps)
-  return best, best_norm
+  return step
 
 
 def _norm(v: Array, norm: str) -> Array:
