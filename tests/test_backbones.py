@@ -235,6 +235,8 @@ def test_pmap_matches_single_device():
   jax.tree.map(lambda p: np.testing.assert_array_equal(p[0], p[1]), pmap_state)
 
 
+# ~28 s: the bf16 stem test covers half precision in the default run.
+@pytest.mark.slow
 def test_half_precision_keeps_float32_parameters_and_computes_in_bf16():
   """bf16 convolutions: float32 parameters and logits, bfloat16 feature maps,
   and logits of size O(1) within bf16's relative precision of float32's."""

@@ -159,6 +159,8 @@ def test_probe_gradient_through_the_mask_matches_linen(batch):
   assert optax.tree.norm(linen_gradient) > 1e-3
 
 
+# ~27 s: the gradient tests above cover the NNX port in the default run.
+@pytest.mark.slow
 def test_pgd_adversarial_training_step_matches_linen(backbone, batch):
   linen_model, variables = backbone
   x, y = batch
