@@ -144,11 +144,7 @@ def fab_targeted_host_loop(
           y,
           targets[index],
         )
-      better = carry[2] < best[1]
-      best = (
-        jnp.where(better[:, None], carry[1], best[0]),
-        jnp.where(better, carry[2], best[1]),
-      )
+      best = _closer(best, carry[1:])
     points.append(best[0])
     norms.append(jnp.where(misclassified, 0.0, best[1]))
     if bool(jnp.all(jnp.any(jnp.stack(norms) <= config.eps, axis=0))):
@@ -254,17 +250,23 @@ def _best_over_restarts(flat_logits, x0, y, target, keys, target_index, config):
       if keys is None
       else _random_start(keys, x0, target_index, index, config)
     )
-    point, norm = _fab_run(flat_logits, x0, y, target, start, config)
-    better = norm < best[1]
-    return (
-      jnp.where(better[:, None], point, best[0]),
-      jnp.where(better, norm, best[1]),
+    return _closer(
+      best, _fab_run(flat_logits, x0, y, target, start, config)
     ), None
 
   none_yet = (x0, jnp.full(y.shape, jnp.inf, x0.dtype))
   if config.num_restarts == 1:
     return restart(none_yet, 0)[0]
   return lax.scan(restart, none_yet, jnp.arange(config.num_restarts))[0]
+
+
+def _closer(best, candidate):
+  """Per example the (point (N, D), norm (N,)) pair of least norm."""
+  better = candidate[1] < best[1]
+  return (
+    jnp.where(better[:, None], candidate[0], best[0]),
+    jnp.where(better, candidate[1], best[1]),
+  )
 
 
 def _random_start(keys, x0, target_index, restart, config):
