@@ -256,9 +256,9 @@ def restore_checkpoint(
 
 
 def model_variables_target(model: nn.Module, image_shape) -> dict:
-  """The fields of a saved ``TrainState`` that evaluating (or starting a new
-  run from) a checkpoint reads, as shapes: {"step", "params",
-  "batch_stats"}; the optimiser state is left on disk."""
+  """The fields of a saved ``TrainState`` that evaluating a checkpoint
+  reads, as shapes: {"step", "params", "batch_stats"}; the optimiser state
+  is left on disk."""
   variables = jax.eval_shape(
     model.init, jax.random.key(0), jnp.zeros((1, *image_shape))
   )
