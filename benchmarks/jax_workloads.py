@@ -21,6 +21,7 @@ import numpy as np
 from benchmarks import harness
 from cifs_jax import attacks, data, evaluation, experiment_config, models
 from cifs_jax.attacks import geometry
+from cifs_jax.attacks.pgd import PGD_CPU_MAX_UNROLL
 from cifs_jax.parallel import BATCH_AXIS, Parallel
 from cifs_jax.training import step as step_lib, train_state
 
@@ -104,7 +105,10 @@ def _unrolls_fully(attack_config) -> bool:
   """Whether the compiled attack loop is unrolled (then its cost analysis
   counts every step)."""
   steps = attack_config.num_steps
-  return geometry.loop_unroll(attack_config.unroll, steps) >= steps
+  unroll = geometry.loop_unroll(
+    attack_config.unroll, steps, cpu_max=PGD_CPU_MAX_UNROLL
+  )
+  return unroll >= steps
 
 
 def train_step(config, batch_size: int) -> Workload:

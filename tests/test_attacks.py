@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifs_jax import attacks
 from cifs_jax.attacks import geometry
+from cifs_jax.attacks.pgd import unrolling
 
 EPS = 8 / 255
 IMAGE_SHAPE = (4, 4, 3)
@@ -244,6 +245,35 @@ def test_unrolling_the_step_loop_does_not_change_the_attack():
   rolled = attacks.PGDConfig(num_steps=6)
   unrolled = attacks.PGDConfig(num_steps=6, unroll=3)
   key = jax.random.key(12)
+  np.testing.assert_allclose(
+    _jit_pgd(logits_fn, loss, rolled)(x, y, key),
+    _jit_pgd(logits_fn, loss, unrolled)(x, y, key),
+    atol=1e-6,
+  )
+
+
+@pytest.mark.parametrize(
+  "unroll, backend, expected",
+  [
+    (0, "cpu", (20, 5)),  # automatic on CPU: 100 steps in all, unrolled
+    (0, "gpu", (1, 1)),
+    (40, "gpu", (20, 2)),  # explicit: steps first, then whole restarts
+    (7, "cpu", (7, 1)),
+  ],
+)
+def test_pgd_unrolls_its_steps_then_whole_restarts(unroll, backend, expected):
+  config = attacks.PGDConfig(num_steps=20, num_restarts=5, unroll=unroll)
+  assert unrolling(config, backend) == expected
+
+
+def test_unrolling_the_restarts_does_not_change_the_attack():
+  logits_fn = _toy_cifs(10)
+  x = _uniform(13, (8,) + IMAGE_SHAPE)
+  y = jnp.arange(8) % 5
+  loss = attacks.AttackLoss(beta=2.0)
+  rolled = attacks.PGDConfig(num_steps=3, num_restarts=3, unroll=1)
+  unrolled = attacks.PGDConfig(num_steps=3, num_restarts=3, unroll=9)
+  key = jax.random.key(14)
   np.testing.assert_allclose(
     _jit_pgd(logits_fn, loss, rolled)(x, y, key),
     _jit_pgd(logits_fn, loss, unrolled)(x, y, key),

@@ -19,20 +19,27 @@ NORMS = ("linf", "l2")
 TINY = 1e-12
 # ``unroll`` value that lets ``loop_unroll`` pick per backend.
 AUTO_UNROLL = 0
-# On CPU, loops up to this many steps are unrolled fully, longer ones by it.
+# On CPU, loops up to this many steps are unrolled fully, longer ones by it
+# (attacks whose step compiles fast, as PGD's, may pass a larger cap).
 CPU_MAX_UNROLL = 20
 
 
-def loop_unroll(unroll: int, num_steps: int, backend: str | None = None) -> int:
+def loop_unroll(
+  unroll: int,
+  num_steps: int,
+  backend: str | None = None,
+  cpu_max: int = CPU_MAX_UNROLL,
+) -> int:
   """Steps per iteration of an attack's compiled step loop.
 
   ``unroll`` >= 1 is an explicit choice and is returned as is.
   ``AUTO_UNROLL`` (0) picks per backend (``jax.default_backend()`` unless
-  ``backend`` is given): on CPU, where XLA runs a rolled loop's body about
-  2x slower than the same steps unrolled (benchmarks/README.md), the whole
-  loop up to ``CPU_MAX_UNROLL`` steps and ``CPU_MAX_UNROLL`` beyond (compile
-  time grows with the unrolled length); on GPU/TPU 1, where a rolled loop
-  costs nothing measurable and compiles fastest.
+  ``backend`` is given): on CPU, where XLA runs a loop's body about 3x
+  slower than the same steps outside a loop (jax-ml/jax#12868;
+  benchmarks/README.md), the whole loop up to ``cpu_max`` steps and
+  ``cpu_max`` beyond (compile time grows with the unrolled length); on
+  GPU/TPU 1, where a rolled loop costs nothing measurable and compiles
+  fastest.
   """
   if unroll < AUTO_UNROLL:
     raise ValueError(f"unroll must be >= 0 (0: automatic), got {unroll}.")
@@ -40,7 +47,7 @@ def loop_unroll(unroll: int, num_steps: int, backend: str | None = None) -> int:
     return unroll
   if (backend or jax.default_backend()) != "cpu":
     return 1
-  return min(num_steps, CPU_MAX_UNROLL)
+  return min(num_steps, cpu_max)
 
 
 def example_keys(key: Array, num_examples: int) -> Array:
