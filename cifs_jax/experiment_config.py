@@ -21,7 +21,9 @@ of ``--config=file.py:cas,smoke`` (comma-separated) are applied to
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
 from typing import Callable
 
 import ml_collections
@@ -265,6 +267,20 @@ def config_file(
     "last (comma-separated)."
   )
   return get_config
+
+
+def sibling_config_file(config_path: str | os.PathLike, name: str):
+  """The module of config file ``name``.py in ``config_path``'s folder,
+  loaded by path, so a config file can build on another whatever the
+  working directory (``from configs import ...`` works only from the
+  repository root)."""
+  folder = os.path.dirname(os.path.abspath(config_path))
+  spec = importlib.util.spec_from_file_location(
+    f"cifs_jax_config_{name}", os.path.join(folder, name + ".py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -15,7 +15,10 @@ after these settings.
 """
 
 from cifs_jax import experiment_config
-from configs import fmnist_resnet10
+
+fmnist_resnet10 = experiment_config.sibling_config_file(
+  __file__, "fmnist_resnet10"
+)
 
 
 def settings():

@@ -4,6 +4,8 @@ values refused before anything runs."""
 import importlib
 import math
 import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -33,6 +35,27 @@ def test_every_config_file_is_found():
   assert {"cifar_resnet18", "fmnist_resnet10", "fmnist_resnet10_cpu"} <= set(
     CONFIG_FILES
   )
+
+
+def test_every_config_file_loads_from_outside_the_repository(tmp_path):
+  """``--config=<path>`` from another working directory (the repository
+  not on sys.path): a derived config file finds the one it builds on."""
+  loader = (
+    "import sys; from absl import flags; "
+    "from ml_collections import config_flags\n"
+    "for i, path in enumerate(sys.argv[1:]):\n"
+    "  config = config_flags.DEFINE_config_file(f'config{i}', path)\n"
+    "flags.FLAGS(['x'])\n"
+  )
+  paths = [str(CONFIG_DIR / f"{name}.py") for name in CONFIG_FILES]
+  loaded = subprocess.run(
+    [sys.executable, "-c", loader, *paths],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
 @pytest.mark.parametrize("variant", sorted(experiment_config.VARIANTS))
