@@ -53,11 +53,13 @@ def experiment(
   return config
 
 
-def random_images(num_images: int, seed: int = 0) -> data.Split:
-  """A split of random uint8 images and labels."""
+def random_images(
+  num_images: int, seed: int = 0, image_shape=IMAGE_SHAPE
+) -> data.Split:
+  """A split of random uint8 images (N, *image_shape) and labels."""
   rng = np.random.default_rng(seed)
   return data.Split(
-    rng.integers(0, 256, (num_images, *IMAGE_SHAPE), dtype=np.uint8),
+    rng.integers(0, 256, (num_images, *image_shape), dtype=np.uint8),
     rng.integers(0, NUM_CLASSES, num_images).astype(np.int32),
     NUM_CLASSES,
   )
@@ -111,18 +113,19 @@ def _unrolls_fully(attack_config) -> bool:
   return unroll >= steps
 
 
-def train_step(config, batch_size: int) -> Workload:
-  """One training step of ``config`` on a batch of ``batch_size``."""
+def train_step(config, batch_size: int, image_shape=IMAGE_SHAPE) -> Workload:
+  """One training step of ``config`` on a batch of ``batch_size`` random
+  images of ``image_shape`` (H, W, C)."""
   model = models.build_model(
     config.model, dtype=_dtype(config), bn_axis_name=BATCH_AXIS
   )
   parallel = Parallel.create("shard_map", jax.local_devices()[:1])
   state = parallel.replicate(
     train_state.create_train_state(
-      models.build_model(config.model), IMAGE_SHAPE, config, 1
+      models.build_model(config.model), image_shape, config, 1
     )
   )
-  split = parallel.replicate(random_images(batch_size))
+  split = parallel.replicate(random_images(batch_size, image_shape=image_shape))
   indices = parallel.shard(np.arange(batch_size, dtype=np.int32))
   args = (state, split, indices)
   compiled, compile_s = harness.compile_ahead(

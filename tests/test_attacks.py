@@ -1,7 +1,9 @@
 """Tests of cifs_jax.attacks: closed forms, invariants, losses, compilation."""
 
 import functools
+import importlib
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cifs_jax import attacks
 from cifs_jax.attacks import geometry
-from cifs_jax.attacks.pgd import unrolling
+from cifs_jax.attacks.pgd import PARALLEL_RESTARTS, unrolling
+
+pgd_module = importlib.import_module("cifs_jax.attacks.pgd")
 
 EPS = 8 / 255
 IMAGE_SHAPE = (4, 4, 3)
@@ -253,16 +257,20 @@ def test_unrolling_the_step_loop_does_not_change_the_attack():
 
 
 @pytest.mark.parametrize(
-  "unroll, backend, expected",
+  "unroll, backend, expected, num_steps",
   [
-    (0, "cpu", (20, 5)),  # automatic on CPU: 100 steps in all, unrolled
-    (0, "gpu", (1, 1)),
-    (40, "gpu", (20, 2)),  # explicit: steps first, then whole restarts
-    (7, "cpu", (7, 1)),
+    (0, "cpu", (20, 5), 20),  # automatic on CPU: 100 steps in all, unrolled
+    (0, "gpu", (1, 1), 20),
+    (0, "cpu", (30, PARALLEL_RESTARTS), 30),  # 150 steps: side by side
+    (0, "cpu", (100, 1), 200),  # one restart does not fit: a loop
+    (40, "gpu", (20, 2), 20),  # explicit: steps first, then whole restarts
+    (7, "cpu", (7, 1), 20),
   ],
 )
-def test_pgd_unrolls_its_steps_then_whole_restarts(unroll, backend, expected):
-  config = attacks.PGDConfig(num_steps=20, num_restarts=5, unroll=unroll)
+def test_pgd_unrolls_its_steps_then_whole_restarts(
+  unroll, backend, expected, num_steps
+):
+  config = attacks.PGDConfig(num_steps=num_steps, num_restarts=5, unroll=unroll)
   assert unrolling(config, backend) == expected
 
 
@@ -274,11 +282,18 @@ def test_unrolling_the_restarts_does_not_change_the_attack():
   rolled = attacks.PGDConfig(num_steps=3, num_restarts=3, unroll=1)
   unrolled = attacks.PGDConfig(num_steps=3, num_restarts=3, unroll=9)
   key = jax.random.key(14)
+  expected = _jit_pgd(logits_fn, loss, rolled)(x, y, key)
   np.testing.assert_allclose(
-    _jit_pgd(logits_fn, loss, rolled)(x, y, key),
-    _jit_pgd(logits_fn, loss, unrolled)(x, y, key),
-    atol=1e-6,
+    _jit_pgd(logits_fn, loss, unrolled)(x, y, key), expected, atol=1e-6
   )
+  # Side by side (as automatic on CPU when the restarts exceed the cap).
+  with mock.patch.object(pgd_module, "PGD_CPU_MAX_UNROLL", 3):
+    parallel = attacks.PGDConfig(num_steps=3, num_restarts=3)
+    if jax.default_backend() == "cpu":
+      assert unrolling(parallel) == (3, PARALLEL_RESTARTS)
+    np.testing.assert_allclose(
+      _jit_pgd(logits_fn, loss, parallel)(x, y, key), expected, atol=1e-6
+    )
 
 
 def test_a_trained_model_loses_more_accuracy_to_pgd_than_to_fgsm(
