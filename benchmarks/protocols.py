@@ -9,6 +9,8 @@ robust, strongest first). Per evaluation: wall seconds (compiling
 included, as a user pays them), input-gradient passes (per run, the
 examples it attacked times its steps times its restarts), passes per
 second, and the final head's worst-case accuracy (the same in both modes).
+``--attacks strong:pgd20`` (the default) runs only PGD-20 of the strong
+protocol (its PGD-100 x 5 restarts at 18 targets costs hours on a CPU).
 Beside them, the run's training step (its config, batch and attack)
 compiled and timed on random images: images per second times (attack
 steps + 1) passes per image. The protocols' AutoAttack components and the
@@ -16,7 +18,7 @@ checklist are not counted here (``benchmarks.autoattack``).
 
   python -m cifs_jax.main --config=configs/fmnist_resnet10_cpu.py:cifs \\
       --workdir=runs/fmnist_cifs
-  python -m benchmarks.protocols --workdir=runs/fmnist_cifs --num_examples=500
+  python -m benchmarks.protocols --workdir=runs/fmnist_cifs --num_examples=200
 
 writes benchmarks/results/protocols.json (``--output``).
 """
@@ -48,7 +50,9 @@ def gradient_passes(protocol, num_probes: int, attacked) -> int:
   )
 
 
-def evaluate(config, model, variables, test, protocol_name, cascade, args):
+def evaluate(
+  config, model, variables, test, protocol_name, attack_names, cascade, args
+):
   """One evaluation: its figures (module docstring)."""
   num_probes = len(
     jax.eval_shape(lambda: model.apply(variables, test.images[:1] / 255.0))[1]
@@ -58,6 +62,7 @@ def evaluate(config, model, variables, test, protocol_name, cascade, args):
     config.attack.eps,
     num_probes,
     model.defense.kind == "cifs",
+    attack_names,
     cascade=cascade,
   )
   with tempfile.TemporaryDirectory() as output:
@@ -70,6 +75,7 @@ def evaluate(config, model, variables, test, protocol_name, cascade, args):
       output,
       protocol_name=protocol_name,
       num_examples=args.num_examples,
+      attack_names=attack_names,
       batch_size=args.batch_size,
       cascade=cascade,
     )
@@ -114,6 +120,12 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a training run")
   parser.add_argument("--protocols", nargs="+", default=["paper", "strong"])
+  parser.add_argument(
+    "--attacks",
+    nargs="*",
+    default=["strong:pgd20"],
+    help="PROTOCOL:ATTACK,ATTACK...: run only these attacks of a protocol",
+  )
   parser.add_argument("--num_examples", type=int, default=500)
   parser.add_argument("--batch_size", type=int, default=None)
   parser.add_argument("--output", default=None)
@@ -131,12 +143,15 @@ def main(argv=None) -> dict:
     "training": training_passes_per_second(config, test.images.shape[1:]),
     "protocols": {},
   }
+  subsets = dict(entry.split(":", 1) for entry in args.attacks)
   for name in args.protocols:
+    attack_names = tuple(filter(None, subsets.get(name, "").split(",")))
     full, cascade = (
-      evaluate(config, model, variables, test, name, mode, args)
+      evaluate(config, model, variables, test, name, attack_names, mode, args)
       for mode in (False, True)
     )
     results["protocols"][name] = {
+      "attacks": attack_names or "all",
       "full": full,
       "cascade": cascade,
       "speed_up": harness.significant(full["seconds"] / cascade["seconds"]),

@@ -2,11 +2,13 @@
 
 import dataclasses
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
 
-from cifs_jax import evaluation
+from cifs_jax import attacks, evaluation
+from cifs_jax.attacks.autoattack import HOST_LOOPS
 from cifs_jax.evaluation import summary
 from tests.test_evaluation import NUM_CLASSES, _evaluate, _model, _protocol
 
@@ -123,6 +125,48 @@ def test_evaluating_the_standard_protocol_on_a_model_with_probes():
   markdown = evaluation.to_markdown(results)
   assert "## Robust accuracy after each stage" in markdown
   assert f"| APGD-T | {stages[2]:.2f} |" in markdown
+
+
+def test_the_protocol_runs_the_ensembles_host_loops_with_each_target():
+  """APGD-CE (Eq. 3 at each run's head weights) and FAB-T run through the
+  ensemble's host-driven loops, and give what the traced attacks give."""
+  _, fns = _model()
+  # eps 0.02: some points stay robust through every APGD-CE run.
+  apgd_ce, _, fab_t, _ = (
+    _fewer_steps(attack)
+    for attack in evaluation.protocols.autoattack_protocol(
+      eps=0.02, **REDUCED
+    ).attacks
+  )
+  protocol = evaluation.Protocol(
+    "test", (apgd_ce, fab_t), ("stop",), (0.0, math.inf), cascade=True
+  )
+  calls = []
+
+  def spy(loop):
+    def record(*args):
+      calls.append((loop.__name__, args[5:]))
+      return loop(*args)
+
+    return record
+
+  spies = {attack: spy(loop) for attack, loop in HOST_LOOPS.items()}
+  with mock.patch.dict(HOST_LOOPS, spies):
+    driven = _evaluate(fns, protocol, batch_size=8)
+  with mock.patch.dict(HOST_LOOPS, clear=True):
+    traced = _evaluate(fns, protocol, batch_size=8)
+  apgd_weights = [args[0] for name, args in calls if name == "apgd_host_loop"]
+  targets = evaluation.protocols.adaptive_targets((0.0, math.inf), 2)
+  assert len(targets) == 4 and driven["cascade"]["runs"]["fab-t/0/stop"][
+    "attacked"
+  ]  # every run had points to attack
+  assert sorted(tuple(np.asarray(w)) for w in apgd_weights) == sorted(
+    tuple(np.asarray(attacks.head_weights(beta, probe, 2)))
+    for beta, probe in targets
+  )
+  assert [name for name, _ in calls].count("fab_targeted_host_loop") == 1
+  assert driven["stages"] == traced["stages"]
+  assert driven["stages"]["apgd-ce"] < driven["stages"]["clean"]
 
 
 def test_as_cascade_puts_table_1s_attacks_strongest_first():

@@ -50,6 +50,7 @@ import numpy as np
 from jax import lax
 
 from cifs_jax.attacks.objectives import AttackLoss, LogitsFn, LossFn
+from cifs_jax.attacks.objectives import weighted_head_loss
 
 # pgd's helpers, shared rather than rewritten (the package re-exports the
 # function ``pgd`` under the module's name, hence the names).
@@ -199,7 +200,12 @@ def apgd(
 
 
 def apgd_host_loop(
-  logits_fn: LogitsFn, x: Array, y: Array, key: Array, config: APGDConfig
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  key: Array,
+  config: APGDConfig,
+  head_weights: Array | None = None,
 ) -> Array:
   """``apgd`` with its loops driven from Python, for XLA:CPU.
 
@@ -211,8 +217,11 @@ def apgd_host_loop(
   unrolled, with no loop inside, and Python loops over the calls and the
   runs (a run is skipped once every example is fooled, as ``apgd`` does).
   The same operations as ``apgd`` in the same order (up to XLA's fusion,
-  float rounding); the arguments and result are ``apgd``'s (no
-  ``loss_fn``). Not traceable: call it outside ``jax.jit``.
+  float rounding); the arguments and result are ``apgd``'s, except that
+  in place of a ``loss_fn`` it takes ``head_weights`` (1 + P,): Eq. 3's
+  weights of the final head and each probe (``attacks.head_weights``), with
+  ``config.loss``'s kind (``attacks.weighted_head_loss``); None:
+  ``config.loss`` itself. Not traceable: call it outside ``jax.jit``.
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
   targets, start_keys, draws_key, clean_fooled = _host_prologue(
@@ -231,6 +240,7 @@ def apgd_host_loop(
       y,
       targets[run],
       eot_key,
+      head_weights,
       _fold_in_each(start_keys, run),
     )
     for begin in range(0, config.num_steps, segment):
@@ -243,6 +253,7 @@ def apgd_host_loop(
         y,
         targets[run],
         eot_key,
+        head_weights,
         _schedule(config.num_steps, begin, end),
       )
     best = _keep_stronger_outcome(best, state, x)
@@ -261,10 +272,19 @@ def _prologue(draw, x, y, key, config):
   return _targets(final_logits, config), start_keys, draws_key, clean_fooled
 
 
-def _run_arguments(logits_fn, config, x, y, target, eot_key):
+def _run_arguments(logits_fn, config, x, y, target, eot_key, head_weights):
   """The leading arguments of ``_run_start`` and ``_step_function``."""
   draw = _logits_draw(logits_fn, config.eot_iter)
-  return draw, _example_loss(config.loss), x, y, target, eot_key, config
+  loss_fn = None
+  if head_weights is not None:
+    loss_fn = functools.partial(
+      weighted_head_loss,
+      weights=head_weights,
+      kind=config.loss.kind,
+      confidence=config.loss.confidence,
+    )
+  loss = _example_loss(config.loss, loss_fn)
+  return draw, loss, x, y, target, eot_key, config
 
 
 # The compiled pieces of ``apgd_host_loop`` (``logits_fn`` and the config
@@ -275,14 +295,22 @@ def _host_prologue(logits_fn, config, x, y, key):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _host_run_start(logits_fn, config, x, y, target, eot_key, start_keys):
-  arguments = _run_arguments(logits_fn, config, x, y, target, eot_key)
+def _host_run_start(
+  logits_fn, config, x, y, target, eot_key, head_weights, start_keys
+):
+  arguments = _run_arguments(
+    logits_fn, config, x, y, target, eot_key, head_weights
+  )
   return _run_start(*arguments, start_keys)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _host_run_steps(logits_fn, config, state, x, y, target, eot_key, schedule):
-  arguments = _run_arguments(logits_fn, config, x, y, target, eot_key)
+def _host_run_steps(
+  logits_fn, config, state, x, y, target, eot_key, head_weights, schedule
+):
+  arguments = _run_arguments(
+    logits_fn, config, x, y, target, eot_key, head_weights
+  )
   step = _step_function(*arguments)
   return lax.scan(step, state, schedule, unroll=True)[0]
 

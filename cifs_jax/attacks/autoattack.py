@@ -388,9 +388,9 @@ def plan(
 
 # Attacks the ensemble replaces by an equivalent that drives its loops from
 # Python, about 3x faster on XLA:CPU (``apgd_host_loop``,
-# ``fab_targeted_host_loop``); the protocols of ``cifs_jax.evaluation``,
-# which compile whole batches, keep the traceable attacks.
-_HOST_LOOPS: dict[Attack, Attack] = {
+# ``fab_targeted_host_loop``); so do the AutoAttack protocols of
+# ``cifs_jax.evaluation`` in one process (``ComponentAttack.host_loop``).
+HOST_LOOPS: dict[Attack, Attack] = {
   apgd: apgd_host_loop,
   fab_targeted: fab_targeted_host_loop,
 }
@@ -399,7 +399,7 @@ _HOST_LOOPS: dict[Attack, Attack] = {
 def _compiled(attack: Attack) -> Attack:
   """``attack`` ready to run on host arrays: its host-driven equivalent,
   else ``_jitted``."""
-  return _HOST_LOOPS.get(attack) or _jitted(attack)
+  return HOST_LOOPS.get(attack) or _jitted(attack)
 
 
 @functools.lru_cache(maxsize=None)
