@@ -52,6 +52,11 @@ Array = jax.Array
 # all: its step compiles about 10x faster than APGD's (``loop_unroll``).
 PGD_CPU_MAX_UNROLL = 100
 
+# ``unrolling``'s restarts entry when the restarts run side by side, as one
+# batch of num_restarts x N (no loop).
+PARALLEL_RESTARTS = 0
+
+
 # Random starts: "uniform" in the eps-ball (Madry et al.'s PGD), or "normal":
 # x + NORMAL_START_STD * N(0, 1) per coordinate (the official TRADES code's
 # start, also FAT's "normal_distribution_randominit").
@@ -204,11 +209,6 @@ def pgd(
       unroll=restart_unroll,
     )
   return (x_adv, trajectories) if return_trajectory else x_adv
-
-
-# ``unrolling``'s restarts entry when the restarts run side by side, as one
-# batch of num_restarts x N (no loop).
-PARALLEL_RESTARTS = 0
 
 
 def unrolling(config: PGDConfig, backend: str | None = None) -> tuple[int, int]:

@@ -34,7 +34,9 @@ The per-example worst case of the final head (so ``stages`` and the top-1
 of ``worst_case``) is the full protocol's; an example a run did not attack
 keeps its clean ranks in that run, so the per-run and per-beta tables and
 the other heads count only what each run attacked. ``results["cascade"]``
-gives per run and per attack the points attacked and the seconds.
+gives per run and per attack the points attacked and the seconds. In one
+process, AutoAttack's APGD and FAB-T run there through the ensemble's
+host-driven loops (``ComponentAttack.host_loop``), outside ``jax.jit``.
 
 Randomness does not depend on the batching: an example's random starts come
 from a key folded with the run's name and the example's index in the stream
