@@ -30,7 +30,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from benchmarks import harness, jax_workloads
 from cifs_jax import data
@@ -86,7 +85,9 @@ def evaluate(
       protocol, num_probes, lambda run: runs[run.name]["attacked"]
     )
   else:
-    passes = gradient_passes(protocol, num_probes, lambda run: args.num_examples)
+    passes = gradient_passes(
+      protocol, num_probes, lambda run: args.num_examples
+    )
   return {
     "seconds": harness.significant(seconds),
     "gradient_passes": passes,
@@ -163,7 +164,8 @@ def main(argv=None) -> dict:
       f"{name}: full {r['full']['seconds']:.0f} s "
       f"({r['full']['passes_per_s']:.0f} passes/s), cascade "
       f"{r['cascade']['seconds']:.0f} s (x{r['speed_up']:.2f}), worst case "
-      f"{r['full']['worst_case_pct']:.2f} / {r['cascade']['worst_case_pct']:.2f} %"
+      f"{r['full']['worst_case_pct']:.2f} / "
+      f"{r['cascade']['worst_case_pct']:.2f} %"
       for name, r in results["protocols"].items()
     )
     + f"; {path}"

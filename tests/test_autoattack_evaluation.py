@@ -157,9 +157,9 @@ def test_the_protocol_runs_the_ensembles_host_loops_with_each_target():
     traced = _evaluate(fns, protocol, batch_size=8)
   apgd_weights = [args[0] for name, args in calls if name == "apgd_host_loop"]
   targets = evaluation.protocols.adaptive_targets((0.0, math.inf), 2)
-  assert len(targets) == 4 and driven["cascade"]["runs"]["fab-t/0/stop"][
-    "attacked"
-  ]  # every run had points to attack
+  assert (
+    len(targets) == 4 and driven["cascade"]["runs"]["fab-t/0/stop"]["attacked"]
+  )  # every run had points to attack
   assert sorted(tuple(np.asarray(w)) for w in apgd_weights) == sorted(
     tuple(np.asarray(attacks.head_weights(beta, probe, 2)))
     for beta, probe in targets

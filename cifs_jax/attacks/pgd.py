@@ -222,11 +222,13 @@ def unrolling(config: PGDConfig, backend: str | None = None) -> tuple[int, int]:
   batch is num_restarts times larger) when the steps of one fit it.
   """
   total = config.num_steps * config.num_restarts
-  unroll = loop_unroll(config.unroll, total, backend, cpu_max=PGD_CPU_MAX_UNROLL)
+  unroll = loop_unroll(
+    config.unroll, total, backend, cpu_max=PGD_CPU_MAX_UNROLL
+  )
   steps = min(unroll, config.num_steps)
-  automatic_on_cpu = config.unroll == AUTO_UNROLL and (
-    backend or jax.default_backend()
-  ) == "cpu"
+  automatic_on_cpu = (
+    config.unroll == AUTO_UNROLL and (backend or jax.default_backend()) == "cpu"
+  )
   if automatic_on_cpu and unroll < total and steps == config.num_steps:
     return steps, PARALLEL_RESTARTS
   return steps, max(1, unroll // config.num_steps)
