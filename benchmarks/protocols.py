@@ -118,7 +118,7 @@ def training_passes_per_second(config, image_shape) -> dict:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="a training run")
   parser.add_argument("--protocols", nargs="+", default=["paper", "strong"])
   parser.add_argument(
