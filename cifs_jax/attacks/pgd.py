@@ -13,9 +13,10 @@ chosen per backend by ``geometry.loop_unroll``; docs/design.md §10),
 restarts another; there is no host round-trip. On CPU, where XLA runs a
 loop's body about 3x slower, both are unrolled fully up to
 ``PGD_CPU_MAX_UNROLL`` steps in all, and longer restarts run side by side
-(``unrolling``). PGD-100, and PGD-20 x 5 restarts, of a ResNet-10: about
-3,300 instead of 1,000 input-gradient passes per second, each program
-compiled in about 20 s; PGD-20 x 5 side by side: 2,300.
+(``unrolling``). PGD-100 of a width-8 ResNet-10 at batch 256: 3,283
+instead of about 1,000 input-gradient passes per second (compiled in about
+20 s); PGD-20 x 5 restarts: about 1,000 in a loop, 2,283 side by side; of a
+width-16 CIFS ResNet-10, PGD-100: 1,636 instead of 295 (benchmarks/README.md).
 After every step the iterate is projected back onto the intersection of the
 eps-ball around ``x`` and the [0, 1] box.
 
