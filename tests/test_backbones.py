@@ -2,12 +2,14 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cifs_jax import models
+from cifs_jax.models import layers
 
 CIFAR = (32, 32, 3)
 FMNIST = (28, 28, 1)
@@ -305,4 +307,36 @@ def test_half_precision_stem_keeps_steps_below_the_bfloat16_grid(name):
   apply = jax.jit(model.apply)
   assert not np.array_equal(
     apply(variables, grid)[0], apply(variables, stepped)[0]
+  )
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_stem_is_nn_conv_with_its_parameter_outputs_and_derivatives(
+  channels,
+):
+  """``layers.StemConv3x3`` (a shifted sum for one channel) against
+  flax's ``nn.Conv`` with the same key: the same kernel, outputs, input and
+  kernel gradients, and forward-mode derivative (its custom JVP)."""
+  x = jnp.asarray(
+    np.random.default_rng(0).uniform(size=(3, 9, 7, channels)), jnp.float32
+  )
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 9, 7, 5)))
+  reference = layers.conv3x3(5, 1, layers.STEM_DTYPE, "conv1")
+  stem = layers.StemConv3x3(5)
+  variables = reference.init(jax.random.key(0), x)
+  chex.assert_trees_all_equal(variables, stem.init(jax.random.key(0), x))
+
+  def derivatives(module):
+    def loss(variables, x):
+      return jnp.sum(jnp.tanh(module.apply(variables, x)) * weights)
+
+    tangent = jnp.ones_like(x)
+    return (
+      module.apply(variables, x),
+      jax.grad(loss, argnums=(0, 1))(variables, x),
+      jax.jvp(lambda x: module.apply(variables, x), (x,), (tangent,))[1],
+    )
+
+  chex.assert_trees_all_close(
+    derivatives(stem), derivatives(reference), atol=1e-5, rtol=1e-5
   )

@@ -112,9 +112,7 @@ class WideResNet(nn.Module):
     """Same contract as ``ResNet.__call__``."""
     self.defense.check_layers(self.insertion_points())
     # The stem computes in the input's precision (layers.STEM_DTYPE).
-    y = layers.conv3x3(
-      16, 1, layers.STEM_DTYPE, "conv1", kernel_init=he_normal_fan_out
-    )(x)
+    y = layers.StemConv3x3(16, he_normal_fan_out, name="conv1")(x)
     probe_logits: list[Array] = []
     for group, width in enumerate((16, 32, 64), start=1):
       for unit in range(self.units_per_group):
