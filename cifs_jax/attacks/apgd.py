@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 
 from cifs_jax.attacks.objectives import AttackLoss, LogitsFn, LossFn
-from cifs_jax.attacks.objectives import weighted_head_loss
+from cifs_jax.attacks.objectives import as_pytree, weighted_head_loss
 
 # pgd's helpers, shared rather than rewritten (the package re-exports the
 # function ``pgd`` under the module's name, hence the names).
@@ -223,7 +223,7 @@ def apgd_host_loop(
   ``config.loss``'s kind (``attacks.weighted_head_loss``); None:
   ``config.loss`` itself. Not traceable: call it outside ``jax.jit``.
   """
-  x, y = jnp.asarray(x), jnp.asarray(y)
+  x, y, logits_fn = jnp.asarray(x), jnp.asarray(y), as_pytree(logits_fn)
   targets, start_keys, draws_key, clean_fooled = _host_prologue(
     logits_fn, config, x, y, key
   )
@@ -287,14 +287,14 @@ def _run_arguments(logits_fn, config, x, y, target, eot_key, head_weights):
   return draw, loss, x, y, target, eot_key, config
 
 
-# The compiled pieces of ``apgd_host_loop`` (``logits_fn`` and the config
-# static).
-@functools.partial(jax.jit, static_argnums=(0, 1))
+# The compiled pieces of ``apgd_host_loop`` (the config static, ``logits_fn``
+# a pytree: ``as_pytree``).
+@functools.partial(jax.jit, static_argnums=(1,))
 def _host_prologue(logits_fn, config, x, y, key):
   return _prologue(_logits_draw(logits_fn, config.eot_iter), x, y, key, config)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(1,))
 def _host_run_start(
   logits_fn, config, x, y, target, eot_key, head_weights, start_keys
 ):
@@ -304,7 +304,7 @@ def _host_run_start(
   return _run_start(*arguments, start_keys)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(1,))
 def _host_run_steps(
   logits_fn, config, state, x, y, target, eot_key, head_weights, schedule
 ):

@@ -51,7 +51,7 @@ from cifs_jax.attacks.fab import (
   fab_targeted_host_loop,
 )
 from cifs_jax.attacks.square import SquareConfig, square
-from cifs_jax.attacks.objectives import AttackLoss, LogitsFn
+from cifs_jax.attacks.objectives import AttackLoss, LogitsFn, as_pytree
 from cifs_jax.attacks.geometry import NORMS
 from cifs_jax.attacks.geometry import per_example_norm
 
@@ -298,7 +298,7 @@ def autoattack(
       f"Unknown components {unknown}; known: {sorted(registry)}."
     )
   log = log or logging.info
-  x, y = np.asarray(x), np.asarray(y)
+  x, y, logits_fn = np.asarray(x), np.asarray(y), as_pytree(logits_fn)
   randomized = version == "rand"
   check = functools.partial(
     _check_chunks, logits_fn, randomized, norm, eps, batch_size
@@ -404,9 +404,10 @@ def _compiled(attack: Attack) -> Attack:
 
 @functools.lru_cache(maxsize=None)
 def _jitted(attack: Attack):
-  """``attack`` compiled, ``logits_fn`` and the config static (one per
-  attack function, so repeated runs reuse its compiled programs)."""
-  return jax.jit(attack, static_argnums=(0, 4))
+  """``attack`` compiled, the config static and ``logits_fn`` a pytree
+  (``as_pytree``; one per attack function, so repeated runs reuse its
+  compiled programs)."""
+  return jax.jit(attack, static_argnums=(4,))
 
 
 # The smallest compiled chunk; every chunk is a multiple of it.
@@ -489,7 +490,7 @@ def _check_chunks(
   return np.concatenate(flags) if flags else np.zeros(0, bool)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _fooled(logits_fn, randomized, norm, eps, x, y, x_adv, key):
   """Whether x_adv fools the final head from inside the ball and box: (N,).
 

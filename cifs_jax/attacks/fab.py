@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cifs_jax.attacks.objectives import LogitsFn
+from cifs_jax.attacks.objectives import LogitsFn, as_pytree
 from cifs_jax.attacks.geometry import NORMS, example_keys
 
 Array = jax.Array
@@ -119,7 +119,7 @@ def fab_targeted_host_loop(
   are skipped (the reference's early exit; the result is the same, the
   first target that succeeds). The arguments and result are
   ``fab_targeted``'s; not traceable: call it outside ``jax.jit``."""
-  x, y = jnp.asarray(x), jnp.asarray(y)
+  x, y, logits_fn = jnp.asarray(x), jnp.asarray(y), as_pytree(logits_fn)
   targets, misclassified = _host_targets(logits_fn, config, x, y)
   keys = example_keys(key, x.shape[0]) if config.num_restarts > 1 else None
   flat_x = x.reshape(x.shape[0], -1)
@@ -161,7 +161,7 @@ def fab_targeted_host_loop(
 HOST_LOOP_STEPS = 10
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(1,))
 def _host_targets(logits_fn, config, x, y):
   """(targets (T, N), misclassified (N,)) of ``fab_minimal_perturbations``."""
   clean_logits = logits_fn(x)[0]
@@ -170,7 +170,7 @@ def _host_targets(logits_fn, config, x, y):
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _host_fab_steps(logits_fn, config, shape, length, carry, x0, y, target):
   """``length`` FAB steps (``_fab_step_function``), unrolled."""
   flat_logits = lambda flat: logits_fn(flat.reshape(shape))[0]  # noqa: E731

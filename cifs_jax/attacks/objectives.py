@@ -41,6 +41,21 @@ LossFn = Callable[[Array, Sequence[Array], Array], Array]
 LOSS_KINDS = ("ce", "cw")
 
 
+def as_pytree(logits_fn: LogitsFn) -> jax.tree_util.Partial:
+  """``logits_fn`` as a pytree that a jitted function takes as an argument.
+
+  A ``jax.tree_util.Partial`` (e.g. ``Partial(model.apply, variables)``)
+  stays as it is: its arrays are then arguments of the compiled programs,
+  not constants baked into them, so one compilation serves every set of
+  weights of the same model (and the programs stay small). Any other
+  callable becomes ``Partial(logits_fn)``, with no arrays: compiled per
+  callable, with whatever it closes over as constants.
+  """
+  if isinstance(logits_fn, jax.tree_util.Partial):
+    return logits_fn
+  return jax.tree_util.Partial(logits_fn)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackLoss:
   """A per-example loss to maximise; hashable, so usable as a static argument.

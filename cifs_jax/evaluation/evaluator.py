@@ -67,6 +67,7 @@ from cifs_jax import data
 from cifs_jax import attacks
 from cifs_jax.attacks import LogitsFn
 from cifs_jax.attacks.autoattack import chunk_sizes, run_cascade
+from cifs_jax.attacks.objectives import as_pytree
 from cifs_jax.evaluation import metrics
 from cifs_jax.evaluation import summary
 from cifs_jax.evaluation.protocols import Attack, Protocol
@@ -293,7 +294,7 @@ def evaluate(
     )
   parallel = Parallel.create("shard_map", devices or jax.devices())
   fns = {
-    mode: parallel.replicate(_as_pytree(logits_fns[mode]))
+    mode: parallel.replicate(as_pytree(logits_fns[mode]))
     for mode in protocol.gradient_modes
   }
   clean_fn = fns[protocol.gradient_modes[0]]
@@ -560,10 +561,3 @@ def _wait_interruptibly(tree, poll_seconds: float = 0.05) -> None:
   for leaf in jax.tree.leaves(tree):
     while not leaf.is_ready():
       time.sleep(poll_seconds)
-
-
-def _as_pytree(logits_fn: LogitsFn) -> jax.tree_util.Partial:
-  """``logits_fn`` as a pytree a jitted function can take as an argument."""
-  if isinstance(logits_fn, jax.tree_util.Partial):
-    return logits_fn
-  return jax.tree_util.Partial(logits_fn)
