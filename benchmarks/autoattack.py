@@ -17,6 +17,12 @@ worst case c = r = 1 and ``--clean`` / ``--robust`` (default 0.8 / 0.5).
   python -m benchmarks.autoattack --batch-size 16 --fraction 0.05
   python -m benchmarks.autoattack --smoke   # tiny model: seconds
 
+``--official`` also times the official code's components (pyautoattack,
+requirements-crosscheck.txt) the same way, on the PyTorch copy of the model
+(tests/torch_reference.py, its own random weights: at eps = 0 no point is
+fooled whatever the weights), with the same reduced budgets, torch on as
+many threads as the machine has cores.
+
 writes benchmarks/results/autoattack.json (``--output``).
 
 ``--against_official`` instead times the whole standard AutoAttack (full
@@ -48,7 +54,8 @@ import numpy as np
 from benchmarks import harness
 from cifs_jax import attacks
 from cifs_jax import models
-from cifs_jax.attacks.autoattack import COMPONENTS, VERSIONS, Settings, plan
+from cifs_jax.attacks.autoattack import COMPONENTS, HOST_LOOPS, VERSIONS
+from cifs_jax.attacks.autoattack import Settings, plan
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -75,14 +82,83 @@ def reduced(config, fraction: float):
 
 
 def time_component(attack, config, logits_fn, x, y):
-  """(seconds of the first call, seconds of the second) of one batch."""
-  run = jax.jit(attack, static_argnums=(0, 4))
+  """(seconds of the first call, seconds of the second) of one batch, run as
+  ``attacks.autoattack()`` runs it: its host loop (APGD, FAB-T), else
+  compiled whole."""
+  run = HOST_LOOPS.get(attack) or jax.jit(attack, static_argnums=(4,))
   times = []
   for seed in range(2):
     start = time.perf_counter()
     jax.block_until_ready(run(logits_fn, x, y, jax.random.key(seed), config))
     times.append(time.perf_counter() - start)
   return times
+
+
+def time_official_component(adversary, name, iterations, x, y):
+  """Seconds of the official ``name`` stage with ``iterations`` (steps on one
+  target, or queries), after a first, warming call, as the official
+  ``run_standard_evaluation`` sets each attack up."""
+  if name == "square":
+    attack = adversary.square
+    attack.n_queries = iterations
+  else:
+    attack = {
+      "apgd-ce": adversary.apgd,
+      "apgd-t": adversary.apgd_targeted,
+      "fab-t": adversary.fab,
+    }[name]
+    attack.n_iter, attack.n_restarts = iterations, 1
+  if name == "apgd-ce":
+    attack.loss = "ce"
+  if name in ("apgd-t", "fab-t"):
+    attack.n_target_classes = 1
+    attack.targeted = True
+  times = []
+  for _ in range(2):
+    start = time.perf_counter()
+    attack.perturb(x, y)
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def measure_official(args, budgets) -> dict:
+  """The official components' cost per 1,000 images, as ``measure``'s:
+  ``budgets`` maps each stage to (timed iterations, full iterations)."""
+  import torch  # noqa: PLC0415 (optional: requirements-test.txt)
+  from pyautoattack import AutoAttack  # noqa: PLC0415 (optional package)
+
+  from benchmarks import torch_workloads  # noqa: PLC0415 (needs torch)
+
+  torch.set_num_threads(os.cpu_count())
+  net = torch_workloads.model(args.defense, args.width).eval()
+
+  class FinalLogits(torch.nn.Module):
+    def forward(self, x):
+      return net(x)[0]
+
+  model = FinalLogits()
+  x = torch.rand(
+    (args.batch_size,) + IMAGE_SHAPE[2:] + IMAGE_SHAPE[:2],
+    generator=torch.Generator().manual_seed(0),
+  ).to(torch_workloads.device())
+  with torch.no_grad():
+    y = model(x).argmax(1)  # all clean-correct
+  adversary = AutoAttack(
+    model, eps=0.0, seed=0, version="standard", device=x.device
+  )
+  per_component = {}
+  for name, (iterations, full) in budgets.items():
+    first_s, steady_s = time_official_component(
+      adversary, name, iterations, x, y
+    )
+    per_component[name] = {
+      "first_call_s": harness.significant(first_s),
+      "timed_s": harness.significant(steady_s),
+      "full_s_per_1000_images": harness.significant(
+        steady_s / iterations * full * 1000 / args.batch_size
+      ),
+    }
+  return per_component
 
 
 def measure(args) -> dict:
@@ -102,10 +178,11 @@ def measure(args) -> dict:
   )
   y = jnp.argmax(logits_fn(x)[0], axis=-1)  # all clean-correct
   names, settings = plan("standard", eps=0.0)
-  per_component = {}
+  per_component, budgets = {}, {}
   for name in names:
     attack, full = COMPONENTS[name](settings)
     config = reduced(full, args.fraction)
+    budgets[name] = (full_iterations(config), full_iterations(full))
     first_s, steady_s = time_component(attack, config, logits_fn, x, y)
     per_iteration = steady_s / full_iterations(config)
     per_component[name] = {
@@ -117,6 +194,14 @@ def measure(args) -> dict:
         per_iteration * full_iterations(full) * 1000 / args.batch_size
       ),
     }
+  results = _totals(args, names, per_component)
+  if args.official:
+    results["official"] = _totals(args, names, measure_official(args, budgets))
+  return results
+
+
+def _totals(args, names, per_component) -> dict:
+  """``per_component`` with standard AutoAttack's totals per 1,000 images."""
   cost = {n: c["full_s_per_1000_images"] for n, c in per_component.items()}
   later = sum(cost[n] for n in names[1:])
   return {
@@ -208,6 +293,11 @@ def main(argv=None) -> dict:
     parser, "seconds: width 4, batch 2, one iteration of each component"
   )
   parser.add_argument(
+    "--official",
+    action="store_true",
+    help="also time the official code's components (pyautoattack)",
+  )
+  parser.add_argument(
     "--against_official",
     action="store_true",
     help="standard AutoAttack side by side with the official code",
@@ -264,6 +354,16 @@ def main(argv=None) -> dict:
     f"standard AutoAttack, s per 1,000 images: {per_component}; "
     f"all robust {total:.4g}; {path}"
   )
+  if args.official:
+    official = measured["official"]
+    print(
+      "official: "
+      + ", ".join(
+        f"{name} {c['full_s_per_1000_images']:.4g}"
+        for name, c in official["components"].items()
+      )
+      + f"; all robust {official['standard_s_per_1000_images_all_robust']:.4g}"
+    )
   return results
 
 
