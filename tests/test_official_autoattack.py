@@ -67,3 +67,29 @@ def test_standard_autoattack_matches_official(exported_resnet10):
   assert abs(ours.robust_accuracy - 100 * theirs["square"].mean()) <= (
     TOLERANCE
   )
+
+
+def test_the_component_benchmark_times_the_official_code_the_same_way(
+  tmp_path,
+):
+  """``benchmarks.autoattack --official``: each official component timed on
+  the same reduced budget as ours, scaled to the same full budget."""
+  import json  # noqa: PLC0415
+
+  from benchmarks import autoattack as benchmark  # noqa: PLC0415
+
+  output = tmp_path / "autoattack.json"
+  benchmark.main(["--smoke", "--official", "--output", str(output)])
+  results = json.loads(output.read_text())["results"]
+  ours, official = results["components"], results["official"]["components"]
+  assert list(official) == list(ours)
+  for name, component in official.items():
+    assert component["timed_s"] > 0
+    assert component["full_s_per_1000_images"] == pytest.approx(
+      component["timed_s"]
+      / ours[name]["timed_iterations"]
+      * ours[name]["full_iterations"]
+      * 1000
+      / 2,  # the smoke batch
+      rel=1e-3,
+    )
