@@ -59,9 +59,14 @@ def jax_components():
       attacks.fab_targeted,
       attacks.FABConfig(eps=EPS, num_target_classes=NUM_TARGETS),
     ),
+    # torchattacks' Square rescales its window schedule to the query budget
+    # (resc_schedule=True, its default, also inside its AutoAttack); the
+    # official AutoAttack's, our default, does not.
     "Square": (
       attacks.square,
-      attacks.SquareConfig(eps=EPS, num_queries=SQUARE_QUERIES),
+      attacks.SquareConfig(
+        eps=EPS, num_queries=SQUARE_QUERIES, rescale_schedule=True
+      ),
     ),
   }
 
