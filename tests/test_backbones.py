@@ -310,19 +310,16 @@ def test_half_precision_stem_keeps_steps_below_the_bfloat16_grid(name):
   )
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_the_stem_is_nn_conv_with_its_parameter_outputs_and_derivatives(
-  channels,
-):
-  """``layers.StemConv3x3`` (a shifted sum for one channel) against
-  flax's ``nn.Conv`` with the same key: the same kernel, outputs, input and
-  kernel gradients, and forward-mode derivative (its custom JVP)."""
+def test_the_single_channel_stem_is_nn_conv_with_its_parameter_and_outputs():
+  """``layers.SingleChannelConv3x3`` (a shifted sum) against flax's
+  ``nn.Conv`` with the same key: the same kernel, outputs, input and kernel
+  gradients, and forward-mode derivative (its custom JVP)."""
   x = jnp.asarray(
-    np.random.default_rng(0).uniform(size=(3, 9, 7, channels)), jnp.float32
+    np.random.default_rng(0).uniform(size=(3, 9, 7, 1)), jnp.float32
   )
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 9, 7, 5)))
   reference = layers.conv3x3(5, 1, layers.STEM_DTYPE, "conv1")
-  stem = layers.StemConv3x3(5)
+  stem = layers.SingleChannelConv3x3(5)
   variables = reference.init(jax.random.key(0), x)
   chex.assert_trees_all_equal(variables, stem.init(jax.random.key(0), x))
 

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 Array = jax.Array
@@ -83,18 +82,27 @@ def conv3x3(
   )
 
 
-class StemConv3x3(nn.Module):
-  """The stem: a stride-1 3x3 convolution without bias, padded by 1.
+def stem_conv3x3(
+  x: Array, features: int, name: str, kernel_init=torch_default_kernel_init
+) -> Array:
+  """The stem of x (N, H, W, C_in): ``conv3x3(features, 1, STEM_DTYPE,
+  name)``, or for a single-channel input ``SingleChannelConv3x3``, with the
+  same parameter. Call it inside a parent's ``nn.compact`` method."""
+  if x.shape[-1] == 1:
+    return SingleChannelConv3x3(features, kernel_init, name=name)(x)
+  return conv3x3(features, 1, STEM_DTYPE, name, kernel_init)(x)
 
-  The same parameter as ``conv3x3(features, 1, STEM_DTYPE, name)`` ("kernel",
-  (3, 3, C_in, features), drawn from the same key) and the same outputs. A
-  single-channel input (Fashion-MNIST) is convolved as the sum of its nine
+
+class SingleChannelConv3x3(nn.Module):
+  """``conv3x3(features, 1, STEM_DTYPE, name)`` of a single-channel input.
+
+  The same parameter ("kernel", (3, 3, 1, features), drawn from the same
+  key) and the same outputs, computed as the sum of the input's nine
   shifted copies, each times one row of the kernel: XLA:CPU runs a C_in = 1
   convolution 3-6x slower than that sum (batch 128, 28x28, 8-64 output
   channels: forward 2.2-3.1 ms vs 0.3-1.0 ms), and the convolution was a
   fifth of a width-8 ResNet-10's forward pass (``benchmarks/README.md``,
-  "AutoAttack side by side"). Other inputs go to
-  ``lax.conv_general_dilated``, as ``nn.Conv`` does.
+  "AutoAttack side by side").
 
   Attributes:
     features: output channels.
@@ -106,20 +114,10 @@ class StemConv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """(N, H, W, C_in) -> (N, H, W, features), in x's and the kernel's
+    """(N, H, W, 1) -> (N, H, W, features), in x's and the kernel's
     promoted dtype (``STEM_DTYPE`` None: the input's precision)."""
-    kernel = self.param(
-      "kernel", self.kernel_init, (3, 3, x.shape[-1], self.features)
-    )
+    kernel = self.param("kernel", self.kernel_init, (3, 3, 1, self.features))
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=STEM_DTYPE)
-    if x.shape[-1] != 1:
-      return lax.conv_general_dilated(
-        x,
-        kernel,
-        (1, 1),
-        ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      )
     return _single_channel_conv3x3(x, kernel)
 
 

@@ -98,7 +98,7 @@ class ResNet(nn.Module):
     """
     self.defense.check_layers(self.insertion_points())
     # The stem computes in the input's precision (layers.STEM_DTYPE).
-    y = layers.StemConv3x3(self.width, name="conv1")(x)
+    y = layers.stem_conv3x3(x, self.width, "conv1")
     y = nn.relu(
       layers.batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(y)
     )

@@ -112,7 +112,7 @@ class WideResNet(nn.Module):
     """Same contract as ``ResNet.__call__``."""
     self.defense.check_layers(self.insertion_points())
     # The stem computes in the input's precision (layers.STEM_DTYPE).
-    y = layers.StemConv3x3(16, he_normal_fan_out, name="conv1")(x)
+    y = layers.stem_conv3x3(x, 16, "conv1", he_normal_fan_out)
     probe_logits: list[Array] = []
     for group, width in enumerate((16, 32, 64), start=1):
       for unit in range(self.units_per_group):
