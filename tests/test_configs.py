@@ -99,6 +99,19 @@ def test_cpu_config_evaluates_as_its_docstring_says(variant):
   assert config.model.width == 16 and config.train.epochs == 2
 
 
+@pytest.mark.parametrize("variant", ["", "vanilla", "cas", "cifs"])
+def test_results_config_is_the_budget_its_docstring_states(variant):
+  """docs/results.md's budget: the CPU config on all 60,000 training
+  images for 9 epochs, the reference milestones scaled, the final check on
+  the whole test set."""
+  cpu = config_module("fmnist_resnet10_cpu").get_config(variant)
+  config = config_module("fmnist_resnet10_results").get_config(variant)
+  assert config.train.max_examples == -1 and config.train.epochs == 9
+  assert config.train.lr_milestones == (6, 7)
+  assert config.eval.final_num_examples == -1 and not config.eval.final
+  assert config.model == cpu.model and config.attack == cpu.attack
+
+
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_smoke_evaluation_is_tiny(name):
   """A smoke run evaluates a few dozen images, with one one-step attack in

@@ -252,7 +252,12 @@ def check_workdir(
   train_lines = [l for l in lines if "train_loss" in l]
   eval_lines = [l for l in lines if "pgd_accuracy" in l]
   final_lines = [l for l in lines if "final/natural" in l]
-  assert len(train_lines) + len(eval_lines) + len(final_lines) == len(lines)
+  # The final natural and PGD check, as train_and_evaluate returned it.
+  check_lines = [l for l in lines if "final_check/pgd_accuracy" in l]
+  assert check_lines == [
+    {"step": total_steps, **{f"final_check/{k}": v for k, v in results.items()}}
+  ]
+  assert len(train_lines) + len(eval_lines) + len(final_lines) + 1 == len(lines)
   every = config.train.log_every_steps
   assert [l["step"] for l in train_lines] == [
     e * steps_per_epoch + s

@@ -501,7 +501,8 @@ def train_and_evaluate(
   """Trains (resuming if ``workdir`` has checkpoints) and evaluates.
 
   Returns the evaluation of the final state on ``eval.final_num_examples``
-  test examples (natural and PGD accuracy, %); an empty dict if a stop was
+  test examples (natural and PGD accuracy, %; also written to the metric
+  logs as ``final_check/<name>``); an empty dict if a stop was
   requested before training finished, or if the workdir's run was already
   complete (then nothing runs, unless ``eval.rerun_final``). With
   ``eval.final``, also runs the robustness evaluation of
@@ -552,6 +553,10 @@ def _train_and_evaluate(trainer: Trainer) -> dict[str, float]:
     results["natural_accuracy"],
     results["pgd_accuracy"],
   )
+  final_step = config.train.epochs * trainer.steps_per_epoch
+  trainer.logger.write_scalars(
+    final_step, {f"final_check/{k}": v for k, v in results.items()}
+  )
   if config.eval.final:
     host_state = trainer.parallel.unreplicate(state)
     report = run_evaluation.evaluate_and_publish(
@@ -571,7 +576,5 @@ def _train_and_evaluate(trainer: Trainer) -> dict[str, float]:
         {"epoch": config.train.epochs},
       ),
     )
-    trainer.logger.write_scalars(
-      config.train.epochs * trainer.steps_per_epoch, table1_scalars(report)
-    )
+    trainer.logger.write_scalars(final_step, table1_scalars(report))
   return results
