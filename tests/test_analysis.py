@@ -332,13 +332,20 @@ def test_report_numbers_equal_the_json(fake_runs, tmp_path):
   for name, expected in results.items():
     row = table1[name]
     assert row[1] == "eval_paper"
-    values = [float(v) for v in row[2:]]
-    assert values == [
-      round(expected["natural"]["top1"], 2),
-      round(expected["attacks"]["fgsm"]["worst_case"]["top1"], 2),
-      round(expected["attacks"]["pgd20"]["worst_case"]["top1"], 2),
-      round(expected["worst_case"]["top1"], 2),
+    accuracies = [
+      expected["natural"]["top1"],
+      expected["attacks"]["fgsm"]["worst_case"]["top1"],
+      expected["attacks"]["pgd20"]["worst_case"]["top1"],
+      expected["worst_case"]["top1"],
     ]
+    assert [float(v) for v in row[2:-2]] == [round(a, 2) for a in accuracies]
+    # 40 examples; the largest standard error is that of the accuracy
+    # nearest 50 %.
+    assert row[-2] == "40"
+    nearest_half = min(accuracies, key=lambda a: abs(a - 50)) / 100
+    assert float(row[-1]) == round(
+      100 * np.sqrt(nearest_half * (1 - nearest_half) / 40), 2
+    )
   topk = markdown_rows(markdown, "Table 4")
   pgd = next(r for r in topk if r[0] == "cifs" and r[2] == "PGD-20")
   worst = results["cifs"]["attacks"]["pgd20"]["worst_case"]
@@ -354,6 +361,60 @@ def test_report_numbers_equal_the_json(fake_runs, tmp_path):
   assert len(images) == 3  # per class (pgd20, natural), training curves
   for image in images:
     assert png_size(out.parent / image)[0] > 0
+
+
+def test_report_has_the_final_check_and_the_checklist(fake_runs, tmp_path):
+  """The trainer's final check (metrics.jsonl) with its standard error, and
+  a checklist report in its own section, not read as an evaluation."""
+  directory, _ = fake_runs
+  workdir = directory / "cifs"
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write(
+      json.dumps(
+        {
+          "step": 8,
+          "final_check/natural_accuracy": 80.0,
+          "final_check/pgd_accuracy": 50.0,
+          "final_check/eval_examples": 10000.0,
+        }
+      )
+      + "\n"
+    )
+  check = {
+    "number": 11,
+    "name": "Square fools no example the white-box attacks leave robust",
+    "reference": "Carlini et al. 2019",
+    "verdict": "warn",
+    "explanation": "Square fooled 3 examples.",
+    "figures": {"square_only": 3},
+  }
+  report.write_json(
+    {"run": {}, "settings": {}, "checks": [check], "attacks": {}},
+    str(workdir / "eval_checklist_last.json"),
+  )
+  markdown = reproduction.build_report(
+    [directory / "vanilla", workdir], tmp_path / "r.md"
+  )
+  # sqrt(0.8 * 0.2 / 10000) = 0.4 and sqrt(0.5 * 0.5 / 10000) = 0.5 points.
+  assert markdown_rows(markdown, "Final check of training") == [
+    ["cifs", "10000", "80.00 ± 0.40", "50.00 ± 0.50"]
+  ]
+  assert markdown_rows(markdown, "Gradient-masking checklist") == [
+    [
+      "cifs",
+      "eval_checklist_last",
+      "11",
+      check["name"],
+      "warn",
+      check["explanation"],
+    ]
+  ]
+  assert [row[1] for row in markdown_rows(markdown, "Table 1")] == [
+    "eval_paper",
+    "eval_paper",
+  ]
+  runs_table = {row[0]: row for row in markdown_rows(markdown, "Runs")}
+  assert runs_table["cifs"][-1] == "eval_paper, eval_checklist_last"
 
 
 def test_report_sets_the_paper_beside_matching_runs(fake_runs, tmp_path):

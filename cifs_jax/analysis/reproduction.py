@@ -8,6 +8,7 @@ not every report has (AutoAttack, other attacks) are shown when present.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from typing import Any, Sequence
@@ -24,6 +25,13 @@ WORST_CASE_LABEL = "per-example worst case"
 def pct(value: float | None) -> str:
   """An accuracy in % with two decimals; "-" when missing."""
   return "-" if value is None else f"{value:.2f}"
+
+
+def standard_error(accuracy: float, num_examples: int) -> float:
+  """The binomial standard error, in percentage points, of an accuracy in %
+  measured on ``num_examples`` independent test examples."""
+  p = accuracy / 100
+  return 100 * math.sqrt(p * (1 - p) / num_examples)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -47,16 +55,22 @@ def attack_columns(reports: Sequence[dict]) -> list[tuple[str, str]]:
 
 
 def table1_row(results: dict, columns: Sequence[tuple[str, str]]) -> list:
-  """Natural, each attack's worst case and the overall worst case (%)."""
+  """Natural, each attack's worst case and the overall worst case (%), the
+  number of examples and the largest standard error of the row."""
   attacks = results.get("attacks", {})
-  return (
-    [pct(results["natural"]["top1"])]
+  values = (
+    [results["natural"]["top1"]]
     + [
-      pct(attacks[name]["worst_case"]["top1"]) if name in attacks else "-"
+      attacks[name]["worst_case"]["top1"] if name in attacks else None
       for name, _ in columns
     ]
-    + [pct(results["worst_case"]["top1"])]
+    + [results["worst_case"]["top1"]]
   )
+  num_examples = results["num_examples"]
+  largest_error = max(
+    standard_error(v, num_examples) for v in values if v is not None
+  )
+  return [pct(v) for v in values] + [num_examples, f"{largest_error:.2f}"]
 
 
 def evaluated_checkpoint(results: dict) -> list[str]:
@@ -80,19 +94,93 @@ def evaluated_checkpoint(results: dict) -> list[str]:
 
 
 class Run:
-  """One training run: its directory, setting and evaluation reports."""
+  """One training run: its directory, setting, evaluation reports,
+  gradient-masking checklists and the final check of its training."""
 
   def __init__(self, workdir: str | os.PathLike):
     self.workdir = pathlib.Path(workdir)
     self.label = runs.run_label(workdir)
     self.setting = runs.run_setting(runs.load_run_config(workdir))
-    self.reports = runs.eval_reports(workdir)
+    reports = runs.eval_reports(workdir)
+    self.checklists = {
+      name: results for name, results in reports.items() if "checks" in results
+    }
+    self.reports = {
+      name: results
+      for name, results in reports.items()
+      if name not in self.checklists
+    }
+    self.final_check = runs.final_check(runs.read_metrics(workdir))
+
+
+def final_check_section(all_runs: Sequence[Run]) -> list[str]:
+  """Natural and PGD accuracy of the final state on the test examples
+  training checked at its end (``final_check/*`` in metrics.jsonl)."""
+  rows = []
+  for run in all_runs:
+    if run.final_check is None:
+      continue
+    num_examples = int(run.final_check["eval_examples"])
+    rows.append(
+      [run.label, num_examples]
+      + [
+        f"{pct(run.final_check[key])} ± "
+        f"{standard_error(run.final_check[key], num_examples):.2f}"
+        for key in ("natural_accuracy", "pgd_accuracy")
+      ]
+    )
+  if not rows:
+    return []
+  return [
+    "## Final check of training: natural and PGD accuracy (%)",
+    "",
+    "The trainer's check of its final state: PGD of `eval.pgd_steps` "
+    "steps of size eps / 10 from the clean input, on the joint loss at "
+    "beta_atk = `eval.beta_atk` (the reference's per-epoch check), on the "
+    "first test examples; ± one binomial standard error.",
+    "",
+    markdown_table(["run", "examples", "natural", "PGD"], rows),
+    "",
+  ]
+
+
+def checklist_section(all_runs: Sequence[Run]) -> list[str]:
+  """Each checklist's checks: verdict and what was measured."""
+  rows = [
+    [
+      run.label,
+      name,
+      check["number"],
+      check["name"],
+      check["verdict"],
+      check["explanation"],
+    ]
+    for run in all_runs
+    for name, results in run.checklists.items()
+    for check in results["checks"]
+  ]
+  if not rows:
+    return []
+  return [
+    "## Gradient-masking checklist",
+    "",
+    "`python -m cifs_jax.evaluate --protocol=checklist` "
+    "(`cifs_jax/evaluation/checklist.py` lists the checks and their "
+    "sources).",
+    "",
+    markdown_table(
+      ["run", "report", "#", "check", "verdict", "measured"], rows
+    ),
+    "",
+  ]
 
 
 def runs_section(all_runs: Sequence[Run]) -> list[str]:
   keys = list(all_runs[0].setting)
   rows = [
-    [run.label] + [run.setting[k] for k in keys] + [", ".join(run.reports)]
+    [run.label]
+    + [run.setting[k] for k in keys]
+    + [", ".join([*run.reports, *run.checklists])]
     for run in all_runs
   ]
   evaluations = [
@@ -137,7 +225,15 @@ def runs_section(all_runs: Sequence[Run]) -> list[str]:
 def table1_section(all_runs: Sequence[Run]) -> list[str]:
   reports = [r for run in all_runs for r in run.reports.values()]
   columns = attack_columns(reports)
-  header = ["run", "report", "Natural", *(l for _, l in columns), "Worst case"]
+  header = [
+    "run",
+    "report",
+    "Natural",
+    *(l for _, l in columns),
+    "Worst case",
+    "examples",
+    "std. error <=",
+  ]
   rows = [
     [run.label, name, *table1_row(results, columns)]
     for run in all_runs
@@ -147,7 +243,8 @@ def table1_section(all_runs: Sequence[Run]) -> list[str]:
     "## Table 1: top-1 accuracy (%)",
     "",
     "Each attack's column is the per-example worst case over its runs "
-    "(every beta_atk and gradient mode of the protocol).",
+    "(every beta_atk and gradient mode of the protocol). The last column is "
+    "the largest binomial standard error of the row, in points.",
     "",
     markdown_table(header, rows),
     "",
@@ -365,11 +462,13 @@ def build_report(
     "Generated by `python -m cifs_jax.report` from the runs' files.",
     "",
     *runs_section(all_runs),
+    *final_check_section(all_runs),
     *table1_section(all_runs),
     *paper_section(all_runs),
     *per_beta_section(all_runs),
     *topk_section(all_runs),
     *table5_section(all_runs),
+    *checklist_section(all_runs),
     *figures_section(all_runs, figure_dir, out_path.parent),
   ]
   if missing:

@@ -63,6 +63,22 @@ def training_curves(rows: list[dict]) -> dict[str, np.ndarray]:
   }
 
 
+def final_check(rows: list[dict]) -> dict[str, float] | None:
+  """The trainer's final natural and PGD check from ``read_metrics`` rows
+  (the last ``final_check/*`` row): {"natural_accuracy", "pgd_accuracy"}
+  in % and "eval_examples"; None if the run has none (unfinished, or
+  trained before the check was logged)."""
+  prefix = "final_check/"
+  checks = [row for row in rows if f"{prefix}pgd_accuracy" in row]
+  if not checks:
+    return None
+  return {
+    key[len(prefix) :]: value
+    for key, value in checks[-1].items()
+    if key.startswith(prefix)
+  }
+
+
 def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
   """{report name (e.g. "eval_paper_last"): results dict}, sorted by name.
 
@@ -105,7 +121,8 @@ def run_setting(config: ml_collections.ConfigDict) -> dict:
     "epochs": config.train.epochs,
     "train_examples": config.train.max_examples,
     "eps": config.attack.eps,
-    "init_from": config.train.init_from,
+    # The run it started from, by name (its path is the training machine's).
+    "init_from": pathlib.Path(config.train.init_from).name,
   }
 
 
