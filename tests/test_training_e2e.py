@@ -547,8 +547,10 @@ def test_rerunning_a_complete_run_says_so_and_changes_nothing(
   tmp_path, fmnist_smoke
 ):
   """The finished smoke run, run again: nothing is trained, evaluated or
-  written; with eval.rerun_final the final evaluation runs again (here
-  without the robustness report) and gives the same numbers."""
+  written, and no fresh state is built (compiling the model's init took
+  most of the rerun's time); with eval.rerun_final the final evaluation
+  runs again (here without the robustness report) and gives the same
+  numbers."""
   source, config, results, _ = fmnist_smoke
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
@@ -556,6 +558,13 @@ def test_rerunning_a_complete_run_says_so_and_changes_nothing(
   with contextlib.ExitStack() as stack:
     messages = stack.enter_context(
       mock.patch.object(trainer_lib.logging, "info")
+    )
+    stack.enter_context(
+      mock.patch.object(
+        trainer_lib.Trainer,
+        "initial_state",
+        property(lambda _: pytest.fail("built the fresh state")),
+      )
     )
     assert trainer_lib.train_and_evaluate(config, str(workdir)) == {}
   assert any("is complete" in str(c) for c in messages.call_args_list)

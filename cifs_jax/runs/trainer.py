@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -155,12 +156,16 @@ class Trainer:
     self.model = models.build_model(
       config.model, dtype=dtype, bn_axis_name=BATCH_AXIS
     )
-    self.initial_state = create_train_state(
+    self._create_state = functools.partial(
+      create_train_state,
       self.model,
       self.train_split.images.shape[1:],
       config,
       self.steps_per_epoch,
     )
+    # Shapes only (no compiling): the target of a restore. A resumed run, or
+    # a complete one run again, never builds the fresh state.
+    self.abstract_state = jax.eval_shape(self._create_state)
     # Written once the config has built the data and the model, so a config
     # that fails there leaves no config.json behind.
     self.run.save_config(config)
@@ -190,6 +195,11 @@ class Trainer:
 
   # -- State ---------------------------------------------------------------
 
+  @functools.cached_property
+  def initial_state(self) -> TrainState:
+    """The fresh state (``create_train_state``), built on first use."""
+    return self._create_state()
+
   def restore_or_initialise(self) -> tuple[TrainState, Position]:
     """This workdir's checkpoint (the latest, or ``checkpoint.restore_step``),
     else a fresh (or ``init_from``) state. A checkpoint that fails to restore
@@ -215,7 +225,7 @@ class Trainer:
     """
     restore_step = self.config.checkpoint.restore_step
     which = "last" if restore_step == -1 else restore_step
-    state, metadata = self.checkpointer.restore(which, self.initial_state)
+    state, metadata = self.checkpointer.restore(which, self.abstract_state)
     step = int(state.step)
     position = self._checked_position(metadata, step)
     if which != "last":
@@ -297,8 +307,8 @@ class Trainer:
     )
     # Only the weights are read: the source may have another optimiser.
     target = {
-      "params": self.initial_state.params,
-      "batch_stats": self.initial_state.batch_stats,
+      "params": self.abstract_state.params,
+      "batch_stats": self.abstract_state.batch_stats,
     }
     with source.checkpointer(source_config, read_only=True) as checkpointer:
       restored, _ = checkpointer.restore(which, target, partial=True)
