@@ -163,9 +163,16 @@ class Trainer:
       config,
       self.steps_per_epoch,
     )
-    # Shapes only (no compiling): the target of a restore. A resumed run, or
-    # a complete one run again, never builds the fresh state.
-    self.abstract_state = jax.eval_shape(self._create_state)
+    # Shapes only (no compiling): the target of a restore, on this process's
+    # first device as the fresh state would be. A resumed run, or a complete
+    # one run again, never builds the fresh state.
+    first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    self.abstract_state = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(
+        leaf.shape, leaf.dtype, sharding=first_device
+      ),
+      jax.eval_shape(self._create_state),
+    )
     # Written once the config has built the data and the model, so a config
     # that fails there leaves no config.json behind.
     self.run.save_config(config)
