@@ -2,15 +2,17 @@
 
   python -m cifs_jax.report --runs=DIR1[,DIR2...] --out=report.md
 
-Writes a Markdown report of the runs: their settings, Table 1 (Natural and
-every evaluated attack: FGSM, PGD-20, C&W-inf, PGD-100, AutoAttack when
-present), the paper's published numbers beside ours where the paper reports
-the setting, top-1 per beta_atk, Table 4 (top-k), Table 5 and the figures
-(per-class accuracy, training curves, and the channel figures that
-``python -m cifs_jax.analyze`` left in the runs), drawn into
-``<report stem>_figures/`` next to the report. Numbers come from the runs'
-``eval_*.json`` reports (``python -m cifs_jax.evaluate``, or the end of
-training) and ``metrics.jsonl``.
+Writes a Markdown report of the runs: their settings, the trainer's final
+natural and PGD check with standard errors, Table 1 (Natural and every
+evaluated attack: FGSM, PGD-20, C&W-inf, PGD-100, AutoAttack when present;
+examples and standard errors), the paper's published numbers beside ours
+where the paper reports the setting, top-1 per beta_atk, Table 4 (top-k),
+Table 5, the gradient-masking checklists and the figures (per-class
+accuracy, training curves, and the channel figures that ``python -m
+cifs_jax.analyze`` left in the runs), drawn into ``<report stem>_figures/``
+next to the report. Numbers come from the runs' ``eval_*.json`` reports
+(``python -m cifs_jax.evaluate``, or the end of training) and
+``metrics.jsonl``.
 """
 
 from __future__ import annotations

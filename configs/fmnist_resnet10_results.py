@@ -1,5 +1,6 @@
-"""Fashion-MNIST ResNet-10 at the budget of docs/results.md: about 45
-minutes of a quiet 2-core CPU per model.
+"""Fashion-MNIST ResNet-10 at the larger budget of docs/results.md's
+verdict (``docs/results_runs/run_all.sh``): about 45 minutes of a quiet
+2-core CPU per model.
 
 ``fmnist_resnet10_cpu.py`` on all 60,000 training images for 9 epochs (one
 process on both cores took 293 s an epoch), with the reference schedule's

@@ -388,10 +388,13 @@ def test_report_has_the_final_check_and_the_checklist(fake_runs, tmp_path):
     "explanation": "Square fooled 3 examples.",
     "figures": {"square_only": 3},
   }
+  # The checklist's layout: its checks beside its attacks' results dict.
   report.write_json(
-    {"run": {}, "settings": {}, "checks": [check], "attacks": {}},
+    {"run": {}, "settings": {}, "checks": [check], "attacks": fake_results(3)},
     str(workdir / "eval_checklist_last.json"),
   )
+  assert list(runs.eval_reports(workdir)) == ["eval_paper"]
+  assert list(runs.checklist_reports(workdir)) == ["eval_checklist_last"]
   markdown = reproduction.build_report(
     [directory / "vanilla", workdir], tmp_path / "r.md"
   )

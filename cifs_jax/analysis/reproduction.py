@@ -101,15 +101,8 @@ class Run:
     self.workdir = pathlib.Path(workdir)
     self.label = runs.run_label(workdir)
     self.setting = runs.run_setting(runs.load_run_config(workdir))
-    reports = runs.eval_reports(workdir)
-    self.checklists = {
-      name: results for name, results in reports.items() if "checks" in results
-    }
-    self.reports = {
-      name: results
-      for name, results in reports.items()
-      if name not in self.checklists
-    }
+    self.reports = runs.eval_reports(workdir)
+    self.checklists = runs.checklist_reports(workdir)
     self.final_check = runs.final_check(runs.read_metrics(workdir))
 
 

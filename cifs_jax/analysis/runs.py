@@ -79,12 +79,10 @@ def final_check(rows: list[dict]) -> dict[str, float] | None:
   }
 
 
-def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
-  """{report name (e.g. "eval_paper_last"): results dict}, sorted by name.
-
-  Partial results of an evaluation in progress (``*.partial.json``) are
-  not reports and are skipped.
-  """
+def _read_reports(workdir: str | os.PathLike) -> dict[str, dict]:
+  """Every finished ``eval_*.json`` of the run, by name, sorted by name
+  (partial results of an evaluation in progress, ``*.partial.json``, are
+  not reports and are skipped)."""
   reports = {}
   for path in RunDirectory(workdir).report_paths():
     try:
@@ -92,6 +90,32 @@ def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
     except json.JSONDecodeError as e:
       raise ValueError(f"Cannot parse {path}: {e}.") from e
   return reports
+
+
+def _is_checklist(report: dict) -> bool:
+  """A gradient-masking checklist's report (``evaluation.checklist``:
+  its checks and the attacks' results), not an evaluation's results."""
+  return "checks" in report
+
+
+def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
+  """{report name (e.g. "eval_paper_last"): results dict} of the run's
+  evaluations, sorted by name; checklists are ``checklist_reports``'."""
+  return {
+    name: report
+    for name, report in _read_reports(workdir).items()
+    if not _is_checklist(report)
+  }
+
+
+def checklist_reports(workdir: str | os.PathLike) -> dict[str, dict]:
+  """{report name (e.g. "eval_checklist_last"): checklist report} of the
+  run, sorted by name: {"run", "settings", "checks", "attacks"}."""
+  return {
+    name: report
+    for name, report in _read_reports(workdir).items()
+    if _is_checklist(report)
+  }
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# docs/results.md's runs, start to end: trains the four Fashion-MNIST models,
-# evaluates them and writes the report. Resumable: run it again after an
-# interruption and every step goes on where it stopped (training from its
-# last checkpoint, an evaluation from its partial results; finished
-# reports are kept).
+# The four Fashion-MNIST models of docs/results.md's larger budget
+# (configs/fmnist_resnet10_results.py), start to end: five training runs
+# (CIFS the authors' way starts from a natural pre-training run), their
+# evaluations and the report. Resumable: run it again after an interruption
+# and training goes on from its last checkpoint, the paper, strong and
+# AutoAttack evaluations from their partial results (an interrupted
+# checklist starts over); finished reports are kept.
 #
 #   docs/results_runs/run_all.sh RUNS_DIR [train|evaluate|report|save|restore]...
 #
 # (default: train evaluate report). Two lanes run side by side, each on one
 # core of a 2-core CPU (taskset), since two processes on one core each
-# train about 15 % faster together than one process on both.
+# train about 15 % faster together than one process on both. A lane stops at
+# its first failure, and so does the script.
+#   report:  writes docs/results_runs/report.md (figures beside it).
 #   save:    copies each run's small files (config.json, metrics.jsonl,
 #            eval_*, partial results, its log without progress bars) and
-#            its latest checkpoint into
-#            docs/results_runs/<run>/, to commit: a machine is not kept
-#            between sessions.
+#            its latest and best checkpoints into docs/results_runs/<run>/,
+#            to commit: a machine is not kept between sessions.
 #   restore: the other way, into an empty RUNS_DIR.
-# Run from the repository root, with the package installed and Debian's
+# Run from anywhere, with the package installed and Debian's
 # dataset-fashion-mnist in /usr/share/datasets/fashion-mnist.
 set -euo pipefail
 
@@ -47,12 +50,19 @@ train() {  # core name config-args...
   local core=$1 name=$2
   shift 2
   on "$core" "$name" python -m cifs_jax.main --workdir="$name" "$@"
+  # A stop request (Ctrl-C, SIGTERM) also exits with 0: only the final check
+  # in metrics.jsonl says the run is trained and checked.
+  if ! grep -qs '"final_check/' "$name/metrics.jsonl"; then
+    log "$name has no final check: run again to resume it (if it is trained" \
+      "and its check was cut short, with --config.eval.rerun_final=True)"
+    return 1
+  fi
 }
 
 evaluate() {  # core name report-name evaluate-args...
   local core=$1 name=$2 report=$3
   shift 3
-  if [[ -f "$name/$report.json" ]]; then
+  if [[ -f $name/$report.json && ! -e $name/$report.partial.json ]]; then
     log "skip $name/$report.json: written"
     return
   fi
@@ -73,70 +83,100 @@ evaluate_run() {  # core name
     --num_examples=$CHECKLIST_EXAMPLES "${surrogate[@]}"
 }
 
-step_train() {
-  (
-    train 0 fmnist_vanilla --config="$CFG:vanilla"
-    train 0 fmnist_cas --config="$CFG:cas"
-  ) &
-  (
-    train 1 fmnist_cifs_natural --config="$CFG:cifs,natural" \
-      --config.train.epochs=5 '--config.train.lr_milestones=()'
-    train 1 fmnist_cifs_from_natural --config="$CFG:cifs" \
-      --config.train.init_from=fmnist_cifs_natural
-    train 1 fmnist_cifs --config="$CFG:cifs"
-  ) &
-  wait
+# lanes FUNCTION0 FUNCTION1: runs the two lanes side by side; fails if
+# either fails.
+lanes() {
+  "$1" &
+  local first=$!
+  "$2" &
+  local second=$!
+  local status=0
+  wait "$first" || status=1
+  wait "$second" || status=1
+  return "$status"
 }
 
-step_evaluate() {
-  (
-    evaluate_run 0 fmnist_vanilla
-    evaluate_run 0 fmnist_cas
-  ) &
-  (
-    evaluate_run 1 fmnist_cifs_from_natural
-    evaluate_run 1 fmnist_cifs
-  ) &
-  wait
+train_lane0() {
+  train 0 fmnist_vanilla --config="$CFG:vanilla"
+  train 0 fmnist_cas --config="$CFG:cas"
 }
+
+train_lane1() {
+  train 1 fmnist_cifs_natural --config="$CFG:cifs,natural" \
+    --config.train.epochs=5 '--config.train.lr_milestones=()'
+  train 1 fmnist_cifs_from_natural --config="$CFG:cifs" \
+    --config.train.init_from=fmnist_cifs_natural
+  train 1 fmnist_cifs --config="$CFG:cifs"
+}
+
+evaluate_lane0() {
+  evaluate_run 0 fmnist_vanilla
+  evaluate_run 0 fmnist_cas
+}
+
+evaluate_lane1() {
+  evaluate_run 1 fmnist_cifs_from_natural
+  evaluate_run 1 fmnist_cifs
+}
+
+step_train() { lanes train_lane0 train_lane1; }
+
+step_evaluate() { lanes evaluate_lane0 evaluate_lane1; }
 
 step_report() {
-  python -m cifs_jax.report --runs=fmnist_vanilla,fmnist_cas,fmnist_cifs,fmnist_cifs_from_natural \
-    --out="$REPO/docs/results_report.md"
+  python -m cifs_jax.report \
+    --runs=fmnist_vanilla,fmnist_cas,fmnist_cifs,fmnist_cifs_from_natural \
+    --out="$SAVED/report.md"
 }
 
 RUN_NAMES=(fmnist_vanilla fmnist_cas fmnist_cifs_natural fmnist_cifs_from_natural fmnist_cifs)
 
+# The latest and the best checkpoint steps of run $1 (the best is what
+# another run's train.init_from starts from), one per line.
+kept_steps() {
+  python - "$1" <<'PYTHON'
+import sys
+from cifs_jax.runs.directory import RunDirectory
+run = RunDirectory(sys.argv[1])
+with run.checkpointer(run.load_config(), read_only=True) as checkpointer:
+  steps = {checkpointer.latest_step(), checkpointer.best_step()} - {None}
+print(*sorted(steps), sep="\n")
+PYTHON
+}
+
 step_save() {
-  local name latest step
+  local name step steps
   for name in "${RUN_NAMES[@]}"; do
-    [[ -d $name ]] || continue
+    if [[ ! -f $name/config.json ]]; then
+      continue  # not started, or stopped before its first step
+    fi
     rm -rf "${SAVED:?}/$name"
     mkdir -p "$SAVED/$name/checkpoints"
-    cp "$name"/config.json "$name"/metrics.jsonl "$SAVED/$name/"
-    cp "$name"/eval_* "$SAVED/$name/" 2>/dev/null || true
+    cp "$name"/config.json "$SAVED/$name/"
+    cp "$name"/metrics.jsonl "$name"/eval_* "$SAVED/$name/" 2>/dev/null || true
     # The log without its progress bars.
     tr '\r' '\n' <"$name.log" | grep -av -E '([0-9.]+|\?)(it|s|batch)/(s|it|batch)' \
       >"$SAVED/$name/$name.log" || true
-    latest=""
-    for step in "$name"/checkpoints/*; do
-      step=${step##*/}
-      [[ $step =~ ^[0-9]+$ ]] && ((step > ${latest:--1})) && latest=$step
+    steps=$(kept_steps "$name")
+    for step in $steps; do
+      cp -r "$name/checkpoints/$step" "$SAVED/$name/checkpoints/"
     done
-    [[ -n $latest ]] && cp -r "$name/checkpoints/$latest" "$SAVED/$name/checkpoints/"
   done
-  cp times.log "$SAVED/"
+  if [[ -f times.log ]]; then cp times.log "$SAVED/"; fi
 }
 
 step_restore() {
   local name
   for name in "${RUN_NAMES[@]}"; do
-    [[ -d $SAVED/$name ]] || continue
-    [[ -e $name ]] && { echo "$RUNS/$name exists: restore into an empty RUNS_DIR" >&2; exit 1; }
+    if [[ ! -d $SAVED/$name ]]; then continue; fi
+    if [[ -e $name ]]; then
+      echo "$RUNS/$name exists: restore into an empty RUNS_DIR" >&2
+      exit 1
+    fi
     cp -r "$SAVED/$name" "$name"
-    [[ -f $name/$name.log ]] && mv "$name/$name.log" "$name.log"
+    if [[ -f $name/$name.log ]]; then mv "$name/$name.log" "$name.log"; fi
   done
-  [[ -f $SAVED/times.log ]] && cp "$SAVED/times.log" .
+  if [[ -f $SAVED/times.log ]]; then cp "$SAVED/times.log" .; fi
 }
 
 for step in "${STEPS[@]}"; do
