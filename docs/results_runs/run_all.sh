@@ -69,14 +69,14 @@ evaluate() {  # core name report-name evaluate-args...
   on "$core" "$name" python -m cifs_jax.evaluate --workdir="$name" "$@"
 }
 
-evaluate_run() {  # core name
+evaluate_run() {  # core name: the strongest evaluations first
   local core=$1 name=$2
-  evaluate "$core" "$name" eval_paper_last --protocol=paper \
-    --attacks=fgsm,pgd20,cw --num_examples=$EXAMPLES
-  evaluate "$core" "$name" eval_strong_cascade_last --protocol=strong \
-    --attacks=pgd20 --cascade --num_examples=$EXAMPLES
   evaluate "$core" "$name" eval_autoattack_last --protocol=autoattack \
     --num_examples=$EXAMPLES
+  evaluate "$core" "$name" eval_strong_cascade_last --protocol=strong \
+    --attacks=pgd20 --cascade --num_examples=$EXAMPLES
+  evaluate "$core" "$name" eval_paper_last --protocol=paper \
+    --attacks=fgsm,pgd20,cw --num_examples=$EXAMPLES
   local surrogate=()
   [[ $name != fmnist_vanilla ]] && surrogate=(--surrogate=fmnist_vanilla)
   evaluate "$core" "$name" eval_checklist_last --protocol=checklist \
