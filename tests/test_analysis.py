@@ -468,6 +468,9 @@ def test_setting_names_non_paper_cifs_variants():
   )
   setting = runs.run_setting(config)
   assert setting["defense"] == "cifs-sigmoid-top1"
+  assert setting["train_examples"] == "all"  # max_examples = -1
+  config.train.max_examples = 10_000
+  assert runs.run_setting(config)["train_examples"] == 10_000
   assert paper_results.published(setting) is None
   assert math.isclose(
     paper_results.published(

@@ -143,7 +143,9 @@ def run_setting(config: ml_collections.ConfigDict) -> dict:
     "defense": defense_label(config.model),
     "method": config.train.method,
     "epochs": config.train.epochs,
-    "train_examples": config.train.max_examples,
+    "train_examples": (
+      "all" if config.train.max_examples < 0 else config.train.max_examples
+    ),
     "eps": config.attack.eps,
     # The run it started from, by name (its path is the training machine's).
     "init_from": pathlib.Path(config.train.init_from).name,
