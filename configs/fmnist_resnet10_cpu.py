@@ -1,4 +1,4 @@
-"""Fashion-MNIST ResNet-10 at the budget of docs/results.md: one CPU.
+"""Fashion-MNIST ResNet-10 at docs/results.md's smaller budget: one CPU.
 
 ``fmnist_resnet10.py`` narrowed to fit about ten minutes of a 2-core CPU per
 model: width 16 (the standard 64 / 4), the first 10,000 training images,
