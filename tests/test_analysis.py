@@ -558,11 +558,17 @@ def test_commands_on_a_smoke_run(smoke_run, tmp_path):
   results = json.loads((smoke_run / "eval_paper.json").read_text())
   (row,) = markdown_rows(markdown, "Table 1")
   assert row[1] == "eval_paper"
-  assert [float(v) for v in row[2:]] == [
-    round(results["natural"]["top1"], 2),
-    round(results["attacks"]["fgsm"]["worst_case"]["top1"], 2),
-    round(results["worst_case"]["top1"], 2),
+  accuracies = [
+    results["natural"]["top1"],
+    results["attacks"]["fgsm"]["worst_case"]["top1"],
+    results["worst_case"]["top1"],
   ]
+  assert [float(v) for v in row[2:-2]] == [round(a, 2) for a in accuracies]
+  num_examples = results["num_examples"]
+  largest_error = max(
+    reproduction.standard_error(a, num_examples) for a in accuracies
+  )
+  assert row[-2:] == [str(num_examples), f"{largest_error:.2f}"]
   assert "channels_Trouser_fgsm.png" in markdown
 
 
