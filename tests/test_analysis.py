@@ -393,8 +393,10 @@ def test_report_has_the_final_check_and_the_checklist(fake_runs, tmp_path):
     {"run": {}, "settings": {}, "checks": [check], "attacks": fake_results(3)},
     str(workdir / "eval_checklist_last.json"),
   )
+  evaluations, checklists = runs.read_reports(workdir)
+  assert list(evaluations) == ["eval_paper"]
+  assert list(checklists) == ["eval_checklist_last"]
   assert list(runs.eval_reports(workdir)) == ["eval_paper"]
-  assert list(runs.checklist_reports(workdir)) == ["eval_checklist_last"]
   markdown = reproduction.build_report(
     [directory / "vanilla", workdir], tmp_path / "r.md"
   )

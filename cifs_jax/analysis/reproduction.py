@@ -101,8 +101,7 @@ class Run:
     self.workdir = pathlib.Path(workdir)
     self.label = runs.run_label(workdir)
     self.setting = runs.run_setting(runs.load_run_config(workdir))
-    self.reports = runs.eval_reports(workdir)
-    self.checklists = runs.checklist_reports(workdir)
+    self.reports, self.checklists = runs.read_reports(workdir)
     self.final_check = runs.final_check(runs.read_metrics(workdir))
 
 

@@ -98,24 +98,23 @@ def _is_checklist(report: dict) -> bool:
   return "checks" in report
 
 
+def read_reports(
+  workdir: str | os.PathLike,
+) -> tuple[dict[str, dict], dict[str, dict]]:
+  """The run's reports, each file read once, sorted by name:
+  ({report name (e.g. "eval_paper_last"): results dict} of its evaluations,
+  {report name (e.g. "eval_checklist_last"): checklist report
+  {"run", "settings", "checks", "attacks"}} of its checklists)."""
+  evaluations, checklists = {}, {}
+  for name, report in _read_reports(workdir).items():
+    (checklists if _is_checklist(report) else evaluations)[name] = report
+  return evaluations, checklists
+
+
 def eval_reports(workdir: str | os.PathLike) -> dict[str, dict]:
   """{report name (e.g. "eval_paper_last"): results dict} of the run's
-  evaluations, sorted by name; checklists are ``checklist_reports``'."""
-  return {
-    name: report
-    for name, report in _read_reports(workdir).items()
-    if not _is_checklist(report)
-  }
-
-
-def checklist_reports(workdir: str | os.PathLike) -> dict[str, dict]:
-  """{report name (e.g. "eval_checklist_last"): checklist report} of the
-  run, sorted by name: {"run", "settings", "checks", "attacks"}."""
-  return {
-    name: report
-    for name, report in _read_reports(workdir).items()
-    if _is_checklist(report)
-  }
+  evaluations, sorted by name (its checklists are left out)."""
+  return read_reports(workdir)[0]
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -13,6 +13,8 @@
 # core of a 2-core CPU (taskset), since two processes on one core each
 # train about 15 % faster together than one process on both. A lane stops at
 # its first failure, and so does the script.
+#   evaluate: the paper protocol of every run, then the strong protocol,
+#            the checklist and AutoAttack, each taken by the first free lane.
 #   report:  writes docs/results_runs/report.md (figures beside it).
 #   save:    copies each run's small files (config.json, metrics.jsonl,
 #            eval_*, partial results, its log without progress bars) and
@@ -31,6 +33,8 @@ SAVED="$REPO/docs/results_runs"
 CFG="$REPO/configs/fmnist_resnet10_results.py"
 EXAMPLES=1000          # paper, strong and AutoAttack protocols
 CHECKLIST_EXAMPLES=500
+EVALUATED_RUNS=(fmnist_vanilla fmnist_cas fmnist_cifs_from_natural fmnist_cifs)
+CLAIMS="$RUNS/.evaluation_claims"
 mkdir -p "$RUNS"
 cd "$RUNS"
 
@@ -69,18 +73,42 @@ evaluate() {  # core name report-name evaluate-args...
   on "$core" "$name" python -m cifs_jax.evaluate --workdir="$name" "$@"
 }
 
-evaluate_run() {  # core name: the strongest evaluations first
-  local core=$1 name=$2
-  evaluate "$core" "$name" eval_autoattack_last --protocol=autoattack \
-    --num_examples=$EXAMPLES
-  evaluate "$core" "$name" eval_strong_cascade_last --protocol=strong \
-    --attacks=pgd20 --cascade --num_examples=$EXAMPLES
-  evaluate "$core" "$name" eval_paper_last --protocol=paper \
-    --attacks=fgsm,pgd20,cw --num_examples=$EXAMPLES
-  local surrogate=()
-  [[ $name != fmnist_vanilla ]] && surrogate=(--surrogate=fmnist_vanilla)
-  evaluate "$core" "$name" eval_checklist_last --protocol=checklist \
-    --num_examples=$CHECKLIST_EXAMPLES "${surrogate[@]}"
+# evaluation CORE PROTOCOL NAME: one evaluation of run NAME.
+evaluation() {
+  local core=$1 protocol=$2 name=$3
+  case $protocol in
+    paper)
+      evaluate "$core" "$name" eval_paper_last --protocol=paper \
+        --attacks=fgsm,pgd20,cw --num_examples=$EXAMPLES ;;
+    strong)
+      evaluate "$core" "$name" eval_strong_cascade_last --protocol=strong \
+        --attacks=pgd20 --cascade --num_examples=$EXAMPLES ;;
+    checklist)
+      local surrogate=()
+      if [[ $name != fmnist_vanilla ]]; then
+        surrogate=(--surrogate=fmnist_vanilla)
+      fi
+      evaluate "$core" "$name" eval_checklist_last --protocol=checklist \
+        --num_examples=$CHECKLIST_EXAMPLES "${surrogate[@]}" ;;
+    autoattack)
+      evaluate "$core" "$name" eval_autoattack_last --protocol=autoattack \
+        --num_examples=$EXAMPLES ;;
+  esac
+}
+
+# evaluate_lane CORE: the evaluations in one order, the cheapest protocol
+# first over all runs (so an interrupted session leaves every run with the
+# same evaluations), each taken by whichever lane reaches it first (mkdir
+# claims it).
+evaluate_lane() {
+  local core=$1 protocol name
+  for protocol in paper strong checklist autoattack; do
+    for name in "${EVALUATED_RUNS[@]}"; do
+      if mkdir "$CLAIMS/$protocol-$name" 2>/dev/null; then
+        evaluation "$core" "$protocol" "$name"
+      fi
+    done
+  done
 }
 
 # lanes FUNCTION0 FUNCTION1: runs the two lanes side by side; fails if
@@ -109,23 +137,21 @@ train_lane1() {
   train 1 fmnist_cifs --config="$CFG:cifs"
 }
 
-evaluate_lane0() {
-  evaluate_run 0 fmnist_vanilla
-  evaluate_run 0 fmnist_cas
-}
+evaluate_lane0() { evaluate_lane 0; }
 
-evaluate_lane1() {
-  evaluate_run 1 fmnist_cifs_from_natural
-  evaluate_run 1 fmnist_cifs
-}
+evaluate_lane1() { evaluate_lane 1; }
 
 step_train() { lanes train_lane0 train_lane1; }
 
-step_evaluate() { lanes evaluate_lane0 evaluate_lane1; }
+step_evaluate() {
+  rm -rf "$CLAIMS"
+  mkdir -p "$CLAIMS"
+  lanes evaluate_lane0 evaluate_lane1
+}
 
 step_report() {
   python -m cifs_jax.report \
-    --runs=fmnist_vanilla,fmnist_cas,fmnist_cifs,fmnist_cifs_from_natural \
+    --runs="$(IFS=,; echo "${EVALUATED_RUNS[*]}")" \
     --out="$SAVED/report.md"
 }
 
