@@ -363,6 +363,31 @@ def test_report_numbers_equal_the_json(fake_runs, tmp_path):
     assert png_size(out.parent / image)[0] > 0
 
 
+def test_a_cascades_columns_are_its_stages(fake_runs, tmp_path):
+  """A cascade's per-attack numbers count only the examples each run was
+  given: Table 1 shows its stages (cumulative), and the per-beta_atk,
+  top-k and Table 5 sections, the per-class figure and the paper comparison
+  leave it out."""
+  directory, results = fake_runs
+  workdir = directory / "cifs"
+  cascade = fake_results(3)
+  cascade["stages"] = {"clean": 70.0, "fgsm": 50.0, "pgd20": 40.0}
+  cascade["worst_case"]["top1"] = 40.0
+  cascade["cascade"] = {"runs": {}, "stages": {}}
+  report.write_json(cascade, str(workdir / "eval_a_cascade.json"))
+  assert runs.main_report(runs.eval_reports(workdir))[0] == "eval_paper"
+  markdown = reproduction.build_report([workdir], tmp_path / "report.md")
+  table1 = {row[1]: row for row in markdown_rows(markdown, "Table 1")}
+  assert [float(v) for v in table1["eval_a_cascade"][3:6]] == [50, 40, 40]
+  natural = cascade["natural"]["top1"]
+  assert float(table1["eval_a_cascade"][2]) == round(natural, 2)
+  for section in ("Table 4", "Table 5"):
+    assert "eval_a_cascade" not in {
+      row[1] for row in markdown_rows(markdown, section)
+    }
+  assert "/ eval_a_cascade" not in markdown
+
+
 def test_report_has_the_final_check_and_the_checklist(fake_runs, tmp_path):
   """The trainer's final check (metrics.jsonl) with its standard error, and
   a checklist report in its own section, not read as an evaluation."""

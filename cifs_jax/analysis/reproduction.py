@@ -19,6 +19,10 @@ from cifs_jax.evaluation import protocols
 CHANNEL_FIGURE_GLOB = "analysis/channels_*.png"
 # The two ways to sum up an adaptive attack's runs (``evaluation.summary``).
 MIN_OVER_BETA_LABEL = "min over beta_atk (as the paper)"
+CASCADES_LEFT_OUT = (
+  "Cascades are left out: their runs attacked only the examples earlier "
+  "runs left robust."
+)
 WORST_CASE_LABEL = "per-example worst case"
 
 
@@ -55,15 +59,19 @@ def attack_columns(reports: Sequence[dict]) -> list[tuple[str, str]]:
 
 
 def table1_row(results: dict, columns: Sequence[tuple[str, str]]) -> list:
-  """Natural, each attack's worst case and the overall worst case (%), the
-  number of examples and the largest standard error of the row."""
-  attacks = results.get("attacks", {})
+  """Natural, each attack's worst case (a cascade's: after it and every
+  earlier attack) and the overall worst case (%), the number of examples
+  and the largest standard error of the row."""
+  if runs.is_cascade(results):
+    by_attack = results["stages"]
+  else:
+    by_attack = {
+      name: attack["worst_case"]["top1"]
+      for name, attack in results.get("attacks", {}).items()
+    }
   values = (
     [results["natural"]["top1"]]
-    + [
-      attacks[name]["worst_case"]["top1"] if name in attacks else None
-      for name, _ in columns
-    ]
+    + [by_attack.get(name) for name, _ in columns]
     + [results["worst_case"]["top1"]]
   )
   num_examples = results["num_examples"]
@@ -103,6 +111,16 @@ class Run:
     self.setting = runs.run_setting(runs.load_run_config(workdir))
     self.reports, self.checklists = runs.read_reports(workdir)
     self.final_check = runs.final_check(runs.read_metrics(workdir))
+
+
+def full_reports(run: Run) -> list[tuple[str, dict]]:
+  """(name, results) of the run's reports that are not cascades
+  (``runs.is_cascade``): those whose per-attack tables are each attack's."""
+  return [
+    (name, results)
+    for name, results in run.reports.items()
+    if not runs.is_cascade(results)
+  ]
 
 
 def final_check_section(all_runs: Sequence[Run]) -> list[str]:
@@ -235,8 +253,11 @@ def table1_section(all_runs: Sequence[Run]) -> list[str]:
     "## Table 1: top-1 accuracy (%)",
     "",
     "Each attack's column is the per-example worst case over its runs "
-    "(every beta_atk and gradient mode of the protocol). The last column is "
-    "the largest binomial standard error of the row, in points.",
+    "(every beta_atk and gradient mode of the protocol). In a cascade "
+    "(AutoAttack, `--cascade`: each attack runs only on the examples the "
+    "earlier ones left robust) it is the worst case after that attack and "
+    "every earlier one. The last column is the largest binomial standard "
+    "error of the row, in points.",
     "",
     markdown_table(header, rows),
     "",
@@ -327,9 +348,14 @@ def paper_section(all_runs: Sequence[Run]) -> list[str]:
 
 
 def per_beta_section(all_runs: Sequence[Run]) -> list[str]:
-  blocks = ["## Adaptive attack: top-1 per beta_atk (%)", ""]
+  blocks = [
+    "## Adaptive attack: top-1 per beta_atk (%)",
+    "",
+    CASCADES_LEFT_OUT,
+    "",
+  ]
   for run in all_runs:
-    for name, results in run.reports.items():
+    for name, results in full_reports(run):
       attacks = results["attacks"].values()
       targets = list(
         dict.fromkeys(t for a in attacks for t in a.get("per_beta", {}))
@@ -352,7 +378,7 @@ def per_beta_section(all_runs: Sequence[Run]) -> list[str]:
 def topk_section(all_runs: Sequence[Run]) -> list[str]:
   rows = []
   for run in all_runs:
-    for name, results in run.reports.items():
+    for name, results in full_reports(run):
       summaries = [("Natural", results["natural"])] + [
         (a["label"], a["worst_case"]) for a in results["attacks"].values()
       ]
@@ -362,6 +388,8 @@ def topk_section(all_runs: Sequence[Run]) -> list[str]:
       ]
   return [
     "## Table 4: top-k accuracy (%)",
+    "",
+    CASCADES_LEFT_OUT,
     "",
     markdown_table(
       ["run", "report", "attack", "top-1", "top-2", "top-3"], rows
@@ -378,7 +406,7 @@ def table5_section(all_runs: Sequence[Run]) -> list[str]:
       + [
         head
         for run in all_runs
-        for results in run.reports.values()
+        for _, results in full_reports(run)
         for a in results["attacks"].values()
         for outputs in a.get("table5", {}).values()
         for head in outputs
@@ -386,7 +414,7 @@ def table5_section(all_runs: Sequence[Run]) -> list[str]:
     )
   )
   for run in all_runs:
-    for name, results in run.reports.items():
+    for name, results in full_reports(run):
       rows += [
         [run.label, name, a["label"], point]
         + [pct(outputs.get(h)) for h in heads]
@@ -397,7 +425,8 @@ def table5_section(all_runs: Sequence[Run]) -> list[str]:
     "## Table 5: attack point / output head, top-1 (%)",
     "",
     "Attack points: final (beta_atk = 0), probes (beta_atk = inf, all "
-    "probes), probe<l> (beta_atk = inf, probe l alone), adaptive (all runs).",
+    "probes), probe<l> (beta_atk = inf, probe l alone), adaptive (all runs). "
+    + CASCADES_LEFT_OUT,
     "",
     markdown_table(["run", "report", "attack", "attack point", *heads], rows),
     "",

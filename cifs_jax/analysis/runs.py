@@ -156,13 +156,23 @@ def run_label(workdir: str | os.PathLike) -> str:
   return pathlib.Path(workdir).resolve().name
 
 
+def is_cascade(results: dict) -> bool:
+  """Whether an evaluation ran as a cascade (each run only on the examples
+  every earlier run left robust): its per-attack, per-beta_atk and top-k
+  numbers count only what each run attacked, and only its stages and
+  final-head worst case are the full protocol's."""
+  return bool(results.get("cascade"))
+
+
 def main_report(reports: dict[str, dict]) -> tuple[str, dict] | None:
-  """The report the per-class figure reads: the first paper-protocol one
-  (by name), else the first; None without reports."""
-  for name, results in reports.items():
+  """The report the per-class figure and the paper comparison read: the
+  first paper-protocol one (by name), else the first; cascades are left
+  out. None without such a report."""
+  full = {name: r for name, r in reports.items() if not is_cascade(r)}
+  for name, results in full.items():
     if results.get("protocol", {}).get("name") == "paper":
       return name, results
-  return next(iter(reports.items()), None)
+  return next(iter(full.items()), None)
 
 
 def per_class_top1(results: dict, attack: str) -> list[float] | None:

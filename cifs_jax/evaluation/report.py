@@ -20,6 +20,9 @@ CONSOLE_TABLES = 4
 # comparator (the lowest accuracy among the separate per-beta_atk attacks).
 WORST_CASE_ROW = "per-example worst case"
 MIN_OVER_BETA = "min over beta_atk (paper's comparator)"
+# A cascade's Table 1 row: each attack's column counts the examples it and
+# every earlier attack fooled.
+CASCADE_ROW = "worst case after this attack and every earlier one"
 
 
 def publish(
@@ -91,7 +94,9 @@ def console_summary(results: dict) -> str:
 
 def tables(results: dict) -> list[Table]:
   """Table 1, stages, per beta_atk, per gradient mode, Table 4, Table 5, per
-  class."""
+  class; for a cascade, ``cascade_tables``."""
+  if results.get("cascade"):
+    return cascade_tables(results)
   attacks = results["attacks"]
   natural = results["natural"]
   columns = (
@@ -102,9 +107,6 @@ def tables(results: dict) -> list[Table]:
   probes = [f"probe{p}" for p in range(results["num_probes"])]
   targets = _keys_in_order(a["per_beta"] for a in attacks.values())
   modes = _keys_in_order(a["per_gradient"] for a in attacks.values())
-  class_names = results["class_names"] or [
-    str(c) for c in range(results["num_classes"])
-  ]
   min_over_beta = (
     [natural["top1"]]
     + [attack["min_over_beta"] for attack in attacks.values()]
@@ -119,14 +121,7 @@ def tables(results: dict) -> list[Table]:
         [MIN_OVER_BETA] + [_pct(value) for value in min_over_beta],
       ],
     ),
-    (
-      "Robust accuracy after each stage (cumulative worst case, in order)",
-      ["after", "top-1"],
-      [
-        [attacks[name]["label"] if name in attacks else name, _pct(top1)]
-        for name, top1 in results["stages"].items()
-      ],
-    ),
+    _stages_table(results),
     (
       "Per beta_atk (worst case over gradient modes)",
       ["attack"] + targets + ["all", MIN_OVER_BETA],
@@ -165,15 +160,80 @@ def tables(results: dict) -> list[Table]:
         for point, outputs in a["table5"].items()
       ],
     ),
+    _per_class_table(results, columns),
+  ]
+
+
+def cascade_tables(results: dict) -> list[Table]:
+  """A cascade's tables (``evaluator``: each run attacked only the examples
+  every earlier run left robust): Table 1 with each attack's cumulative
+  worst case (the stages), the runs in order, and per class.
+
+  What a cascade measures of one attack or beta_atk is only what it did to
+  the examples it was given, so the per-attack, per-beta_atk, per-gradient,
+  top-k and probe-head tables of the full protocol are left out: read the
+  runs' table, or run the full protocol.
+  """
+  stages = results["stages"]
+  attacks = results["attacks"]
+  attack_names = [name for name in stages if name != "clean"]
+  return [
     (
-      "Per class: top-1 (worst case)",
-      ["class"] + [label for label, _ in columns],
+      "Table 1: top-1 of the final head (cascade)",
+      ["", "Natural"]
+      + [attacks[name]["label"] for name in attack_names]
+      + ["Worst case"],
       [
-        [name] + [_pct(summary["per_class"][c]) for _, summary in columns]
-        for c, name in enumerate(class_names)
+        [CASCADE_ROW, _pct(results["natural"]["top1"])]
+        + [_pct(stages[name]) for name in attack_names]
+        + [_pct(results["worst_case"]["top1"])]
       ],
     ),
+    (
+      "Cascade runs in order (cumulative worst case after each)",
+      ["run", "examples attacked", "top-1 after", "seconds"],
+      [
+        [
+          name,
+          str(run["attacked"]),
+          _pct(run["robust_accuracy"]),
+          f"{run['seconds']:.0f}",
+        ]
+        for name, run in results["cascade"]["runs"].items()
+      ],
+    ),
+    _per_class_table(
+      results,
+      [("Natural", results["natural"]), ("Worst case", results["worst_case"])],
+    ),
   ]
+
+
+def _stages_table(results: dict) -> Table:
+  attacks = results["attacks"]
+  return (
+    "Robust accuracy after each stage (cumulative worst case, in order)",
+    ["after", "top-1"],
+    [
+      [attacks[name]["label"] if name in attacks else name, _pct(top1)]
+      for name, top1 in results["stages"].items()
+    ],
+  )
+
+
+def _per_class_table(results: dict, columns: list[tuple[str, dict]]) -> Table:
+  """Top-1 per class of each (label, summary) column."""
+  class_names = results["class_names"] or [
+    str(c) for c in range(results["num_classes"])
+  ]
+  return (
+    "Per class: top-1 (worst case)",
+    ["class"] + [label for label, _ in columns],
+    [
+      [name] + [_pct(summary["per_class"][c]) for _, summary in columns]
+      for c, name in enumerate(class_names)
+    ],
+  )
 
 
 def _description(results: dict) -> str:
