@@ -19,8 +19,9 @@ fraction.
 ``--cascade`` (paper and strong protocols; AutoAttack's always are) runs the
 attacks strongest first, each only on the examples still robust: the same
 per-example worst case of the final head, at a cost that falls with
-robustness; the per-attack and per-beta tables then count only the points
-each run attacked. Its report is ``eval_<protocol>_cascade_<checkpoint>``.
+robustness; its report shows each attack's cumulative worst case and the
+runs in order, not the per-attack tables (docs/evaluation.md). Its report
+is ``eval_<protocol>_cascade_<checkpoint>``.
 
 ``--protocol=checklist`` runs the gradient-masking checklist
 (``evaluation/checklist.py``) instead: numbered checks, each "pass", "warn"

@@ -363,24 +363,32 @@ def test_report_numbers_equal_the_json(fake_runs, tmp_path):
     assert png_size(out.parent / image)[0] > 0
 
 
-def test_a_cascades_columns_are_its_stages(fake_runs, tmp_path):
+def test_a_cascade_is_reported_by_its_stages(fake_runs, tmp_path):
   """A cascade's per-attack numbers count only the examples each run was
-  given: Table 1 shows its stages (cumulative), and the per-beta_atk,
-  top-k and Table 5 sections, the per-class figure and the paper comparison
-  leave it out."""
+  given: the report shows its stages in the cascade's order (strongest
+  first), only its worst case in Table 1, and leaves it out of the
+  per-beta_atk, top-k and Table 5 sections, the per-class figure and the
+  paper comparison."""
   directory, results = fake_runs
   workdir = directory / "cifs"
   cascade = fake_results(3)
-  cascade["stages"] = {"clean": 70.0, "fgsm": 50.0, "pgd20": 40.0}
+  cascade["stages"] = {"clean": 70.0, "pgd20": 45.0, "fgsm": 40.0}
   cascade["worst_case"]["top1"] = 40.0
   cascade["cascade"] = {"runs": {}, "stages": {}}
   report.write_json(cascade, str(workdir / "eval_a_cascade.json"))
   assert runs.main_report(runs.eval_reports(workdir))[0] == "eval_paper"
   markdown = reproduction.build_report([workdir], tmp_path / "report.md")
   table1 = {row[1]: row for row in markdown_rows(markdown, "Table 1")}
-  assert [float(v) for v in table1["eval_a_cascade"][3:6]] == [50, 40, 40]
-  natural = cascade["natural"]["top1"]
-  assert float(table1["eval_a_cascade"][2]) == round(natural, 2)
+  natural = round(cascade["natural"]["top1"], 2)
+  assert table1["eval_a_cascade"][2:6] == [f"{natural:.2f}", "-", "-", "40.00"]
+  assert markdown_rows(markdown, "Cascades") == [
+    [
+      "cifs",
+      "eval_a_cascade",
+      "clean 70.00 → PGD-20 45.00 → FGSM 40.00",
+      str(cascade["num_examples"]),
+    ]
+  ]
   for section in ("Table 4", "Table 5"):
     assert "eval_a_cascade" not in {
       row[1] for row in markdown_rows(markdown, section)

@@ -221,4 +221,5 @@ def test_the_cascade_gives_the_full_protocols_worst_case(protocol, tmp_path):
     assert run["attacked"] == round(before["robust_accuracy"] * 23 / 100)
   resumed = _evaluate(fns, cascade_protocol, batch_size=8, partial=partial)
   assert resumed["stages"] == cascaded["stages"]
-  assert all(run["seconds"] < 1 for run in resumed["cascade"]["runs"].values())
+  # Read back, not rerun: each run keeps the time it took.
+  assert resumed["cascade"] == cascaded["cascade"]

@@ -412,8 +412,8 @@ class _InterruptAfter(evaluator.PartialResults):
     super().__init__(path, {"model": "test"})
     self.runs_left, self.saved = runs, []
 
-  def save_run(self, name, ranks):
-    super().save_run(name, ranks)
+  def save_run(self, name, ranks, seconds=None):
+    super().save_run(name, ranks, seconds)
     self.saved.append(name)
     if len(self.saved) == self.runs_left:
       raise KeyboardInterrupt

@@ -166,13 +166,14 @@ class StageStats:
     name: the stage (a component, or an evaluation run).
     robust_accuracy: percentage of all points still robust after it.
     attacked: points it attacked (those robust before it).
-    seconds: its wall time.
+    seconds: its wall time (None: unknown, for an evaluation's run read
+      back from a file that did not keep it).
   """
 
   name: str
   robust_accuracy: float
   attacked: int
-  seconds: float
+  seconds: float | None
 
 
 # A cascade stage: (name, attack) with attack(indices (n,)) -> fooled (n,).

@@ -179,10 +179,11 @@ class PartialResults:
   """The ranks of finished runs in a JSON file, for an evaluation to resume.
 
   The file holds ``{"fingerprint": ..., "runs": {run name: (N, 1 + P) ranks
-  as lists}}``. The fingerprint identifies the evaluation (the caller's
-  description, e.g. the checkpoint, plus the protocol, the key and the
-  labels and clean ranks of the examples); runs saved under another
-  fingerprint are not reused.
+  as lists}, "seconds": {run name: its wall time}}`` (a cascade's runs
+  keep their time; files written before that have no "seconds"). The
+  fingerprint identifies the evaluation (the caller's description, e.g. the
+  checkpoint, plus the protocol, the key and the labels and clean ranks of
+  the examples); runs saved under another fingerprint are not reused.
   """
 
   def __init__(self, path: str | os.PathLike, description: Mapping[str, Any]):
@@ -192,6 +193,7 @@ class PartialResults:
     self.description = dict(description)
     self._fingerprint = None
     self._runs: dict[str, list] = {}
+    self._seconds: dict[str, float] = {}
 
   def start(self, fingerprint: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Sets the evaluation's fingerprint; returns the saved runs' ranks if
@@ -199,7 +201,7 @@ class PartialResults:
     self._fingerprint = json.loads(
       json.dumps({**self.description, **fingerprint})
     )
-    self._runs = {}
+    self._runs, self._seconds = {}, {}
     if not os.path.exists(self.path):
       return {}
     try:
@@ -214,6 +216,7 @@ class PartialResults:
       )
       return {}
     self._runs = dict(saved["runs"])
+    self._seconds = dict(saved.get("seconds", {}))
     logging.info(
       "Continuing the evaluation in %s: %d runs done.",
       self.path,
@@ -221,16 +224,32 @@ class PartialResults:
     )
     return {name: np.asarray(r, np.int32) for name, r in self._runs.items()}
 
-  def save_run(self, name: str, ranks: np.ndarray) -> None:
-    """Adds a finished run and rewrites the file (atomically)."""
+  def seconds(self, name: str) -> float | None:
+    """The wall time saved with run ``name`` (None if none was)."""
+    return self._seconds.get(name)
+
+  def save_run(
+    self, name: str, ranks: np.ndarray, seconds: float | None = None
+  ) -> None:
+    """Adds a finished run (and its wall time, if given) and rewrites the
+    file (atomically)."""
     self._runs[name] = np.asarray(ranks).tolist()
+    if seconds is not None:
+      self._seconds[name] = seconds
     directory = os.path.dirname(self.path) or "."
     handle, tmp = tempfile.mkstemp(
       prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory
     )
     try:
       with os.fdopen(handle, "w") as f:
-        json.dump({"fingerprint": self._fingerprint, "runs": self._runs}, f)
+        json.dump(
+          {
+            "fingerprint": self._fingerprint,
+            "runs": self._runs,
+            "seconds": self._seconds,
+          },
+          f,
+        )
       os.replace(tmp, self.path)
     except BaseException:
       os.unlink(tmp)
@@ -332,10 +351,10 @@ def evaluate(
     )
     run_ranks = {run.name: done[run.name] for run in runs if run.name in done}
 
-  def save(run, ranks):
+  def save(run, ranks, seconds=None):
     run_ranks[run.name] = ranks
     if partial is not None and is_chief():
-      partial.save_run(run.name, ranks)
+      partial.save_run(run.name, ranks, seconds)
 
   if protocol.cascade:
     valid = [
@@ -347,6 +366,7 @@ def evaluate(
     cascade = _cascade(
       runs,
       run_ranks,
+      {name: partial.seconds(name) for name in run_ranks} if partial else {},
       save,
       fns,
       parallel,
@@ -414,26 +434,43 @@ def _full(
 
 
 def _cascade(
-  runs, run_ranks, save, fns, parallel, examples, batch_size, key, num_probes
+  runs,
+  run_ranks,
+  resumed_seconds,
+  save,
+  fns,
+  parallel,
+  examples,
+  batch_size,
+  key,
+  num_probes,
 ):
   """The runs as a cascade (module docstring), each on the examples still
-  robust; ``save(run, ranks)`` books each run not yet in ``run_ranks``.
+  robust; ``save(run, ranks, seconds)`` books each run not yet in
+  ``run_ranks``.
 
   Args:
+    resumed_seconds: {run name: seconds or None} of the runs in
+      ``run_ranks`` (read back, not run now): their stats keep the time they
+      took (None: unknown).
     examples: (uint8 images (N, H, W, C), labels (N,), clean ranks (N, 1 +
       P)), host arrays of every valid example, row = example id.
     batch_size: the largest global batch attacked at once.
 
   Returns:
     {"runs": {run name: stats}, "stages": {attack name: stats}}: robust
-    accuracy (%) after it, points attacked, seconds; an attack's
-    "point_runs" sums the points attacked over its runs.
+    accuracy (%) after it, points attacked, seconds (None where a resumed
+    run's time is unknown); an attack's "point_runs" sums the points
+    attacked over its runs.
   """
   images, labels, clean_ranks = examples
+  # Each run's time: its attack's, or what was saved with a resumed run.
+  seconds = dict(resumed_seconds)
 
   def stage(run):
     def attack(indices):
       if run.name not in run_ranks:
+        start = time.perf_counter()
         ranks = clean_ranks.copy()
         ranks[indices] = _attack_examples(
           run,
@@ -446,14 +483,18 @@ def _cascade(
           _run_key(key, run),
           attacks.head_weights(run.beta, run.probe, num_probes),
         )
-        save(run, ranks)
+        seconds[run.name] = time.perf_counter() - start
+        save(run, ranks, seconds[run.name])
       return run_ranks[run.name][indices, 0] > 0
 
     return run.name, attack
 
-  stats = run_cascade(
-    [stage(run) for run in runs], clean_ranks[:, 0] == 0, logging.info
-  )
+  stats = [
+    dataclasses.replace(stat, seconds=seconds[stat.name])
+    for stat in run_cascade(
+      [stage(run) for run in runs], clean_ranks[:, 0] == 0, logging.info
+    )
+  ]
   per_attack = {}
   for run, stat in zip(runs, stats):
     entry = per_attack.setdefault(
@@ -461,7 +502,10 @@ def _cascade(
       {"attacked": stat.attacked, "point_runs": 0, "seconds": 0.0},
     )
     entry["point_runs"] += stat.attacked
-    entry["seconds"] += stat.seconds
+    if entry["seconds"] is not None and stat.seconds is not None:
+      entry["seconds"] += stat.seconds
+    else:
+      entry["seconds"] = None
     entry["robust_accuracy"] = stat.robust_accuracy
   return {
     "runs": {s.name: dataclasses.asdict(s) for s in stats},

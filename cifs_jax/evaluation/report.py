@@ -197,7 +197,7 @@ def cascade_tables(results: dict) -> list[Table]:
           name,
           str(run["attacked"]),
           _pct(run["robust_accuracy"]),
-          f"{run['seconds']:.0f}",
+          "-" if run["seconds"] is None else f"{run['seconds']:.0f}",
         ]
         for name, run in results["cascade"]["runs"].items()
       ],

@@ -41,13 +41,14 @@ cd "$RUNS"
 log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$RUNS/times.log"; }
 
 # on CORE, NAME, ARGS...: one command of run NAME pinned to CORE, its output
-# appended to NAME.log, its start and end in times.log.
+# appended to NAME.log, its start and end in times.log; returns its status.
 on() {
-  local core=$1 name=$2
+  local core=$1 name=$2 status=0
   shift 2
   log "start $name: $*"
-  taskset -c "$core" "$@" >>"$RUNS/$name.log" 2>&1
-  log "end $name"
+  taskset -c "$core" "$@" >>"$RUNS/$name.log" 2>&1 || status=$?
+  log "end $name (exit status $status): $*"
+  return "$status"
 }
 
 train() {  # core name config-args...
@@ -93,19 +94,28 @@ evaluation() {
     autoattack)
       evaluate "$core" "$name" eval_autoattack_last --protocol=autoattack \
         --num_examples=$EXAMPLES ;;
+    *)
+      log "unknown protocol $protocol"
+      return 1 ;;
   esac
 }
 
 # evaluate_lane CORE: the evaluations in one order, the cheapest protocol
 # first over all runs (so an interrupted session leaves every run with the
 # same evaluations), each taken by whichever lane reaches it first (mkdir
-# claims it).
+# claims it). A failure stops both lanes before their next evaluation.
 evaluate_lane() {
   local core=$1 protocol name
   for protocol in paper strong checklist autoattack; do
     for name in "${EVALUATED_RUNS[@]}"; do
+      if [[ -e $CLAIMS/failed ]]; then
+        return 1
+      fi
       if mkdir "$CLAIMS/$protocol-$name" 2>/dev/null; then
-        evaluation "$core" "$protocol" "$name"
+        evaluation "$core" "$protocol" "$name" || {
+          touch "$CLAIMS/failed"
+          return 1
+        }
       fi
     done
   done
