@@ -389,7 +389,8 @@ class _RankRecorder(evaluator.PartialResults):
     del fingerprint
     return {}
 
-  def save_run(self, name, ranks):
+  def save_run(self, name, ranks, seconds=None):
+    del seconds
     self.ranks[name] = np.asarray(ranks)
 
 

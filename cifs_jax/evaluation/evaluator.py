@@ -366,7 +366,9 @@ def evaluate(
     cascade = _cascade(
       runs,
       run_ranks,
-      {name: partial.seconds(name) for name in run_ranks} if partial else {},
+      {name: partial.seconds(name) for name in run_ranks}
+      if partial is not None
+      else {},
       save,
       fns,
       parallel,
