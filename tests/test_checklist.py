@@ -9,6 +9,7 @@ batch statistics.
 """
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifs_jax.evaluation import checklist
+from cifs_jax.evaluation import checklist, evaluator
 
 IMAGE_SHAPE = (4, 4, 3)
 NUM_CLASSES = 4
@@ -125,7 +126,7 @@ def data():
   return images, labels, params, surrogate
 
 
-def _run(data, fns, surrogate=None):
+def _run(data, fns, surrogate=None, partial=None):
   images, labels, _, _ = data
   checks, results = checklist.run_checklist(
     fns,
@@ -136,6 +137,7 @@ def _run(data, fns, surrogate=None):
     surrogate=surrogate,
     settings=SETTINGS,
     batch_size=32,
+    partial=partial,
   )
   assert [c.number for c in checks] == list(range(1, 15))
   return {c.number: c for c in checks}, results
@@ -206,6 +208,33 @@ def test_stopped_gradient_that_hides_the_input_is_flagged(data):
   assert checks[13].figures["stop"] > checks[13].figures["full"] + 10
   assert checks[13].figures["only_stop_fools"] == 0
   assert checks[11].verdict == checklist.PASS, checks[11]
+
+
+@pytest.mark.slow
+def test_an_interrupted_checklist_continues_from_its_saved_runs(data, tmp_path):
+  """Every finished attack run is saved. A rerun reads the saved runs back
+  (a noise run edited in the file to fool every example makes check 10
+  warn) and runs the missing ones again, to the same checks."""
+  _, _, params, _ = data
+  path = tmp_path / "eval_checklist_last.partial.json"
+  fns = _fns(_plain, params)
+  first, _ = _run(data, fns, partial=evaluator.PartialResults(path, {}))
+  saved = json.loads(path.read_text())
+  names = set(saved["runs"])
+  assert {"long/0/stop", "noise/0/stop"} <= names, names
+  del saved["runs"]["long/0/stop"]  # interrupted during PGD-100
+  noise = np.asarray(saved["runs"]["noise/0/stop"])
+  noise[:, 0] = np.maximum(noise[:, 0], 1)  # every example fooled
+  saved["runs"]["noise/0/stop"] = noise.tolist()
+  path.write_text(json.dumps(saved))
+
+  second, _ = _run(data, fns, partial=evaluator.PartialResults(path, {}))
+  assert first[10].verdict == checklist.PASS
+  assert second[10].verdict == checklist.WARN, second[10]
+  assert {n: c for n, c in second.items() if n != 10} == {
+    n: c for n, c in first.items() if n != 10
+  }
+  assert set(json.loads(path.read_text())["runs"]) == names
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pathlib
 from typing import Any, Sequence
 
 from cifs_jax.analysis import paper_results, run_figures, runs
-from cifs_jax.evaluation import protocols
+from cifs_jax.evaluation import protocols, report
 
 CHANNEL_FIGURE_GLOB = "analysis/channels_*.png"
 # The two ways to sum up an adaptive attack's runs (``evaluation.summary``).
@@ -62,7 +62,7 @@ def table1_row(results: dict, columns: Sequence[tuple[str, str]]) -> list:
   # (``cascade_section`` has its stages).
   by_attack = (
     {}
-    if runs.is_cascade(results)
+    if report.is_cascade(results)
     else {
       name: attack["worst_case"]["top1"]
       for name, attack in results.get("attacks", {}).items()
@@ -114,11 +114,11 @@ class Run:
 
 def full_reports(run: Run) -> list[tuple[str, dict]]:
   """(name, results) of the run's reports that are not cascades
-  (``runs.is_cascade``): those whose per-attack tables are each attack's."""
+  (``report.is_cascade``): those whose per-attack tables are each attack's."""
   return [
     (name, results)
     for name, results in run.reports.items()
-    if not runs.is_cascade(results)
+    if not report.is_cascade(results)
   ]
 
 
@@ -277,7 +277,7 @@ def cascade_section(all_runs: Sequence[Run]) -> list[str]:
     ]
     for run in all_runs
     for name, results in run.reports.items()
-    if runs.is_cascade(results)
+    if report.is_cascade(results)
   ]
   if not rows:
     return []

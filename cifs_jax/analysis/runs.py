@@ -16,6 +16,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from cifs_jax.evaluation import report
 from cifs_jax.runs.directory import RunDirectory
 
 
@@ -92,10 +93,10 @@ def _read_reports(workdir: str | os.PathLike) -> dict[str, dict]:
   return reports
 
 
-def _is_checklist(report: dict) -> bool:
+def _is_checklist(contents: dict) -> bool:
   """A gradient-masking checklist's report (``evaluation.checklist``:
   its checks and the attacks' results), not an evaluation's results."""
-  return "checks" in report
+  return "checks" in contents
 
 
 def read_reports(
@@ -106,8 +107,8 @@ def read_reports(
   {report name (e.g. "eval_checklist_last"): checklist report
   {"run", "settings", "checks", "attacks"}} of its checklists)."""
   evaluations, checklists = {}, {}
-  for name, report in _read_reports(workdir).items():
-    (checklists if _is_checklist(report) else evaluations)[name] = report
+  for name, contents in _read_reports(workdir).items():
+    (checklists if _is_checklist(contents) else evaluations)[name] = contents
   return evaluations, checklists
 
 
@@ -156,19 +157,11 @@ def run_label(workdir: str | os.PathLike) -> str:
   return pathlib.Path(workdir).resolve().name
 
 
-def is_cascade(results: dict) -> bool:
-  """Whether an evaluation ran as a cascade (each run only on the examples
-  every earlier run left robust): its per-attack, per-beta_atk and top-k
-  numbers count only what each run attacked, and only its stages and
-  final-head worst case are the full protocol's."""
-  return bool(results.get("cascade"))
-
-
 def main_report(reports: dict[str, dict]) -> tuple[str, dict] | None:
   """The report the per-class figure and the paper comparison read: the
   first paper-protocol one (by name), else the first; cascades are left
   out. None without such a report."""
-  full = {name: r for name, r in reports.items() if not is_cascade(r)}
+  full = {name: r for name, r in reports.items() if not report.is_cascade(r)}
   for name, results in full.items():
     if results.get("protocol", {}).get("name") == "paper":
       return name, results

@@ -380,18 +380,25 @@ def _verdict(number, name, reference, warn, measured, advice, figures=None):
 
 
 class _RankRecorder(evaluator.PartialResults):
-  """Keeps each finished run's ranks in memory; writes nothing."""
+  """Keeps each finished run's ranks in memory for the checks, and in
+  ``saved`` (a ``PartialResults`` file, for a rerun to continue from), if
+  given."""
 
-  def __init__(self):
+  def __init__(self, saved: evaluator.PartialResults | None = None):
+    self.saved = saved
     self.ranks: dict[str, np.ndarray] = {}
 
   def start(self, fingerprint):
-    del fingerprint
-    return {}
+    self.ranks = dict(self.saved.start(fingerprint)) if self.saved else {}
+    return dict(self.ranks)
+
+  def seconds(self, name):
+    return self.saved.seconds(name) if self.saved else None
 
   def save_run(self, name, ranks, seconds=None):
-    del seconds
     self.ranks[name] = np.asarray(ranks)
+    if self.saved:
+      self.saved.save_run(name, ranks, seconds)
 
 
 def _modes(logits_fns: Mapping[str, LogitsFn]) -> tuple[str, ...]:
@@ -415,6 +422,7 @@ def run_checklist(
   settings: Settings = DEFAULT_SETTINGS,
   batch_size: int = 128,
   progress: bool = False,
+  partial: evaluator.PartialResults | None = None,
 ) -> tuple[list[CheckResult], dict]:
   """Runs checks 1-14 (module docstring) on a model.
 
@@ -431,6 +439,8 @@ def run_checklist(
     settings: the attacks' sizes and the tolerance.
     batch_size: examples per attack batch (and of checks 1-4).
     progress: show the evaluator's progress bar.
+    partial: where the finished attack runs are saved and found again by a
+      rerun (``evaluator.PartialResults``); None: nothing is saved.
 
   Returns:
     (the 14 check results in order, the evaluator's results dict of the
@@ -449,7 +459,7 @@ def run_checklist(
     )[0].shape[-1]
   )
   protocol = checklist_protocol(eps, modes, settings, surrogate)
-  recorder = _RankRecorder()
+  recorder = _RankRecorder(partial)
   results = evaluator.evaluate(
     logits_fns,
     data.eval_batches(data.Split(images, labels, num_classes), batch_size),

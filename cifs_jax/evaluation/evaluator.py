@@ -232,10 +232,12 @@ class PartialResults:
     self, name: str, ranks: np.ndarray, seconds: float | None = None
   ) -> None:
     """Adds a finished run (and its wall time, if given) and rewrites the
-    file (atomically)."""
+    file (atomically; process 0 of a multi-process evaluation only)."""
     self._runs[name] = np.asarray(ranks).tolist()
     if seconds is not None:
       self._seconds[name] = seconds
+    if not is_chief():
+      return
     directory = os.path.dirname(self.path) or "."
     handle, tmp = tempfile.mkstemp(
       prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=directory
@@ -353,7 +355,7 @@ def evaluate(
 
   def save(run, ranks, seconds=None):
     run_ranks[run.name] = ranks
-    if partial is not None and is_chief():
+    if partial is not None:
       partial.save_run(run.name, ranks, seconds)
 
   if protocol.cascade:

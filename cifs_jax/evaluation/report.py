@@ -92,10 +92,18 @@ def console_summary(results: dict) -> str:
   return "\n\n".join(blocks)
 
 
+def is_cascade(results: dict) -> bool:
+  """Whether an evaluation ran as a cascade (each run only on the examples
+  every earlier run left robust): its per-attack, per-beta_atk and top-k
+  numbers count only what each run attacked, and only its stages and
+  final-head worst case are the full protocol's."""
+  return bool(results.get("cascade"))
+
+
 def tables(results: dict) -> list[Table]:
   """Table 1, stages, per beta_atk, per gradient mode, Table 4, Table 5, per
   class; for a cascade, ``cascade_tables``."""
-  if results.get("cascade"):
+  if is_cascade(results):
     return cascade_tables(results)
   attacks = results["attacks"]
   natural = results["natural"]

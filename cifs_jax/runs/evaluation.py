@@ -6,6 +6,7 @@ end of training (``evaluate_and_publish``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -208,16 +209,9 @@ def evaluate_and_publish(
   )
   name = name or f"{REPORT_PREFIX}{protocol.name}"
   label = run_label(config, protocol, checkpoint, len(test_split))
-  partial = evaluator.PartialResults(
-    partial_results_path(output_dir, name),
-    {
-      key: label[key]
-      for key in ("dataset", "model", "width", "defense", "checkpoint")
-    }
-    | {"seed": config.seed},
-  )
+  partial = partial_results(output_dir, name, label, config.seed)
   batch_size = batch_size or config.eval.batch_size
-  try:
+  with keeping_finished_runs(partial):
     results = evaluator.evaluate(
       logits_functions(model, variables),
       data.eval_batches(test_split, batch_size),
@@ -227,17 +221,47 @@ def evaluate_and_publish(
       partial=partial,
       progress=parallel.is_chief(),
     )
-  except KeyboardInterrupt:
-    raise EvaluationInterrupted(
-      f"Interrupted. The finished attack runs are kept in {partial.path};"
-      " run the same command again to continue from them."
-    ) from None
   results["run"] = label
   if parallel.is_chief():
     report.publish(results, output_dir, name)
     print(report.console_summary(results))
     partial.remove()
   return results
+
+
+def partial_results(
+  output_dir: str | os.PathLike,
+  name: str,
+  label: Mapping[str, Any],
+  seed: int,
+  **description: Any,
+) -> evaluator.PartialResults:
+  """``<name>.partial.json`` in ``output_dir``: the finished attack runs of
+  the evaluation of the model and checkpoint in ``label`` (``run_label``),
+  with PRNG ``seed`` and the JSON-serialisable ``description`` (e.g. a
+  surrogate's label); runs of another evaluation are not reused."""
+  return evaluator.PartialResults(
+    partial_results_path(output_dir, name),
+    {
+      key: label[key]
+      for key in ("dataset", "model", "width", "defense", "checkpoint")
+    }
+    | {"seed": seed}
+    | description,
+  )
+
+
+@contextlib.contextmanager
+def keeping_finished_runs(partial: evaluator.PartialResults):
+  """Turns Ctrl-C into ``EvaluationInterrupted``, whose message says that
+  the finished runs are kept in ``partial``'s file."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    raise EvaluationInterrupted(
+      f"Interrupted. The finished attack runs are kept in {partial.path};"
+      " run the same command again to continue from them."
+    ) from None
 
 
 def restore_checkpoint(
@@ -348,8 +372,11 @@ def checklist_checkpoint(
       defence (check 12), or None.
     surrogate_checkpoint: its checkpoint ("last", "best" or a step).
     settings: the checklist's settings (default: ``checklist.Settings``
-      with the
-      config's ``attack.unroll``).
+      with the config's ``attack.unroll``).
+
+  Each finished attack run is saved to ``eval_checklist_<checkpoint>
+  .partial.json`` in ``output``; a rerun after an interruption continues
+  from it, and the file is removed once the report is written.
   """
   run = RunDirectory(workdir)
   which = checkpoints.parse_which(checkpoint)
@@ -375,28 +402,30 @@ def checklist_checkpoint(
     surrogate_label = {"workdir": os.fspath(surrogate), **surrogate_label}
   settings = settings or checklist.Settings(unroll=config.attack.unroll)
   split = data.load_split(config.data, "test").head(num_examples)
-  checks, results = checklist.run_checklist(
-    logits_fns,
-    split.images,
-    split.labels,
-    config.attack.eps,
-    jax.random.key(config.seed),
-    surrogate=surrogate_fn,
-    settings=settings,
-    batch_size=batch_size or config.eval.batch_size,
-    progress=parallel.is_chief(),
-  )
   protocol = protocols.Protocol(checklist.NAME, (), tuple(logits_fns))
-  results["run"] = run_label(config, protocol, label, len(split)) | {
+  run_entry = run_label(config, protocol, label, len(split)) | {
     "surrogate": surrogate_label
   }
-  if parallel.is_chief():
-    checklist.publish(
-      checks,
-      results,
-      settings,
-      output,
-      evaluation_report_name(checklist.NAME, checkpoint),
+  name = evaluation_report_name(checklist.NAME, checkpoint)
+  partial = partial_results(
+    output, name, run_entry, config.seed, surrogate=surrogate_label
+  )
+  with keeping_finished_runs(partial):
+    checks, results = checklist.run_checklist(
+      logits_fns,
+      split.images,
+      split.labels,
+      config.attack.eps,
+      jax.random.key(config.seed),
+      surrogate=surrogate_fn,
+      settings=settings,
+      batch_size=batch_size or config.eval.batch_size,
+      progress=parallel.is_chief(),
+      partial=partial,
     )
+  results["run"] = run_entry
+  if parallel.is_chief():
+    checklist.publish(checks, results, settings, output, name)
     print(checklist.console_summary(checks))
+    partial.remove()
   return checks

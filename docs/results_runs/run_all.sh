@@ -3,9 +3,8 @@
 # (configs/fmnist_resnet10_results.py), start to end: five training runs
 # (CIFS the authors' way starts from a natural pre-training run), their
 # evaluations and the report. Resumable: run it again after an interruption
-# and training goes on from its last checkpoint, the paper, strong and
-# AutoAttack evaluations from their partial results (an interrupted
-# checklist starts over); finished reports are kept.
+# and training goes on from its last checkpoint, the evaluations from their
+# partial results; finished reports are kept.
 #
 #   docs/results_runs/run_all.sh RUNS_DIR [train|evaluate|report|save|restore]...
 #
@@ -14,7 +13,8 @@
 # train about 15 % faster together than one process on both. A lane stops at
 # its first failure, and so does the script.
 #   evaluate: the paper protocol of every run, then the strong protocol,
-#            the checklist and AutoAttack, each taken by the first free lane.
+#            AutoAttack (the standard) and the checklist, each taken by the
+#            first free lane.
 #   report:  writes docs/results_runs/report.md (figures beside it).
 #   save:    copies each run's small files (config.json, metrics.jsonl,
 #            eval_*, partial results, its log without progress bars) and
@@ -100,13 +100,13 @@ evaluation() {
   esac
 }
 
-# evaluate_lane CORE: the evaluations in one order, the cheapest protocol
-# first over all runs (so an interrupted session leaves every run with the
+# evaluate_lane CORE: the evaluations in one order, one protocol at a time
+# over all runs (so an interrupted session leaves every run with the
 # same evaluations), each taken by whichever lane reaches it first (mkdir
 # claims it). A failure stops both lanes before their next evaluation.
 evaluate_lane() {
   local core=$1 protocol name
-  for protocol in paper strong checklist autoattack; do
+  for protocol in paper strong autoattack checklist; do
     for name in "${EVALUATED_RUNS[@]}"; do
       if [[ -e $CLAIMS/failed ]]; then
         return 1
