@@ -164,6 +164,12 @@ def test_a_plain_classifier_passes(data):
   # The checks measure a non-trivial model: robust at eps, not at 0.5.
   assert 10 < checks[11].figures["white_box"] < results["natural"]["top1"]
   assert checks[9].figures["accuracy"] <= checks[9].figures["bound"]
+  # The report: one row per check, and the attacks' tables, whose worst
+  # case mixes the eps sweep's radii (said before them).
+  markdown = checklist.to_markdown(list(checks.values()), results)
+  assert "| 11 | the gradient-free Square" in markdown
+  assert "not robust accuracies at the model's eps" in markdown
+  assert markdown.index("eps sweep") < markdown.index("## Table 1")
 
 
 @pytest.mark.slow

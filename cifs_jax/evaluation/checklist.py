@@ -816,6 +816,14 @@ def to_markdown(checks: Sequence[CheckResult], results: dict) -> str:
     f"| {c.number} | {c.name} | {c.verdict} | {c.explanation} | {c.reference} |"
     for c in checks
   ]
+  lines += [
+    "",
+    "The attacks' tables follow. They include check 8's eps sweep (PGD-20"
+    " at other radii, up to 0.5), so their worst case over all attacks,"
+    " the stages from the first sweep run on and the per-class worst case"
+    " mix radii and are not robust accuracies at the model's eps; each"
+    " attack's own column is.",
+  ]
   return "\n".join(lines) + "\n\n" + report.to_markdown(results)
 
 
