@@ -551,7 +551,9 @@ def test_build_protocol_restricts_and_adapts_to_the_model():
 def test_waiting_for_a_long_attack_batch_is_interruptible(monkeypatch):
   """A KeyboardInterrupt (Ctrl-C) reaches the evaluator while a batch is
   still computing, not once it is done. Ctrl-C comes at the first poll
-  (from the main thread, so no other thread's scheduling decides when)."""
+  (from the main thread, so no other thread's scheduling decides when),
+  with Python's own SIGINT handler (a background job inherits SIGINT
+  ignored)."""
 
   @jax.jit
   def slow(x):

@@ -896,7 +896,14 @@ def test_ctrl_c_during_evaluation_stops_at_once_and_the_rerun_continues(
   env = subprocess_env(compile_cache)
   partial = workdir / "eval_paper_last.partial.json"
   process = subprocess.Popen(
-    command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    command,
+    cwd=REPO,
+    env=env,
+    stderr=subprocess.PIPE,
+    text=True,
+    # Ctrl-C's default action in the command, as in a terminal, even when
+    # the tests run as a background job (which inherits SIGINT ignored).
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   try:
     deadline = time.monotonic() + 300
