@@ -379,10 +379,10 @@ def _verdict(number, name, reference, warn, measured, advice, figures=None):
   )
 
 
-class _RankRecorder(evaluator.PartialResults):
-  """Keeps each finished run's ranks in memory for the checks, and in
-  ``saved`` (a ``PartialResults`` file, for a rerun to continue from), if
-  given."""
+class _RankRecorder:
+  """An ``evaluator.RunStore`` that keeps each finished run's ranks in
+  memory for the checks, and in ``saved`` (a ``PartialResults`` file, for a
+  rerun to continue from), if given."""
 
   def __init__(self, saved: evaluator.PartialResults | None = None):
     self.saved = saved

@@ -52,6 +52,7 @@ import json
 import os
 import tempfile
 import time
+import typing
 import zlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -175,6 +176,24 @@ def _run_key(key: Array, run: Run) -> Array:
   return jax.random.fold_in(key, zlib.crc32(run.name.encode()))
 
 
+class RunStore(typing.Protocol):
+  """Where ``evaluate`` books finished runs and finds them again:
+  ``PartialResults`` (a JSON file), or a wrapper of one such as the
+  checklist's, which also keeps the ranks for its checks."""
+
+  def start(self, fingerprint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Sets the evaluation's fingerprint; returns the ranks of its runs
+    already done (run name -> (N, 1 + P) int ranks)."""
+
+  def seconds(self, name: str) -> float | None:
+    """The wall time booked with run ``name`` (None if none was)."""
+
+  def save_run(
+    self, name: str, ranks: np.ndarray, seconds: float | None = None
+  ) -> None:
+    """Books a finished run's (N, 1 + P) ranks and wall time."""
+
+
 class PartialResults:
   """The ranks of finished runs in a JSON file, for an evaluation to resume.
 
@@ -282,7 +301,7 @@ def evaluate(
   class_names: Sequence[str] | None = None,
   devices: Sequence[jax.Device] | None = None,
   progress: bool = True,
-  partial: PartialResults | None = None,
+  partial: RunStore | None = None,
 ) -> dict:
   """Evaluates a model under ``protocol``; returns the results dict.
 
