@@ -384,7 +384,7 @@ class _RankRecorder:
   memory for the checks, and in ``saved`` (a ``PartialResults`` file, for a
   rerun to continue from), if given."""
 
-  def __init__(self, saved: evaluator.PartialResults | None = None):
+  def __init__(self, saved: evaluator.RunStore | None = None):
     self.saved = saved
     self.ranks: dict[str, np.ndarray] = {}
 
